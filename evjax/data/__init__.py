@@ -1,0 +1,1 @@
+"""Real-data calibration (``calibrate``) and scenario sampling (``scenarios``)."""
