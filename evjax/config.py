@@ -156,6 +156,9 @@ class ModelConfig:
     early_stopping_patience: int = 5  # epochs without holdout improvement before stopping
     num_elites: int = 5  # members kept for planning when a holdout is used
     std_floor: float = 1e-12  # normaliser std below this is replaced by 1
+    normalize_targets: bool = True  # standardise the regression targets by the data's mean and std (see dynamics.py)
+    init_truncation: float = 2.0  # truncated-normal weight init is cut at +-this many std
+    early_stopping_min_improvement: float = 0.01  # a member improves if its holdout NLL drops by this fraction of |best|
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +184,7 @@ class PlannerConfig:
     nan_reward: float = -1e6  # reward given to a non-finite rollout
     nan_cost: float = 1e6  # cost given to a non-finite rollout
     matmul_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # input dtype of the ensemble matmuls (f32 accumulation)
+    mode: Literal["cap", "ccem", "unconstrained"] = "cap"  # cap: cost + kappa*u; ccem: cost limit, no penalty; unconstrained: rewards only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,6 +295,7 @@ def validate(cfg: Config) -> None:
         ("model.epochs", cfg.model.epochs),
         ("model.num_elites", cfg.model.num_elites),
         ("model.early_stopping_patience", cfg.model.early_stopping_patience),
+        ("model.init_truncation", cfg.model.init_truncation),
         ("planner.horizon", cfg.planner.horizon),
         ("planner.popsize", cfg.planner.popsize),
         ("planner.num_elites", cfg.planner.num_elites),
@@ -345,6 +350,7 @@ def validate(cfg: Config) -> None:
         ("planner.smoothing", cfg.planner.smoothing),
         ("planner.gamma", cfg.planner.gamma),
         ("model.logvar_bound_weight", cfg.model.logvar_bound_weight),
+        ("model.early_stopping_min_improvement", cfg.model.early_stopping_min_improvement),
     ] + [("carbon.station_dg_shares", s) for s in cfg.carbon.station_dg_shares]:
         if not 0.0 <= value <= 1.0:
             _fail(key, f"must lie in [0, 1], got {value}")
