@@ -1,0 +1,300 @@
+"""Tests of the probabilistic ensemble dynamics model (evjax/dynamics.py, SPEC 9)."""
+
+import dataclasses
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from evjax.config import ModelConfig
+from evjax.dynamics import ModelState, bucket_rows, gaussian_nll, make_dynamics, soft_bound_logvar
+
+OBS_DIM, ACTION_DIM = 3, 2
+SMALL = dict(hidden_sizes=(32, 32), weight_decays=(1e-5, 1e-5, 1e-5), batch_size=32, learning_rate=3e-3)
+
+
+def small_config(**overrides) -> ModelConfig:
+    return ModelConfig(**{**SMALL, **overrides})
+
+
+def transitions(num_rows: int, seed: int = 0):
+    """A smooth nonlinear system with noise: obs [n,S], act [n,A], reward [n], cost [n], next_obs [n,S]."""
+    rng = np.random.default_rng(seed)
+    obs = rng.uniform(-1.0, 1.0, (num_rows, OBS_DIM))
+    act = rng.uniform(-1.0, 1.0, (num_rows, ACTION_DIM))
+    delta = 0.5 * np.tanh(obs @ np.array([[1.0, -0.5, 0.2], [0.3, 0.8, -1.0], [0.1, 0.4, 0.6]]) + act[:, :1])
+    next_obs = obs + delta + 0.02 * rng.normal(size=obs.shape)
+    reward = np.sin(2.0 * obs[:, 0]) + act[:, 1] + 0.05 * rng.normal(size=num_rows)
+    cost = np.maximum(0.0, obs[:, 1] + 0.3 * act[:, 0]) + 0.01 * rng.normal(size=num_rows)
+    return obs, act, reward, cost, next_obs
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    """A small ensemble fitted to 300 transitions (shared by the read-only tests)."""
+    dyn = make_dynamics(small_config(epochs=20), OBS_DIM, ACTION_DIM)
+    state, metrics = dyn.fit(jax.random.key(1), dyn.init(jax.random.key(0)), *transitions(300))
+    return dyn, state, metrics
+
+
+def test_gaussian_nll_matches_hand_computed_value():
+    mean = jnp.array([[0.0, 1.0], [2.0, 2.0], [5.0, 5.0]])
+    logvar = jnp.array([[0.0, math.log(4.0)], [math.log(0.25), 0.0], [9.0, 9.0]])
+    target = jnp.array([[1.0, 3.0], [1.5, 2.0], [0.0, 0.0]])
+    weight = jnp.array([1.0, 1.0, 0.0])  # third row is padding
+    # row 0: (1^2/1 + 0 + 2^2/4 + ln 4) / 2; row 1: (0.5^2/0.25 + ln 0.25 + 0 + 0) / 2; mean of the two rows
+    row0 = (1.0 + 1.0 + math.log(4.0)) / 2
+    row1 = (1.0 + math.log(0.25)) / 2
+    assert float(gaussian_nll(mean, logvar, target, weight)) == pytest.approx((row0 + row1) / 2, rel=1e-6)
+
+
+def test_soft_logvar_bounds_hand_values():
+    softplus = lambda v: math.log1p(math.exp(v))
+    lv = jnp.array([-20.0, 0.0, 3.0])
+    bounded = np.asarray(soft_bound_logvar(lv, jnp.float32(0.5), jnp.float32(-10.0)))
+    for raw, got in zip([-20.0, 0.0, 3.0], bounded):
+        upper = 0.5 - softplus(0.5 - raw)
+        assert got == pytest.approx(-10.0 + softplus(upper + 10.0), abs=1e-5)
+    assert np.all(bounded < 0.5) and np.all(bounded > -10.0)
+
+
+def test_loss_is_member_nll_plus_weight_decay_plus_bound_term():
+    cfg = small_config()
+    dyn = make_dynamics(cfg, OBS_DIM, ACTION_DIM)
+    params = dyn.init(jax.random.key(0)).params
+    x = jax.random.normal(jax.random.key(1), (5, 8, OBS_DIM + ACTION_DIM))
+    y = jax.random.normal(jax.random.key(2), (5, 8, OBS_DIM + 2))
+    loss, nll = dyn.loss(params, x, y, jnp.ones((5, 8)))
+    chex.assert_shape(nll, (5,))  # [E]
+    weights = [np.asarray(params[name]["w"]) for name in ("hidden_0", "hidden_1", "head")]
+    decay = sum(wd * 0.5 * np.sum(w.astype(np.float64) ** 2) for wd, w in zip(cfg.weight_decays, weights))
+    bounds = cfg.logvar_bound_weight * 5 * (OBS_DIM + 2) * (0.5 - (-10.0))  # at init: E * G * (max - min)
+    assert float(loss) == pytest.approx(float(np.sum(nll)) + decay + bounds, rel=1e-5)
+
+
+def test_init_weights_truncated_normal_scale_and_zero_biases():
+    dyn = make_dynamics(ModelConfig(), 9, 3)
+    params = dyn.init(jax.random.key(0)).params
+    w = np.asarray(params["hidden_1"]["w"])  # [E, 256, 256], fan_in 256
+    chex.assert_shape(w, (5, 256, 256))
+    scale = 1.0 / (2.0 * math.sqrt(256))
+    assert np.abs(w).max() <= 2.0 * scale + 1e-7  # cut at 2 std
+    # std of a standard normal truncated at +-2 is 0.8796
+    assert np.std(w) == pytest.approx(0.8796 * scale, rel=0.02)
+    assert all(np.all(np.asarray(params[name]["b"]) == 0.0) for name in ("hidden_0", "hidden_3", "head"))
+    chex.assert_tree_shape_prefix(params, (5,))
+
+
+def test_sine_fit_recovers_mean_and_input_dependent_noise():
+    """1-D y = sin(x) + sigma(x) eps with sigma(x) = 0.05 + 0.1 (x/pi)^2, 2000 samples on [-pi, pi]."""
+    cfg = ModelConfig(hidden_sizes=(64, 64), weight_decays=(1e-5,) * 3, epochs=100, learning_rate=3e-3)
+    dyn = make_dynamics(cfg, 1, 1)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-np.pi, np.pi, 2000)
+    noise_scale = lambda v: 0.05 + 0.1 * (v / np.pi) ** 2
+    obs, act = x[:, None], np.zeros((2000, 1))  # constant action: its std 0 is floored to 1
+    next_obs = obs + (np.sin(x) + noise_scale(x) * rng.normal(size=2000))[:, None]
+    reward = np.sin(x) + noise_scale(x) * rng.normal(size=2000)
+    cost = np.cos(x) + 0.05 * rng.normal(size=2000)
+    state, _ = dyn.fit(jax.random.key(1), dyn.init(jax.random.key(0)), obs, act, reward, cost, next_obs)
+    assert float(state.norm_std[1]) == 1.0 and float(state.norm_mean[1]) == 0.0
+
+    grid = np.linspace(-np.pi + 0.2, np.pi - 0.2, 101)
+    out = dyn.step(state, jnp.broadcast_to(grid[None, :, None], (5, 101, 1)), jnp.zeros((5, 101, 1)), None,
+                   mean_only=True)
+    for mean, std in [(np.asarray(out.reward), np.asarray(out.std[..., 1])),
+                      (np.asarray(out.next_obs[..., 0]) - grid, np.asarray(out.std[..., 0]))]:
+        # noise is 0.05..0.15; 2000 samples pin the ensemble mean to well under that
+        assert np.sqrt(np.mean((mean.mean(0) - np.sin(grid)) ** 2)) < 0.03
+        assert np.all(np.sqrt(np.mean((mean - np.sin(grid)) ** 2, axis=1)) < 0.06)  # every member
+        ratio = std.mean(0) / noise_scale(grid)
+        assert np.all((ratio > 0.8) & (ratio < 1.2)), ratio
+    assert np.mean(out.std[..., 2]) == pytest.approx(0.05, rel=0.2)
+
+
+def test_members_differ_after_bootstrap_fit():
+    dyn = make_dynamics(small_config(epochs=5), OBS_DIM, ACTION_DIM)
+    state = dyn.init(jax.random.key(0))
+    same = jax.tree.map(lambda leaf: jnp.broadcast_to(leaf[:1], leaf.shape), state.params)  # all members = member 0
+    state = state.replace(params=same, opt_state=state.opt_state)
+    obs, act, *_ = transitions(50, seed=3)
+    before = dyn.step(state, jnp.broadcast_to(obs, (5, 50, OBS_DIM)), jnp.broadcast_to(act, (5, 50, ACTION_DIM)),
+                      None, mean_only=True)
+    np.testing.assert_array_equal(before.reward[0], before.reward[3])
+    state, _ = dyn.fit(jax.random.key(1), state, *transitions(200))
+    after = dyn.step(state, jnp.broadcast_to(obs, (5, 50, OBS_DIM)), jnp.broadcast_to(act, (5, 50, ACTION_DIM)),
+                     None, mean_only=True)
+    rewards = np.asarray(after.reward)
+    for a in range(5):
+        for b in range(a + 1, 5):
+            assert np.max(np.abs(rewards[a] - rewards[b])) > 1e-3
+
+
+def test_shapes_of_state_and_predictions(fitted):
+    dyn, state, metrics = fitted
+    chex.assert_tree_shape_prefix(state.params, (5,))
+    chex.assert_shape([state.norm_mean, state.norm_std], (OBS_DIM + ACTION_DIM,))
+    chex.assert_shape([state.target_mean, state.target_std], (OBS_DIM + 2,))
+    chex.assert_shape(state.elites, (5,))
+    obs, act, *_ = transitions(12, seed=5)
+    out = dyn.predict(state, obs, act, jax.random.key(0), jnp.arange(12) % 5)
+    chex.assert_shape(out.next_obs, (12, OBS_DIM))  # [B, S]
+    chex.assert_shape([out.reward, out.cost], (12,))  # [B]
+    chex.assert_shape(out.std, (12, OBS_DIM + 2))  # [B, S+2]
+    out = dyn.step(state, jnp.zeros((5, 7, OBS_DIM)), jnp.zeros((5, 7, ACTION_DIM)), jax.random.key(0))
+    chex.assert_shape(out.next_obs, (5, 7, OBS_DIM))  # [E, M, S]
+    chex.assert_shape([out.reward, out.cost], (5, 7))  # [E, M]
+    chex.assert_shape(out.std, (5, 7, OBS_DIM + 2))
+    assert metrics["epochs"] == 20 and metrics["num_train"] == 300 and np.isfinite(metrics["train_loss"])
+
+
+def test_train_step_traces_once():
+    dyn = make_dynamics(small_config(), OBS_DIM, ACTION_DIM)
+    state = dyn.init(jax.random.key(0))
+    train_step = jax.jit(chex.assert_max_traces(dyn.train_step, n=1))
+    params, opt_state = state.params, state.opt_state
+    losses = []
+    for seed in range(3):
+        x = jax.random.normal(jax.random.key(seed), (5, 32, OBS_DIM + ACTION_DIM))
+        y = jax.random.normal(jax.random.key(seed + 10), (5, 32, OBS_DIM + 2))
+        params, opt_state, loss = train_step(params, opt_state, x, y, jnp.ones((5, 32)))
+        losses.append(float(loss))
+    assert all(np.isfinite(losses)) and int(opt_state[0].count) == 3
+
+
+def test_refits_in_one_bucket_trace_once():
+    dyn = make_dynamics(small_config(epochs=2), OBS_DIM, ACTION_DIM)
+    assert [bucket_rows(n, 128) for n in (12, 128, 129, 300, 600)] == [128, 128, 256, 512, 1024]
+    fit_padded = jax.jit(chex.assert_max_traces(dyn.fit_padded, n=1))
+    state = dyn.init(jax.random.key(0))
+    for num_rows in (70, 100, 128):  # bucket 128 at batch 32
+        inputs, targets, n = dyn.prepare(*transitions(num_rows))
+        assert inputs.shape == (128, OBS_DIM + ACTION_DIM)
+        state, metrics = fit_padded(jax.random.key(num_rows), state, inputs, targets, n)
+        assert int(metrics["num_train"]) == num_rows
+        np.testing.assert_allclose(state.norm_mean, np.concatenate(transitions(num_rows)[:2], 1).mean(0), atol=1e-5)
+
+
+def test_same_key_gives_same_params():
+    dyn = make_dynamics(small_config(epochs=3), OBS_DIM, ACTION_DIM)
+    data = transitions(100)
+    results = [dyn.fit(jax.random.key(7), dyn.init(jax.random.key(3)), *data)[0] for _ in range(2)]
+    chex.assert_trees_all_equal(results[0].params, results[1].params)
+    other = dyn.fit(jax.random.key(8), dyn.init(jax.random.key(3)), *data)[0]
+    assert not np.array_equal(other.params["head"]["w"], results[0].params["head"]["w"])
+
+
+def test_predictions_finite_far_outside_data(fitted):
+    dyn, state, _ = fitted
+    for scale in (1e6, -1e6):
+        obs = jnp.full((5, 4, OBS_DIM), scale)
+        act = jnp.full((5, 4, ACTION_DIM), scale)
+        for dtype in ("float32", "bfloat16"):
+            out = dyn.step(state, obs, act, jax.random.key(0), matmul_dtype=dtype)
+            assert all(np.all(np.isfinite(np.asarray(leaf))) for leaf in out)
+            assert np.all(np.asarray(out.std) <= np.exp(0.5 * 0.6) * np.asarray(state.target_std) * 1.5)
+
+
+def test_step_equals_predict_with_matching_members(fitted):
+    dyn, state, _ = fitted
+    obs, act, *_ = transitions(5 * 6, seed=9)
+    member = jnp.repeat(jnp.arange(5), 6)  # row e*6 + m uses member e
+    for mean_only in (True, False):
+        key = jax.random.key(4)
+        reference = dyn.predict(state, obs, act, key, member, mean_only=mean_only)
+        out = dyn.step(state, obs.reshape(5, 6, OBS_DIM), act.reshape(5, 6, ACTION_DIM), key, mean_only=mean_only)
+        for got, want in zip(out, reference):
+            np.testing.assert_allclose(np.asarray(got).reshape(np.shape(want)), want, rtol=1e-5, atol=1e-6)
+    sampled = dyn.predict(state, obs, act, jax.random.key(4), member)
+    mean = dyn.predict(state, obs, act, None, member, mean_only=True)
+    assert not np.allclose(sampled.reward, mean.reward)
+
+
+def test_bfloat16_step_close_to_float32(fitted):
+    dyn, state, _ = fitted
+    obs, act, *_ = transitions(5 * 40, seed=11)
+    obs, act = obs.reshape(5, 40, OBS_DIM), act.reshape(5, 40, ACTION_DIM)
+    full = dyn.step(state, obs, act, None, mean_only=True, matmul_dtype="float32")
+    half = dyn.step(state, obs, act, None, mean_only=True, matmul_dtype="bfloat16")
+    target_scale = np.asarray(state.target_std)
+    delta_err = np.abs(np.asarray(half.next_obs) - np.asarray(full.next_obs)) / target_scale[:OBS_DIM]
+    reward_err = np.abs(np.asarray(half.reward) - np.asarray(full.reward)) / target_scale[OBS_DIM]
+    std_err = np.abs(np.asarray(half.std) / np.asarray(full.std) - 1.0)
+    assert delta_err.max() < 0.05 and reward_err.max() < 0.05 and std_err.max() < 0.05  # in target-std units
+    assert delta_err.max() > 0.0  # the bfloat16 path really rounds
+    with pytest.raises(ValueError, match="matmul_dtype"):
+        dyn.step(state, obs, act, None, matmul_dtype="float16")
+
+
+def test_holdout_early_stopping_selects_elites():
+    cfg = small_config(holdout_fraction=0.25, num_elites=3, epochs=300, early_stopping_patience=3)
+    dyn = make_dynamics(cfg, OBS_DIM, ACTION_DIM)
+    state = dyn.init(jax.random.key(0))
+    chex.assert_shape(state.elites, (3,))
+    _, metrics = dyn.fit(jax.random.key(1), state, *transitions(400))
+    assert metrics["num_holdout"] == 100 and metrics["num_train"] == 300
+    assert 3 < metrics["epochs"] < 300  # stopped once no member improved for 3 epochs
+    assert np.all(np.isfinite(metrics["holdout_nll"]))
+
+    # member 2 starts with its log-variance forced >= 3 (target units); within 40 epochs it stays the worst
+    dyn = make_dynamics(dataclasses.replace(cfg, epochs=40), OBS_DIM, ACTION_DIM)
+    params = state.params
+    params = {**params, "min_logvar": params["min_logvar"].at[2].set(3.0),
+              "max_logvar": params["max_logvar"].at[2].set(4.0)}
+    state, metrics = dyn.fit(jax.random.key(1), state.replace(params=params), *transitions(400))
+    holdout = metrics["holdout_nll"]
+    np.testing.assert_array_equal(metrics["elites"], np.argsort(holdout)[:3])
+    np.testing.assert_array_equal(state.elites, metrics["elites"])
+    assert 2 not in metrics["elites"] and holdout[2] == holdout.max()
+
+    planning = dyn.select_elites(state)
+    chex.assert_tree_shape_prefix(planning.params, (3,))
+    np.testing.assert_array_equal(planning.elites, np.arange(3))
+    obs, act, *_ = transitions(8, seed=2)
+    got = dyn.step(planning, jnp.broadcast_to(obs, (3, 8, OBS_DIM)), jnp.broadcast_to(act, (3, 8, ACTION_DIM)),
+                   None, mean_only=True)
+    for j, member in enumerate(np.asarray(state.elites)):
+        want = dyn.predict(state, obs, act, None, jnp.full(8, member), mean_only=True)
+        np.testing.assert_allclose(got.reward[j], want.reward, rtol=1e-5, atol=1e-6)
+
+
+def test_binary_cost_head_gives_probabilities():
+    dyn = make_dynamics(small_config(binary_cost=True, epochs=30), OBS_DIM, ACTION_DIM)
+    obs, act, reward, _, next_obs = transitions(400)
+    cost = (obs[:, 1] > 0.0).astype(float) * 0.7  # violation where obs_1 > 0
+    state, metrics = dyn.fit(jax.random.key(1), dyn.init(jax.random.key(0)), obs, act, reward, cost, next_obs)
+    assert state.params["max_logvar"].shape == (5, OBS_DIM + 1)  # no log-variance for the cost
+    probe = np.zeros((5, 2, OBS_DIM))
+    probe[:, 0, 1], probe[:, 1, 1] = -0.8, 0.8
+    out = dyn.step(state, jnp.asarray(probe), jnp.zeros((5, 2, ACTION_DIM)), jax.random.key(0))
+    assert np.all(np.asarray(out.std[..., -1]) == 0.0)
+    assert np.all(np.asarray(out.cost[:, 0]) < 0.1) and np.all(np.asarray(out.cost[:, 1]) > 0.9)
+
+
+def test_orbax_round_trip_gives_identical_predictions(fitted, tmp_path):
+    dyn, state, _ = fitted
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "model", state)
+    checkpointer.wait_until_finished()
+    template = jax.tree.map(ocp.utils.to_shape_dtype_struct, dyn.init(jax.random.key(99)))
+    restored = checkpointer.restore(tmp_path / "model", template)
+    assert isinstance(restored, ModelState)
+    chex.assert_trees_all_equal(restored, state)
+    obs, act, *_ = transitions(10, seed=4)
+    member = jnp.arange(10) % 5
+    np.testing.assert_array_equal(dyn.predict(restored, obs, act, jax.random.key(0), member).next_obs,
+                                  dyn.predict(state, obs, act, jax.random.key(0), member).next_obs)
+
+
+def test_fit_rejects_bad_input():
+    dyn = make_dynamics(small_config(), OBS_DIM, ACTION_DIM)
+    obs, act, reward, cost, next_obs = transitions(10)
+    with pytest.raises(ValueError, match="act"):
+        dyn.fit(jax.random.key(0), dyn.init(jax.random.key(0)), obs, act[:, :1], reward, cost, next_obs)
+    reward[3] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        dyn.fit(jax.random.key(0), dyn.init(jax.random.key(0)), obs, act, reward, cost, next_obs)
