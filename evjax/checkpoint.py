@@ -9,7 +9,6 @@ so a run killed mid-write leaves the previous step intact and readable.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from evjax.cli import UserError
 from evjax.config import Config, ConfigError, from_dict, to_dict
 
 KINDS = ("latest", "best")
-logging.getLogger("absl").setLevel(logging.WARNING)
+logging.getLogger("absl").setLevel(logging.CRITICAL)  # orbax logs what our one-line errors already say
 
 
 def _manager(run_dir: Path, kind: str, create: bool) -> ocp.CheckpointManager:
@@ -96,9 +95,9 @@ def restore(run_dir: Path, kind: str, template: Any) -> Any:
 def _check_shapes(stored: Any, template: Any, path: Path) -> None:
     if stored is None:
         raise UserError(f"{path}: corrupt checkpoint (no state metadata)")
-    stored_leaves = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(stored)}
+    stored_leaves = {_path_name(k): v for k, v in jax.tree_util.tree_leaves_with_path(stored)}
     for key_path, leaf in jax.tree_util.tree_leaves_with_path(template):
-        key = jax.tree_util.keystr(key_path)
+        key = _path_name(key_path)
         if key not in stored_leaves:
             raise UserError(f"{path}: checkpoint has no entry {key}; the config does not match this run")
         shape = tuple(getattr(stored_leaves[key], "shape", ()))
@@ -107,5 +106,6 @@ def _check_shapes(stored: Any, template: Any, path: Path) -> None:
                             f"under the current config")
 
 
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True)
+def _path_name(path) -> str:
+    """'agent/kappa' for a pytree path, whether its nodes are dicts, attributes or sequences."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)

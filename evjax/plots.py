@@ -1,0 +1,93 @@
+"""PNG plots of an evaluation and of the training curves (host side, matplotlib Agg)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from evjax.config import Config  # noqa: E402
+
+
+def _first_day(rows: list[dict]) -> list[dict]:
+    day = min(r["day"] for r in rows)
+    return [r for r in rows if r["day"] == day]
+
+
+def _per_station(out: Path, per_method: dict, key: str, ylabel: str, filename: str, cfg: Config, limit=None):
+    k = cfg.num_stations
+    fig, axes = plt.subplots(1, k, figsize=(4.2 * k, 3.2), sharex=True)
+    for method, rows in per_method.items():
+        rows = _first_day(rows)
+        steps = [r["step"] for r in rows]
+        values = np.array([r[key] for r in rows])
+        for s in range(k):
+            axes[s].plot(steps, values[:, s], marker=".", label=method)
+    for s in range(k):
+        axes[s].set_title(f"CS{s + 1}")
+        axes[s].set_xlabel("step (15 min)")
+        if limit is not None:
+            axes[s].axhline(limit[s] if np.ndim(limit) else limit, color="k", ls="--", lw=1)
+    axes[0].set_ylabel(ylabel)
+    axes[-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(out / filename, dpi=90)
+    plt.close(fig)
+
+
+def _scalar(out: Path, per_method: dict, key: str, ylabel: str, filename: str, limit=None):
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for method, rows in per_method.items():
+        rows = _first_day(rows)
+        ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker=".", label=method)
+    if limit is not None:
+        ax.axhline(limit, color="k", ls="--", lw=1, label="limit")
+    ax.set_xlabel("step (15 min)")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(out / filename, dpi=90)
+    plt.close(fig)
+
+
+def evaluation_plots(out: Path, per_method: dict[str, list[dict]], cfg: Config) -> list[Path]:
+    """Prices, EVs, line loading vs the limit, carbon intensity vs its limit and welfare, on the first day."""
+    _per_station(out, per_method, "price", "posted price (CNY/kWh)", "prices.png", cfg)
+    _per_station(out, per_method, "evs_present", "EVs at station", "evs.png", cfg)
+    _per_station(out, per_method, "line_loading", "line loading (fraction of rating)", "line_loading.png", cfg,
+                 limit=cfg.grid.loading_limit)
+    _scalar(out, per_method, "carbon_intensity", "carbon intensity (kg/MWh)", "carbon_intensity.png",
+            limit=cfg.carbon.limit)
+    _scalar(out, per_method, "welfare", "social welfare per step (CNY)", "welfare.png")
+    return [out / n for n in ("prices.png", "evs.png", "line_loading.png", "carbon_intensity.png", "welfare.png")]
+
+
+def training_curves(metrics_csv: Path, png: Path, cfg: Config) -> Path | None:
+    """Episode reward, episode cost (with the permissible cost) and kappa per epoch."""
+    if not Path(metrics_csv).is_file():
+        return None
+    with open(metrics_csv) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return None
+    epoch = [int(r["epoch"]) for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    axes[0].plot(epoch, [float(r["reward"]) for r in rows], marker=".")
+    axes[0].set_ylabel("episode reward (SW / 600)")
+    axes[1].plot(epoch, [float(r["cost"]) for r in rows], marker=".")
+    axes[1].axhline(cfg.planner.permissible_episode_cost, color="k", ls="--", lw=1, label="permissible")
+    axes[1].set_ylabel("episode constraint cost")
+    axes[1].legend(fontsize=7)
+    axes[2].plot(epoch, [float(r["kappa_next"]) for r in rows], marker=".")
+    axes[2].set_ylabel("kappa after the episode")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+    return png

@@ -1,0 +1,217 @@
+"""Train the CAP agent on the real environment: ``python -m evjax.train`` (SPEC 11).
+
+Host side, not jittable. Each epoch is one episode on a training day. Prices
+are uniform random until the first model fit; the ensemble is refitted on all
+data every ``training.model_train_freq`` steps; the planner runs every step;
+kappa is updated after every episode. After every epoch the whole run state
+goes to the "latest" orbax checkpoint, and to "best" when the episode reward is
+the highest so far among episodes with cost <= ``training.best_cost_threshold``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from evjax import checkpoint, replay
+from evjax.cli import UserError, config_from_args, make_parser, run
+from evjax.config import Config, save as save_config, to_dict
+
+
+def episode_seed(cfg: Config, epoch: int) -> int:
+    """Seed of the training episode of ``epoch``: its day, arrivals and choices depend on nothing else."""
+    return int(np.random.SeedSequence([cfg.training.seed, epoch]).generate_state(1)[0])
+
+
+@dataclasses.dataclass
+class Components:
+    """The pieces of a run built from a config: environment, model functions, agent."""
+
+    env: object
+    dynamics: object
+    agent: object
+
+
+def build(cfg: Config) -> Components:
+    """Environment, dynamics model and agent for ``cfg`` (host side)."""
+    from evjax.agent import Agent
+    from evjax.dynamics import make_dynamics
+    from evjax.env import EVPricingEnv
+    from evjax.planner import make_model_planner
+
+    env = EVPricingEnv(cfg)
+    dynamics = make_dynamics(cfg.model, cfg.obs_dim, cfg.action_dim)
+    agent = Agent(cfg.planner, make_model_planner(cfg, dynamics))
+    return Components(env, dynamics, agent)
+
+
+class Trainer:
+    """One training run: state, loop, checkpoints and metrics in ``run_dir``."""
+
+    def __init__(self, cfg: Config, run_dir: Path, metrics: bool = True):
+        from evjax.metrics import MetricsLog
+
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.parts = build(cfg)
+        key = jax.random.key(cfg.training.seed)
+        key, init_key = jax.random.split(key)
+        capacity = cfg.training.epochs * cfg.env.episode_steps
+        self.state = {
+            "model": self.parts.dynamics.init(init_key),
+            "agent": self.parts.agent.state(),
+            "buffer": replay.empty(capacity, cfg.obs_dim, cfg.action_dim),
+            "key": jax.random.key_data(key),
+            "epoch": np.asarray(-1, np.int64),  # last completed epoch
+            "best_reward": np.asarray(-np.inf, np.float64),
+        }
+        self.log = MetricsLog(self.run_dir) if metrics else None
+
+    def resume(self) -> int:
+        """Load "latest"; return the first epoch still to run."""
+        self.state = checkpoint.restore(self.run_dir, "latest", self.state)
+        self.parts.agent.restore(self.state["agent"])
+        done = int(self.state["epoch"])
+        self.log.load(up_to_epoch=done)
+        return done + 1
+
+    def _next_key(self):
+        key, sub = jax.random.split(jax.random.wrap_key_data(self.state["key"]))
+        self.state["key"] = np.asarray(jax.random.key_data(key))
+        return sub
+
+    def _fit(self) -> dict:
+        obs, action, reward, cost, next_obs = replay.contents(self.state["buffer"])
+        model, metrics = self.parts.dynamics.fit(self._next_key(), self.state["model"], obs, action, reward, cost,
+                                                 next_obs)
+        self.state["model"] = model
+        self.parts.agent.mark_fitted()
+        return metrics
+
+    def run_epoch(self, epoch: int) -> dict:
+        """One episode: act, store, refit on schedule; then update kappa and checkpoint."""
+        cfg, env, agent = self.cfg, self.parts.env, self.parts.agent
+        start = time.perf_counter()
+        obs, _ = env.reset(seed=episode_seed(cfg, epoch), options={"split": "train"})
+        agent.reset_episode()
+        episode_reward = episode_cost = 0.0
+        plan_seconds, feasible, losses = [], [], []
+        for _ in range(cfg.env.episode_steps):
+            model = self.parts.dynamics.select_elites(self.state["model"]) if agent.fitted else None
+            tic = time.perf_counter()
+            action = agent.act(self._next_key(), model, obs)
+            if agent.last_diagnostics is not None:
+                plan_seconds.append(time.perf_counter() - tic)
+                feasible.append(agent.last_diagnostics["feasible_fraction"])
+            next_obs, reward, terminated, truncated, info = env.step(action)
+            replay.add(self.state["buffer"], obs, action, reward, info["cost"], next_obs)
+            episode_reward += float(reward)
+            episode_cost += float(info["cost"])
+            if int(self.state["buffer"]["size"]) % cfg.training.model_train_freq == 0:
+                losses.append(float(self._fit()["train_loss"]))
+            obs = next_obs
+            if terminated or truncated:
+                break
+        kappa_used = float(agent.kappa)
+        agent.end_episode(episode_cost)
+        self.state["agent"] = agent.state()
+        self.state["epoch"] = np.asarray(epoch, np.int64)
+        row = {
+            "epoch": epoch,
+            "reward": episode_reward,
+            "cost": episode_cost,
+            "kappa": kappa_used,
+            "kappa_next": float(agent.kappa),
+            "model_loss": losses[-1] if losses else float("nan"),
+            "feasible_fraction": float(np.mean(feasible)) if feasible else float("nan"),
+            "planned_steps": len(feasible),
+            "date": env.scenario.date,
+            "plan_ms": 1000.0 * float(np.median(plan_seconds)) if plan_seconds else float("nan"),
+            "epoch_seconds": time.perf_counter() - start,
+        }
+        is_best = episode_cost <= cfg.training.best_cost_threshold and episode_reward > float(self.state["best_reward"])
+        if is_best:
+            self.state["best_reward"] = np.asarray(episode_reward, np.float64)
+        # Order matters for a kill at any moment: the CSV row and "best" are rewritten
+        # identically when an epoch without a "latest" checkpoint is run again.
+        self.log.append(row)
+        if is_best:
+            checkpoint.save(self.run_dir, "best", epoch, self.state, cfg, {"reward": episode_reward,
+                                                                          "cost": episode_cost})
+        checkpoint.save(self.run_dir, "latest", epoch, self.state, cfg)
+        return row
+
+    def train(self, start_epoch: int = 0, progress: bool = True) -> list[dict]:
+        from tqdm import tqdm
+
+        bar = tqdm(range(start_epoch, self.cfg.training.epochs), initial=start_epoch, total=self.cfg.training.epochs,
+                   desc="train", unit="epoch", disable=not progress, file=sys.stderr)
+        rows = []
+        for epoch in bar:
+            row = self.run_epoch(epoch)
+            rows.append(row)
+            bar.set_postfix(reward=f"{row['reward']:.2f}", cost=f"{row['cost']:.2f}", kappa=f"{row['kappa_next']:.2f}")
+        self.log.close()
+        return rows
+
+
+def _config_differences(a: Config, b: Config) -> list[str]:
+    da, db = to_dict(a), to_dict(b)
+    return [f"{s}.{k}" for s in da for k in da[s] if da[s][k] != db[s][k]]
+
+
+def resolve_run(args, cfg: Config) -> tuple[Path, Config]:
+    """The run directory and config; on ``--resume`` the checkpoint's config rules."""
+    if args.resume:
+        if args.run_dir is None:
+            raise UserError("--resume needs --run-dir")
+        run_dir = Path(args.run_dir)
+        _, stored = checkpoint.restore_meta(run_dir, "latest")
+        if args.config is not None or args.overrides:
+            differing = _config_differences(stored, cfg)
+            if differing:
+                raise UserError(f"{run_dir}: config key '{differing[0]}' differs from the checkpoint's "
+                                f"({len(differing)} key(s) differ); resume without --config/--set or start a new run")
+        return run_dir, stored
+    if args.run_dir is not None:
+        run_dir = Path(args.run_dir)
+        if checkpoint.exists(run_dir, "latest"):
+            raise UserError(f"{run_dir}: already holds a run; pass --resume to continue it or choose another --run-dir")
+    else:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(cfg.training.run_root) / stamp
+        print(f"run directory: {run_dir}", file=sys.stderr)
+    return run_dir, cfg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = make_parser("evjax.train", "Train the CAP pricing agent (SPEC 11).")
+    parser.add_argument("--run-dir", metavar="DIR", help="where checkpoints and metrics go (default: runs/<timestamp>)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its latest checkpoint")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args)
+    run_dir, cfg = resolve_run(args, cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    trainer = Trainer(cfg, run_dir)
+    start = trainer.resume() if args.resume else 0
+    wall = time.perf_counter()
+    rows = trainer.train(start, progress=not args.no_progress)
+    if rows:
+        last = rows[-1]
+        print(f"trained epochs {start}..{last['epoch']} in {time.perf_counter() - wall:.1f} s; last reward "
+              f"{last['reward']:.3f}, cost {last['cost']:.3f}, kappa {last['kappa_next']:.3f}; run dir {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(main, prog="evjax.train"))

@@ -1,0 +1,137 @@
+"""End-to-end: smoke training, kill-and-resume, checkpoint errors, evaluation (subprocesses, smoke config)."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+SMOKE = str(ROOT / "configs" / "smoke.yaml")
+WALL_TIME = {"plan_ms", "epoch_seconds"}
+
+
+def _train(run_dir, *extra, env=None, check=True):
+    cmd = [sys.executable, "-m", "evjax.train", "--config", SMOKE, "--run-dir", str(run_dir), "--no-progress", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _rows(run_dir):
+    with open(Path(run_dir) / "metrics.csv") as f:
+        return [{k: v for k, v in row.items() if k not in WALL_TIME} for row in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    run_dir = tmp_path_factory.mktemp("smoke") / "run"
+    _train(run_dir, env=env)
+    return run_dir
+
+
+def test_smoke_training_writes_metrics_and_checkpoints(trained):
+    rows = _rows(trained)
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
+    for row in rows:
+        for key in ("reward", "cost", "kappa", "kappa_next", "model_loss", "feasible_fraction"):
+            assert key in row
+    # the first episode plays random prices (no model yet); later ones plan on the fitted model
+    assert float(rows[0]["planned_steps"]) == 0 and float(rows[1]["planned_steps"]) > 0
+    assert (trained / "checkpoints" / "latest").is_dir()
+    assert (trained / "config.yaml").is_file()
+    assert any((trained / "tensorboard").iterdir())
+
+
+def test_kappa_follows_the_episode_cost(trained):
+    from evjax.config import load
+
+    cfg = load(SMOKE)
+    for row in _rows(trained):
+        change = float(row["kappa_next"]) - float(row["kappa"])
+        excess = float(row["cost"]) - cfg.planner.permissible_episode_cost
+        # Adam on -kappa * (C - C_perm): kappa rises when the episode was too costly, falls otherwise (>= 0)
+        if excess > 0:
+            assert change > 0
+        elif float(row["kappa"]) > 0:
+            assert change < 0
+
+
+def test_killed_run_resumes_to_the_same_metrics(trained, tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    run_dir = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "evjax.train", "--config", SMOKE, "--run-dir", str(run_dir), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 300
+    latest = run_dir / "checkpoints" / "latest"
+    while time.time() < deadline and proc.poll() is None:
+        if latest.is_dir() and any(p.name.isdigit() for p in latest.iterdir()):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _train(run_dir, "--resume", env=env)
+    assert _rows(run_dir) == _rows(trained)
+
+
+def test_resume_errors_name_the_problem(trained, tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = _train(tmp_path / "absent", "--resume", env=env, check=False)
+    assert proc.returncode == 2 and "absent" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _train(trained, "--resume", "--set", "model.hidden_sizes=[16, 16]", env=env, check=False)
+    assert proc.returncode == 2 and "model.hidden_sizes" in proc.stderr
+    proc = _train(trained, env=env, check=False)
+    assert proc.returncode == 2 and "--resume" in proc.stderr
+
+
+def test_corrupt_checkpoint_is_a_clear_error(trained, tmp_path):
+    import shutil
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    copy = tmp_path / "corrupt"
+    shutil.copytree(trained, copy)
+    for path in (copy / "checkpoints" / "latest").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"garbage")
+    proc = _train(copy, "--resume", env=env, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert str(copy / "checkpoints" / "latest") in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_evaluate_runs_every_method_on_the_same_days(trained):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "evjax.evaluate", "--run-dir", str(trained), "--no-progress"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = trained / "eval"
+    with open(out / "metrics.csv") as f:
+        table = {row["method"]: row for row in csv.DictReader(f)}
+    assert set(table) == {"fixed_mid", "fixed_upper", "random", "cem_unconstrained", "ccem", "cap_fixed_kappa",
+                          "cap_adaptive", "oracle"}
+    for name in ("prices.png", "evs.png", "line_loading.png", "carbon_intensity.png", "welfare.png",
+                 "training_curves.png", "metrics.md"):
+        assert (out / name).stat().st_size > 0
+    with open(out / "steps.csv") as f:
+        steps = list(csv.DictReader(f))
+    from evjax.config import load
+
+    cfg = load(SMOKE)
+    mid = [(lo + hi) / 2 for lo, hi in zip(cfg.env.price_lower, cfg.env.price_upper)]
+    for row in steps:
+        prices = [float(x) for x in row["price"].split()]
+        assert all(lo - 1e-6 <= p <= hi + 1e-6 for p, lo, hi in zip(prices, cfg.env.price_lower, cfg.env.price_upper))
+        if row["method"] == "fixed_mid":
+            assert prices == pytest.approx(mid, abs=1e-3)
+        if row["method"] == "fixed_upper":
+            assert prices == pytest.approx(list(cfg.env.price_upper), abs=1e-3)
+    # the same days for every method
+    days = {m: sorted({r["date"] for r in steps if r["method"] == m}) for m in table}
+    assert len({tuple(d) for d in days.values()}) == 1
