@@ -94,7 +94,7 @@ class DemandConfig:
     """EV arrivals and attributes drawn from the real Shenzhen data (SPEC 6)."""
 
     figures_dir: Optional[str] = None  # calibrated figures; None = the ones shipped in evjax/data/figures
-    mean_arrivals_per_step: float = 12.0  # mean EV arrivals per step over the window, averaged over days
+    mean_arrivals_per_step: float = 14.0  # mean EV arrivals per step over the window, averaged over days (calibrated, benchmarks/calibrate_env.py)
     origin_weights: Optional[tuple[float, ...]] = None  # weight of each road node as an origin; None = uniform
     test_every: int = 5  # every test_every-th day (by date order) is a held-out test day
 
@@ -103,7 +103,7 @@ class DemandConfig:
 class StationsConfig:
     """Charging stations: chargers, queue, choice (SPEC 7)."""
 
-    chargers: tuple[int, ...] = _tuple(30, 18, 24)  # chargers at CS1, CS2, CS3 (calibrated, benchmarks/calibrate_env.py)
+    chargers: tuple[int, ...] = _tuple(30, 16, 24)  # chargers at CS1, CS2, CS3 (calibrated, benchmarks/calibrate_env.py)
     charger_kw: float = 45.0  # power of one charger (kW)
     choice: Literal["argmin", "logit"] = "argmin"  # how a driver picks among reachable stations
     logit_temperature: float = 5.0  # CNY; scale of the logit choice
