@@ -6,7 +6,7 @@ runs one whole receding-horizon plan (sampling, model rollouts, penalty,
 feasibility filter, elite refit, every CEM iteration) as one compiled XLA program.
 
 The model is reached only through ``step_fn(model, obs[E,M,S], act[E,M,A], key)``
-whose output has ``next_obs [E,M,S]``, ``reward [E,M]``, ``cost [E,M]`` and
+(and optionally its noise-free twin ``mean_step_fn(model, obs, act)``) whose output has ``next_obs [E,M,S]``, ``reward [E,M]``, ``cost [E,M]`` and
 ``std [E,M,D]`` (D = S + 2: predicted std of the obs-delta dims, the reward and
 the cost); row ``e`` of the member-major batch is advanced by ensemble member
 ``e``. ``model`` is any pytree (for evjax, a ``dynamics.ModelState``).
@@ -20,6 +20,7 @@ Modes (``planner.mode``), all sharing this code:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
@@ -128,6 +129,8 @@ def make_planner(
     price_upper: Sequence[float],
     num_members: int,
     step_fn: Callable,
+    *,
+    mean_step_fn: Optional[Callable] = None,
     mesh: Optional[jax.sharding.Mesh] = None,
 ) -> Planner:
     """Build the constrained CEM planner of SPEC 10 for an E-member ensemble.
@@ -173,6 +176,17 @@ def make_planner(
 
     ``mode == "ccem"`` or ``"unconstrained"`` skips u entirely (kappa is ignored);
     ``"unconstrained"`` also treats every candidate as feasible.
+
+    Model noise: ``step_fn(model, obs, act, key)`` samples internally; the planner
+    passes it the same H step keys in every CEM iteration of a plan. With
+    ``mean_step_fn(model, obs[E,M,S], act[E,M,A])`` (the same output, noise-free:
+    predicted means and their std) the planner samples itself,
+    ``sample = mean + std * eps`` with eps [H, E, M, D] drawn once per plan, and
+    evaluates the first step once per (member, candidate) instead of once per
+    particle, since all particles of a candidate start at ``obs`` with the same
+    action. Either way the model noise is common to the CEM iterations of a plan
+    (common random numbers: candidates of different iterations are compared on
+    the same model draws, and the noise is generated once, not ``iterations`` times).
 
     ``mesh``: optional ``jax.sharding.Mesh`` whose first axis shards the
     population (candidates, and with them the member-major particle axis) across
@@ -221,38 +235,74 @@ def make_planner(
     def uncertainty(out, num_cand: int) -> jax.Array:
         """Per-candidate uncertainty u [N] of one model step (see ``make_planner``)."""
         if cfg.uncertainty == "max_std_norm":
-            std_norm = jnp.linalg.norm(out.std, axis=-1)  # [E, M]
-            return std_norm.reshape(num_members, num_cand, particles_per_member).max(axis=(0, 2))
+            squared_norm = jnp.sum(jnp.square(out.std), axis=-1)  # [E, M]
+            return jnp.sqrt(squared_norm.reshape(num_members, num_cand, particles_per_member).max(axis=(0, 2)))
         state_dim = out.next_obs.shape[-1]
         member_means = out.next_obs.reshape(num_members, num_cand, particles_per_member, state_dim).mean(axis=2)
         return jnp.linalg.norm(member_means.std(axis=0), axis=-1)  # [N]
 
-    def evaluate(key: jax.Array, model: Any, obs: jax.Array, actions: jax.Array, kappa: jax.Array) -> CandidateValues:
-        """Roll N candidate sequences out through the ensemble and score them (steps 3 of ``make_planner``)."""
+    def expand(x: jax.Array, num_cand: int) -> jax.Array:
+        """[E, N, ...] per (member, candidate) -> [E, M, ...] with each row repeated for the member's P/E particles."""
+        expanded = jnp.broadcast_to(x[:, :, None], (x.shape[0], num_cand, particles_per_member) + x.shape[2:])
+        return expanded.reshape((x.shape[0], num_cand * particles_per_member) + x.shape[2:])
+
+    def add_noise(out, noise: jax.Array):
+        """Sample = predicted mean + std * eps for the obs-delta, reward and cost outputs (std applied once)."""
+        state_dim = out.next_obs.shape[-1]
+        sample = out.std * noise  # [E, M, D]
+        return out._replace(next_obs=out.next_obs + sample[..., :state_dim],
+                            reward=out.reward + sample[..., state_dim], cost=out.cost + sample[..., state_dim + 1])
+
+    def draw_noise(key: jax.Array, num_cand: int, state_dim: int):
+        """Model noise of one plan, reused by every CEM iteration (common random numbers).
+
+        With ``mean_step_fn``: eps [H, E, M, D] standard normals; otherwise the H step keys of ``step_fn``.
+        """
+        if mean_step_fn is None:
+            return jax.random.split(key, horizon)
+        shape = (horizon, num_members, num_cand * particles_per_member, state_dim + 2)
+        return shard(jax.random.normal(key, shape, jnp.float32), 2)
+
+    def rollout(model: Any, obs: jax.Array, actions: jax.Array, kappa: jax.Array, noise: jax.Array) -> CandidateValues:
+        """Roll N candidate sequences out through the ensemble and score them (step 3 of ``make_planner``)."""
         num_cand = actions.shape[0]
         chex.assert_shape(actions, (num_cand, horizon, action_dim))  # [N, H, A]
         state_dim = obs.shape[-1]
         chex.assert_shape(obs, (state_dim,))  # [S]
         samples_per_member = num_cand * particles_per_member  # M
-        state = shard(jnp.broadcast_to(obs, (num_members, samples_per_member, state_dim)), 1)  # [E, M, S]
-        step_keys = jax.random.split(key, horizon)
-        actions_by_step = jnp.swapaxes(actions, 0, 1)  # [H, N, A]
 
-        def one_step(carry, inputs):
-            state, reward_sum, cost_sum, uncertainty_sum = carry
-            action, step_key = inputs  # [N, A]
-            action = jnp.broadcast_to(action[None, :, None, :],
-                                      (num_members, num_cand, particles_per_member, action_dim))
-            action = shard(action.reshape(num_members, samples_per_member, action_dim), 1)  # [E, M, A]
-            out = step_fn(model, state, action, step_key)
+        def advance(state, action, step_noise):
+            """One model step of every particle: state [E, M, S], action [N, A] -> step output [E, M]."""
+            action = shard(expand(jnp.broadcast_to(action, (num_members,) + action.shape), num_cand), 1)  # [E, M, A]
+            if mean_step_fn is None:
+                return step_fn(model, state, action, step_noise)
+            return add_noise(mean_step_fn(model, state, action), step_noise)
+
+        if mean_step_fn is None:
+            state = shard(jnp.broadcast_to(obs, (num_members, samples_per_member, state_dim)), 1)  # [E, M, S]
+            first = advance(state, actions[:, 0], noise[0])
+        else:
+            # every particle of a candidate starts at obs with the same action: one forward pass per
+            # (member, candidate), then P/E noisy samples from it
+            first_mean = mean_step_fn(model, jnp.broadcast_to(obs, (num_members, num_cand, state_dim)),
+                                      jnp.broadcast_to(actions[:, 0], (num_members, num_cand, action_dim)))
+            first = add_noise(jax.tree.map(lambda x: expand(x, num_cand), first_mean), noise[0])
+
+        def accumulate(carry, out):
+            _, reward_sum, cost_sum, uncertainty_sum = carry
             next_state = shard(jnp.clip(out.next_obs, -cfg.state_clip, cfg.state_clip), 1)  # [E, M, S]
             if use_penalty:
                 uncertainty_sum = uncertainty_sum + uncertainty(out, num_cand)
-            return (next_state, reward_sum + out.reward, cost_sum + out.cost, uncertainty_sum), None
+            return next_state, reward_sum + out.reward, cost_sum + out.cost, uncertainty_sum
+
+        def one_step(carry, inputs):
+            action, step_noise = inputs  # [N, A]
+            return accumulate(carry, advance(carry[0], action, step_noise)), None
 
         zeros_em = jnp.zeros((num_members, samples_per_member), jnp.float32)
-        init = (state, zeros_em, zeros_em, jnp.zeros((num_cand,), jnp.float32))
-        (_, reward_sum, cost_sum, uncertainty_sum), _ = jax.lax.scan(one_step, init, (actions_by_step, step_keys))
+        carry = accumulate((None, zeros_em, zeros_em, jnp.zeros((num_cand,), jnp.float32)), first)
+        later_actions = jnp.swapaxes(actions[:, 1:], 0, 1)  # [H-1, N, A]
+        (_, reward_sum, cost_sum, uncertainty_sum), _ = jax.lax.scan(one_step, carry, (later_actions, noise[1:]))
 
         def particle_mean(x):  # [E, M] -> [N]
             return x.reshape(num_members, num_cand, particles_per_member).mean(axis=(0, 2))
@@ -264,11 +314,17 @@ def make_planner(
         cost = jnp.where(jnp.isfinite(cost), cost, cfg.nan_cost)
         return CandidateValues(reward=reward, cost=cost, penalty=penalty)
 
+    def evaluate(key: jax.Array, model: Any, obs: jax.Array, actions: jax.Array, kappa: jax.Array) -> CandidateValues:
+        """Predicted reward, penalised cost and penalty of candidates actions [N, H, A] (pure)."""
+        return rollout(model, obs, actions, kappa, draw_noise(key, actions.shape[0], obs.shape[-1]))
+
     def plan_fn(key: jax.Array, model: Any, obs: jax.Array, warm_start: jax.Array, kappa: jax.Array):
         """One constrained CEM plan (see ``make_planner``); pure, jit-compatible."""
         chex.assert_shape(warm_start, (horizon, action_dim))  # [H, A]
         mean = jnp.clip(warm_start.astype(jnp.float32), lower, upper)  # [H, A]
         var = jnp.broadcast_to(jnp.square(upper - lower) / 16.0, (horizon, action_dim))  # [H, A]
+        key, noise_key = jax.random.split(key)
+        model_noise = draw_noise(noise_key, num_candidates, obs.shape[-1])
         zero = jnp.zeros((), jnp.float32)
         diag0 = PlanDiagnostics(zero, zero, zero, jnp.zeros((), jnp.int32), zero)
 
@@ -278,13 +334,13 @@ def make_planner(
 
         def cem_iteration(carry):
             iteration, mean, var, key, _ = carry
-            key, sample_key, rollout_key = jax.random.split(key, 3)
+            key, sample_key = jax.random.split(key)
             capped_var = jnp.minimum(jnp.minimum(jnp.square((mean - lower) / 2.0),
                                                  jnp.square((upper - mean) / 2.0)), var)  # [H, A]
-            noise = jax.random.truncated_normal(sample_key, -cfg.truncation_sigma, cfg.truncation_sigma,
+            draws = jax.random.truncated_normal(sample_key, -cfg.truncation_sigma, cfg.truncation_sigma,
                                                 (num_candidates, horizon, action_dim), jnp.float32)
-            candidates = jnp.clip(mean + jnp.sqrt(capped_var) * shard(noise, 0), lower, upper)  # [N, H, A]
-            values = evaluate(rollout_key, model, obs, candidates, kappa)
+            candidates = jnp.clip(mean + jnp.sqrt(capped_var) * shard(draws, 0), lower, upper)  # [N, H, A]
+            values = rollout(model, obs, candidates, kappa, model_noise)
             if constrained:
                 feasible = values.cost <= cfg.cost_limit  # [N]
             else:
@@ -324,3 +380,17 @@ def make_planner(
     return Planner(plan=plan, plan_fn=plan_fn, plan_jit=plan_jit, evaluate=evaluate,
                    initial_warm_start=initial_warm_start, price_lower=lower, price_upper=upper,
                    horizon=horizon, mode=cfg.mode)
+
+
+def make_model_planner(cfg, dyn, mesh: Optional[jax.sharding.Mesh] = None) -> Planner:
+    """The planner of ``cfg`` (an ``evjax.config.Config``) over the ensemble ``dyn`` (``make_dynamics``).
+
+    Binds ``dyn.step`` with ``planner.matmul_dtype`` both as ``step_fn`` and, with
+    ``mean_only=True``, as ``mean_step_fn``; plans over ``dyn.num_planning_members``
+    members, so pass ``dyn.select_elites(model)`` when the model has a holdout.
+    """
+    matmul_dtype = cfg.planner.matmul_dtype
+    step_fn = functools.partial(dyn.step, matmul_dtype=matmul_dtype)
+    mean_step_fn = functools.partial(dyn.step, key=None, matmul_dtype=matmul_dtype, mean_only=True)
+    return make_planner(cfg.planner, cfg.env.price_lower, cfg.env.price_upper, dyn.num_planning_members,
+                        step_fn, mean_step_fn=mean_step_fn, mesh=mesh)

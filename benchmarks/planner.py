@@ -1,0 +1,175 @@
+"""Seconds per constrained CEM plan at the paper's settings, and this machine's matmul ceilings.
+
+Plans with a freshly initialised ensemble (``dyn.init``: identity normalisers,
+unit target stats) at the default config: 500 candidates, 30 particles, horizon
+12, 5 iterations, 5 members of 4 x 256, obs 9, action 3. Reports the median,
+min and max seconds per plan after compilation, the compile time, the analytic
+FLOP count of the ensemble forward passes, the achieved GFLOP/s, and the
+ceiling of one batched matmul of the hidden-layer shape [E, N*P/E, 256] x
+[E, 256, 256] measured in the same run in float32 and with bfloat16 inputs and
+float32 accumulation. ``--breakdown`` also times the pieces of one plan; ``--sampled-steps`` plans
+through ``dyn.step`` with its own noise instead of the planner's mean-step path.
+
+    python benchmarks/planner.py [--json] [--matmul-dtype bfloat16|float32] [--repeats 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from evjax.config import Config
+from evjax.dynamics import make_dynamics
+from evjax.planner import make_model_planner, make_planner
+
+
+def forward_flops(layer_sizes: list[int]) -> int:
+    """Multiply-adds x 2 of one forward pass of one sample through the dense layers."""
+    return 2 * sum(a * b for a, b in zip(layer_sizes[:-1], layer_sizes[1:]))
+
+
+def timed(fn, repeats: int) -> list[float]:
+    """Wall seconds of ``repeats`` calls of ``fn`` (results blocked on), after one warm-up call."""
+    jax.block_until_ready(fn())
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def matmul_ceiling(members: int, rows: int, width: int, dtype, repeats: int, chain: int = 8) -> float:
+    """GFLOP/s of ``chain`` dependent batched matmuls [E, rows, width] x [E, width, width] in one program.
+
+    Inputs are cast to ``dtype`` each time with float32 accumulation, as in the model's hidden layers.
+    """
+    key_h, key_w = jax.random.split(jax.random.key(0))
+    h0 = jax.random.normal(key_h, (members, rows, width), jnp.float32)
+    w = (jax.random.normal(key_w, (members, width, width), jnp.float32) / np.sqrt(width)).astype(dtype)
+
+    @jax.jit
+    def run(h):
+        def body(_, h):
+            return jnp.einsum("emk,ekn->emn", h.astype(dtype), w, preferred_element_type=jnp.float32)
+        return jax.lax.fori_loop(0, chain, body, h)
+
+    seconds = statistics.median(timed(lambda: run(h0), repeats))
+    return chain * 2 * members * rows * width * width / seconds / 1e9
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON line")
+    parser.add_argument("--matmul-dtype", choices=("bfloat16", "float32"), default=None,
+                        help="ensemble matmul input dtype (default: planner.matmul_dtype of the config)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed plans after compilation")
+    parser.add_argument("--breakdown", action="store_true", help="also time the pieces of one plan")
+    parser.add_argument("--sampled-steps", action="store_true",
+                        help="plan through dyn.step with its own noise (no mean_step_fn: no shared first step, "
+                             "noise drawn at every step)")
+    args = parser.parse_args(argv)
+
+    cfg = Config()
+    if args.matmul_dtype:
+        cfg = dataclasses.replace(cfg, planner=dataclasses.replace(cfg.planner, matmul_dtype=args.matmul_dtype))
+    matmul_dtype = cfg.planner.matmul_dtype
+    pcfg = cfg.planner
+    obs_dim, action_dim = cfg.obs_dim, cfg.action_dim
+    dyn = make_dynamics(cfg.model, obs_dim, action_dim)
+    model = dyn.init(jax.random.key(0))
+    step_fn = functools.partial(dyn.step, matmul_dtype=matmul_dtype)
+    if args.sampled_steps:
+        planner = make_planner(pcfg, cfg.env.price_lower, cfg.env.price_upper, dyn.ensemble_size, step_fn)
+    else:
+        planner = make_model_planner(cfg, dyn)
+
+    obs = jnp.asarray(np.random.default_rng(0).normal(size=obs_dim), jnp.float32)
+    warm = planner.initial_warm_start()
+    kappa = jnp.float32(pcfg.kappa_init)
+    start = time.perf_counter()
+    compiled = planner.plan_jit.lower(jax.random.key(0), model, obs, warm, kappa).compile()
+    compile_seconds = time.perf_counter() - start
+
+    keys = iter(jax.random.split(jax.random.key(1), args.repeats + 1))
+    seconds = timed(lambda: compiled(next(keys), model, obs, warm, kappa), args.repeats)
+    _, _, diag = compiled(jax.random.key(2), model, obs, warm, kappa)
+
+    layer_sizes = [obs_dim + action_dim, *cfg.model.hidden_sizes, 2 * (obs_dim + 2)]
+    # forward rows actually evaluated: with mean_step_fn the first step runs once per (member, candidate)
+    first_step_rows = pcfg.popsize * (pcfg.particles if args.sampled_steps else dyn.ensemble_size)
+    rows_per_iteration = first_step_rows + pcfg.popsize * pcfg.particles * (pcfg.horizon - 1)
+    gflop = forward_flops(layer_sizes) * rows_per_iteration * int(diag.iterations) / 1e9
+    median = statistics.median(seconds)
+    achieved = gflop / median
+    rows = pcfg.popsize * pcfg.particles // dyn.ensemble_size
+    width = cfg.model.hidden_sizes[0]
+    ceiling_f32 = matmul_ceiling(dyn.ensemble_size, rows, width, jnp.float32, args.repeats)
+    ceiling_bf16 = matmul_ceiling(dyn.ensemble_size, rows, width, jnp.bfloat16, args.repeats)
+    ceiling = ceiling_bf16 if matmul_dtype == "bfloat16" else ceiling_f32
+    result = {
+        "plan_seconds_median": median,
+        "plan_seconds_min": min(seconds),
+        "plan_seconds_max": max(seconds),
+        "compile_seconds": compile_seconds,
+        "gflop_per_plan": gflop,
+        "achieved_gflops": achieved,
+        "ceiling_gflops_f32": ceiling_f32,
+        "ceiling_gflops_bf16": ceiling_bf16,
+        "ratio_to_ceiling": achieved / ceiling,
+        "matmul_dtype": matmul_dtype,
+        "device": f"{jax.devices()[0].device_kind} x{len(jax.devices())} ({os.cpu_count()} cpus)",
+        "step_path": "sampled" if args.sampled_steps else "mean + planner noise",
+        "load_average_1min": os.getloadavg()[0],
+    }
+    if args.breakdown:
+        result.update(breakdown(dyn, model, planner, step_fn, obs, matmul_dtype, pcfg, args.repeats))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"plan: median {median:.3f} s (min {min(seconds):.3f}, max {max(seconds):.3f}) over {args.repeats}, "
+              f"compile {compile_seconds:.1f} s, matmul {matmul_dtype}")
+        print(f"forward passes: {gflop:.1f} GFLOP/plan -> {achieved:.0f} GFLOP/s achieved")
+        print(f"ceiling (batched matmul [{dyn.ensemble_size},{rows},{width}]x[{width},{width}]): "
+              f"f32 {ceiling_f32:.0f} GFLOP/s, bf16-in/f32-acc {ceiling_bf16:.0f} GFLOP/s; "
+              f"ratio to {matmul_dtype} ceiling {achieved / ceiling:.2f}")
+        for name, value in result.items():
+            if name.startswith("breakdown_"):
+                print(f"  {name[10:]}: {value:.4f} s")
+        print(f"device: {result['device']}; load average {os.getloadavg()}")
+    return 0
+
+
+def breakdown(dyn, model, planner, step_fn, obs, matmul_dtype, pcfg, repeats) -> dict:
+    """Median seconds of the pieces of one plan: one model step, one rollout, sampling and the MLP alone."""
+    members = dyn.ensemble_size
+    rows = pcfg.popsize * pcfg.particles // members
+    state = jnp.broadcast_to(obs, (members, rows, obs.shape[0]))
+    action = jnp.ones((members, rows, dyn.action_dim), jnp.float32)
+    step = jax.jit(step_fn)
+    mean_step = jax.jit(functools.partial(dyn.step, matmul_dtype=matmul_dtype, mean_only=True))
+    actions = jnp.broadcast_to(planner.initial_warm_start(), (pcfg.popsize, pcfg.horizon, dyn.action_dim))
+    rollout = jax.jit(planner.evaluate)
+    noise = jax.jit(lambda key: jax.random.normal(key, (members, rows, dyn.obs_dim + 2)))
+    key = jax.random.key(0)
+    kappa = jnp.float32(1.0)
+    med = lambda fn: statistics.median(timed(fn, repeats))  # noqa: E731
+    return {
+        "breakdown_model_step": med(lambda: step(model, state, action, key)),
+        "breakdown_model_step_mean_only": med(lambda: mean_step(model, state, action, None)),
+        "breakdown_step_noise": med(lambda: noise(key)),
+        "breakdown_rollout_one_iteration": med(lambda: rollout(key, model, obs, actions, kappa)),
+    }
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
