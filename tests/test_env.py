@@ -176,13 +176,13 @@ def test_monotone_response_to_own_price():
 
 
 def test_cost_sums_all_lines_and_the_carbon_term():
-    cfg = with_config(grid={"voltage_cost": True})
+    cfg = with_config(grid={"voltage_cost": True}, stations={"chargers": (30, 30, 30)})
     env = EVPricingEnv(cfg)
-    # 18 EVs appear at CS2's own road node: line 9 overloads
-    env.reset(seed=0, options={"scenario": hand_scenario([0] * 18, [2] * 18, 60.0, 0.2, 0.9)})
-    _, _, _, _, info = env.step(np.array([1.4, 1.3, 1.4]))
+    # 25 EVs appear at CS2's road node and 25 at CS3's: lines 9 and 17 both overload
+    env.reset(seed=0, options={"scenario": hand_scenario([0] * 50, [2] * 25 + [3] * 25, 60.0, 0.2, 0.9)})
+    _, _, _, _, info = env.step(np.array([1.4, 1.3, 1.2]))
     loading = info["line_loading"]
-    assert loading[1] > 0.9
+    assert loading[1] > 0.9 and loading[2] > 0.9
     line = np.sum(np.maximum(0.0, loading - 0.9))
     carbon = max(0.0, info["carbon_intensity"] - 785.0) / 10.0
     voltage = max(0.0, 0.95 - info["min_voltage_pu"])
