@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 from pathlib import Path
 
@@ -35,7 +36,7 @@ class MetricsLog:
         self._write()
         if self._writer is not None:
             for key, value in row.items():
-                if key != "epoch" and isinstance(value, (int, float)):
+                if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
                     self._writer.add_scalar(f"train/{key}", value, int(row["epoch"]))
             self._writer.flush()
 

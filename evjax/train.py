@@ -103,14 +103,14 @@ class Trainer:
         obs, _ = env.reset(seed=episode_seed(cfg, epoch), options={"split": "train"})
         agent.reset_episode()
         episode_reward = episode_cost = 0.0
-        plan_seconds, feasible, losses = [], [], []
+        plan_seconds, diagnostics, losses = [], [], []
         for _ in range(cfg.env.episode_steps):
             model = self.parts.dynamics.select_elites(self.state["model"]) if agent.fitted else None
             tic = time.perf_counter()
             action = agent.act(self._next_key(), model, obs)
             if agent.last_diagnostics is not None:
                 plan_seconds.append(time.perf_counter() - tic)
-                feasible.append(agent.last_diagnostics["feasible_fraction"])
+                diagnostics.append(agent.last_diagnostics)
             next_obs, reward, terminated, truncated, info = env.step(action)
             replay.add(self.state["buffer"], obs, action, reward, info["cost"], next_obs)
             episode_reward += float(reward)
@@ -131,8 +131,9 @@ class Trainer:
             "kappa": kappa_used,
             "kappa_next": float(agent.kappa),
             "model_loss": losses[-1] if losses else float("nan"),
-            "feasible_fraction": float(np.mean(feasible)) if feasible else float("nan"),
-            "planned_steps": len(feasible),
+            **{name: float(np.mean([d[name] for d in diagnostics])) if diagnostics else float("nan")
+               for name in ("feasible_fraction", "uncertainty_penalty", "elite_reward", "elite_cost")},
+            "planned_steps": len(diagnostics),
             "date": env.scenario.date,
             "plan_ms": 1000.0 * float(np.median(plan_seconds)) if plan_seconds else float("nan"),
             "epoch_seconds": time.perf_counter() - start,
