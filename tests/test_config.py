@@ -31,7 +31,7 @@ def test_spec_constants_are_defaults():
     cfg = C.Config()
     assert cfg.grid.station_buses == (31, 13, 19) and cfg.grid.monitored_lines == (27, 9, 17)
     assert cfg.grid.line_ratings_ka == (0.156, 0.066, 0.062)
-    assert cfg.carbon.limit == 785.0 and cfg.carbon.grid_intensity == 700.0 and cfg.carbon.dg_intensity == 900.0
+    assert cfg.carbon.limit == 900.0 and cfg.carbon.grid_intensity == 700.0 and cfg.carbon.dg_intensity == 900.0
     assert cfg.stations.charger_kw * cfg.env.dt_hours == pytest.approx(11.25)
     assert cfg.planner.popsize == 500 and cfg.planner.particles == 30 and cfg.planner.horizon == 12
     assert cfg.obs_dim == 9 and cfg.action_dim == 3

@@ -176,7 +176,7 @@ def test_monotone_response_to_own_price():
 
 
 def test_cost_sums_all_lines_and_the_carbon_term():
-    cfg = with_config(grid={"voltage_cost": True}, stations={"chargers": (30, 30, 30)})
+    cfg = with_config(grid={"voltage_cost": True}, stations={"chargers": (30, 30, 30)}, carbon={"limit": 785.0})
     env = EVPricingEnv(cfg)
     # 25 EVs appear at CS2's road node and 25 at CS3's: lines 9 and 17 both overload
     env.reset(seed=0, options={"scenario": hand_scenario([0] * 50, [2] * 25 + [3] * 25, 60.0, 0.2, 0.9)})
@@ -187,6 +187,7 @@ def test_cost_sums_all_lines_and_the_carbon_term():
     carbon = max(0.0, info["carbon_intensity"] - 785.0) / 10.0
     voltage = max(0.0, 0.95 - info["min_voltage_pu"])
     assert voltage > 0.0
+    assert carbon > 0.0  # the SPEC limit 785 is exceeded (README, "Carbon")
     assert info["cost"] == pytest.approx(line + carbon + voltage)
     assert info["cost_line"] == pytest.approx(line)
 
