@@ -7,8 +7,10 @@ min and max seconds per plan after compilation, the compile time, the analytic
 FLOP count of the ensemble forward passes, the achieved GFLOP/s, and the
 ceiling of one batched matmul of the hidden-layer shape [E, N*P/E, 256] x
 [E, 256, 256] measured in the same run in float32 and with bfloat16 inputs and
-float32 accumulation. ``--breakdown`` also times the pieces of one plan; ``--sampled-steps`` plans
-through ``dyn.step`` with its own noise instead of the planner's mean-step path.
+float32 accumulation, interleaved with the timed plans so that load from other
+processes hits plans and ceilings alike. ``--breakdown`` also times the pieces
+of one plan; ``--sampled-steps`` plans through ``dyn.step`` with its own noise
+instead of the planner's mean-step path.
 
     python benchmarks/planner.py [--json] [--matmul-dtype bfloat16|float32] [--repeats 10]
 """
@@ -37,7 +39,7 @@ def forward_flops(layer_sizes: list[int]) -> int:
     return 2 * sum(a * b for a, b in zip(layer_sizes[:-1], layer_sizes[1:]))
 
 
-def timed(fn, repeats: int) -> list[float]:
+def timed(fn, repeats: int) -> list[float]:  # used by --breakdown
     """Wall seconds of ``repeats`` calls of ``fn`` (results blocked on), after one warm-up call."""
     jax.block_until_ready(fn())
     seconds = []
@@ -48,10 +50,11 @@ def timed(fn, repeats: int) -> list[float]:
     return seconds
 
 
-def matmul_ceiling(members: int, rows: int, width: int, dtype, repeats: int, chain: int = 8) -> float:
-    """GFLOP/s of ``chain`` dependent batched matmuls [E, rows, width] x [E, width, width] in one program.
+def make_matmul_chain(members: int, rows: int, width: int, dtype, chain: int = 8):
+    """A compiled program of ``chain`` dependent batched matmuls [E, rows, width] x [E, width, width].
 
-    Inputs are cast to ``dtype`` each time with float32 accumulation, as in the model's hidden layers.
+    Inputs are cast to ``dtype`` each time with float32 accumulation, as in the
+    model's hidden layers. Returns (run, flops): ``run()`` executes it once.
     """
     key_h, key_w = jax.random.split(jax.random.key(0))
     h0 = jax.random.normal(key_h, (members, rows, width), jnp.float32)
@@ -63,8 +66,13 @@ def matmul_ceiling(members: int, rows: int, width: int, dtype, repeats: int, cha
             return jnp.einsum("emk,ekn->emn", h.astype(dtype), w, preferred_element_type=jnp.float32)
         return jax.lax.fori_loop(0, chain, body, h)
 
-    seconds = statistics.median(timed(lambda: run(h0), repeats))
-    return chain * 2 * members * rows * width * width / seconds / 1e9
+    return (lambda: run(h0)), chain * 2 * members * rows * width * width
+
+
+def seconds_of(fn) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - start
 
 
 def main(argv=None) -> int:
@@ -100,8 +108,21 @@ def main(argv=None) -> int:
     compiled = planner.plan_jit.lower(jax.random.key(0), model, obs, warm, kappa).compile()
     compile_seconds = time.perf_counter() - start
 
+    rows = pcfg.popsize * pcfg.particles // dyn.ensemble_size
+    width = cfg.model.hidden_sizes[0]
+    chains = {name: make_matmul_chain(dyn.ensemble_size, rows, width, dtype)
+              for name, dtype in (("f32", jnp.float32), ("bf16", jnp.bfloat16))}
+    # plans and ceiling measurements interleaved, so that load from other processes hits both alike
     keys = iter(jax.random.split(jax.random.key(1), args.repeats + 1))
-    seconds = timed(lambda: compiled(next(keys), model, obs, warm, kappa), args.repeats)
+    plan = lambda: compiled(next(keys), model, obs, warm, kappa)  # noqa: E731
+    jax.block_until_ready(plan())
+    for run, _ in chains.values():
+        jax.block_until_ready(run())
+    seconds, ceiling_seconds = [], {name: [] for name in chains}
+    for _ in range(args.repeats):
+        seconds.append(seconds_of(plan))
+        for name, (run, _) in chains.items():
+            ceiling_seconds[name].append(min(seconds_of(run) for _ in range(3)))
     _, _, diag = compiled(jax.random.key(2), model, obs, warm, kappa)
 
     layer_sizes = [obs_dim + action_dim, *cfg.model.hidden_sizes, 2 * (obs_dim + 2)]
@@ -111,10 +132,8 @@ def main(argv=None) -> int:
     gflop = forward_flops(layer_sizes) * rows_per_iteration * int(diag.iterations) / 1e9
     median = statistics.median(seconds)
     achieved = gflop / median
-    rows = pcfg.popsize * pcfg.particles // dyn.ensemble_size
-    width = cfg.model.hidden_sizes[0]
-    ceiling_f32 = matmul_ceiling(dyn.ensemble_size, rows, width, jnp.float32, args.repeats)
-    ceiling_bf16 = matmul_ceiling(dyn.ensemble_size, rows, width, jnp.bfloat16, args.repeats)
+    ceiling_f32, ceiling_bf16 = (chains[name][1] / statistics.median(ceiling_seconds[name]) / 1e9
+                                 for name in ("f32", "bf16"))
     ceiling = ceiling_bf16 if matmul_dtype == "bfloat16" else ceiling_f32
     result = {
         "plan_seconds_median": median,

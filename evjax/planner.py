@@ -145,8 +145,10 @@ def make_planner(
        N candidates a = clip(mu + sqrt(v) * z, lb, ub) with z a standard normal
        truncated at +-``truncation_sigma``;
     3. each candidate is rolled out with P particles through the ensemble
-       (trajectory sampling: particle j of a candidate always follows member
-       j mod E, P/E particles per member), states clipped to +-``state_clip``:
+       (trajectory sampling: P/E of a candidate's particles follow each member,
+       every particle the same member at every step; the batch is member-major,
+       row e of [E, N * P/E] holds member e's particles, candidate-major within),
+       states clipped to +-``state_clip``:
        R_n = mean_p sum_t r_{n,p,t},
        C_n = (mean_p sum_t c_{n,p,t} + kappa * sum_t u_{n,t}) * (1 - gamma^H) / (1 - gamma) / H;
        a non-finite R_n becomes ``nan_reward``, a non-finite C_n ``nan_cost``;

@@ -222,10 +222,23 @@ class TestJitAgreement(chex.TestCase):
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_jitted_and_unjitted_agree(self):
+        self._check_agreement(self.variant)
+
+    def test_disable_jit_agrees(self):
+        """Every loop (CEM iterations, horizon scan) run in Python, op by op."""
+        def run_without_jit(fn):
+            def run(*args):
+                with jax.disable_jit():
+                    return fn(*args)
+            return run
+
+        self._check_agreement(run_without_jit)
+
+    def _check_agreement(self, variant):
         cfg = dataclasses.replace(SMALL, popsize=40, num_elites=8, iterations=2, horizon=2, cost_limit=0.05)
         step = functools.partial(bowl_step, cost_fn=lambda a: jnp.maximum(0.0, a[..., 0] - 1.25), std_value=0.01)
         planner = make_planner(cfg, LOWER, UPPER, MEMBERS, step)
-        plan = self.variant(planner.plan_fn)
+        plan = variant(planner.plan_fn)
         args = (jax.random.key(3), {"target": jnp.asarray(TARGET, jnp.float32)}, jnp.zeros(STATE_DIM),
                 planner.initial_warm_start(), jnp.float32(0.5))
         action, warm, diag = plan(*args)
