@@ -175,12 +175,12 @@ class PlannerConfig:
     truncation_sigma: float = 3.0  # normal samples are truncated at +-this many sigma
     smoothing: float = 0.1  # new = smoothing * old + (1 - smoothing) * elite statistic
     gamma: float = 0.99  # discount for the predicted cost
-    cost_limit: float = 0.5  # a candidate is feasible if its mean predicted episode cost <= this
-    uncertainty: Literal["max_std_norm", "disagreement"] = "max_std_norm"  # CAP uncertainty estimate u
+    cost_limit: float = 2.5  # feasible if scaled predicted cost + kappa * u over the horizon <= this (README, "Calibration")
+    uncertainty: Literal["cost_std", "max_std_norm", "disagreement"] = "cost_std"  # CAP uncertainty u (planner.py)
     kappa_init: float = 19.0  # kappa0, initial CAP multiplier
     kappa_lr: float = 0.01  # Adam step size of kappa
     learn_kappa: bool = True  # adapt kappa after every episode
-    permissible_episode_cost: float = 0.5  # C_perm in the kappa update
+    permissible_episode_cost: float = 0.1  # C_perm in the kappa update (README, "Calibration")
     state_clip: float = 2500.0  # predicted states are clipped to +-this
     nan_reward: float = -1e6  # reward given to a non-finite rollout
     nan_cost: float = 1e6  # cost given to a non-finite rollout
@@ -195,7 +195,7 @@ class TrainingConfig:
     seed: int = 0  # seeds the environment, model and planner
     epochs: int = 50  # episodes of training
     model_train_freq: int = 12  # refit the model on all data every this many steps
-    best_cost_threshold: float = 3.6  # "best" checkpoint only among episodes with cost <= this
+    best_cost_threshold: float = 0.2  # "best" checkpoint only among episodes with cost <= this (SPEC: 3.6, README)
     run_root: str = "runs"  # parent of timestamped run directories
 
 

@@ -32,7 +32,7 @@ import numpy as np
 from evjax.config import PlannerConfig
 
 MODES = ("cap", "ccem", "unconstrained")
-UNCERTAINTIES = ("max_std_norm", "disagreement")
+UNCERTAINTIES = ("cost_std", "max_std_norm", "disagreement")
 
 
 class CandidateValues(NamedTuple):
@@ -166,7 +166,13 @@ def make_planner(
     forward passes (evaluating all E members at every particle's state would
     multiply the rollout cost by E):
 
-    * ``max_std_norm`` (default): u_{n,t} = max over the candidate's P particles
+    * ``cost_std`` (default): u_{n,t} = the largest predicted std of the step cost
+      over the candidate's P particles (so across members, each on its own
+      particles), in cost units. kappa is then dimensionless and kappa * u is an
+      upper confidence margin on the predicted cost, of the same scale as the
+      cost limit; the norms below mix EV counts and prices into a cost and make
+      kappa0 = 19 dwarf any cost limit (README, "Planner");
+    * ``max_std_norm``: u_{n,t} = max over the candidate's P particles
       (so across members, each on its own particles) of the Euclidean norm of the
       predicted std vector ``std`` [D] (obs-delta, reward and cost dims, in the
       model's output units). This is the CAP paper's "largest predicted-std norm
@@ -236,6 +242,9 @@ def make_planner(
 
     def uncertainty(out, num_cand: int) -> jax.Array:
         """Per-candidate uncertainty u [N] of one model step (see ``make_planner``)."""
+        if cfg.uncertainty == "cost_std":
+            cost_std = out.std[..., -1]  # [E, M]
+            return cost_std.reshape(num_members, num_cand, particles_per_member).max(axis=(0, 2))
         if cfg.uncertainty == "max_std_norm":
             squared_norm = jnp.sum(jnp.square(out.std), axis=-1)  # [E, M]
             return jnp.sqrt(squared_norm.reshape(num_members, num_cand, particles_per_member).max(axis=(0, 2)))

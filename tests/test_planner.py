@@ -27,7 +27,7 @@ MEMBERS = 5
 STATE_DIM = 4
 TOLERANCE = 0.02  # CNY/kWh; 7-10 % of a price range, what 8 iterations of 200 candidates reach on a 9-dim bowl
 # A small problem that CEM solves reliably: horizon 3, 200 candidates, 20 elites, 8 iterations.
-SMALL = PlannerConfig(horizon=3, popsize=200, num_elites=20, particles=5, iterations=8)
+SMALL = PlannerConfig(horizon=3, popsize=200, num_elites=20, particles=5, iterations=8, uncertainty="max_std_norm")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -110,6 +110,22 @@ def test_cap_penalty_is_kappa_times_summed_uncertainty():
     np.testing.assert_allclose(float(diag.elite_cost), expected, rtol=1e-5)
     _, _, diag_ccem = plan_once(dataclasses.replace(SMALL, mode="ccem"), step, kappa=kappa)
     assert float(diag_ccem.uncertainty_penalty) == 0.0 and float(diag_ccem.elite_cost) == 0.0
+
+
+def test_cost_std_uncertainty_is_the_largest_cost_std_over_particles():
+    """u = largest predicted cost std among a candidate's particles: member e predicts cost std 0.1 * (e + 1)."""
+    def step(model, obs, act, key):
+        out = bowl_step(model, obs, act, key)
+        member = jnp.arange(obs.shape[0], dtype=jnp.float32)[:, None]
+        cost_std = jnp.broadcast_to(0.1 * (member + 1.0), out.reward.shape)
+        return out._replace(std=out.std.at[..., -1].set(cost_std).at[..., :-1].set(5.0))
+
+    kappa = 0.7
+    cfg = dataclasses.replace(SMALL, uncertainty="cost_std")
+    _, _, diag = plan_once(cfg, step, kappa=kappa)
+    largest = 0.1 * MEMBERS  # the last member's std; the other dims' std of 5 plays no part
+    expected = kappa * SMALL.horizon * largest * cost_scale(SMALL.gamma, SMALL.horizon)
+    np.testing.assert_allclose(float(diag.uncertainty_penalty), expected, rtol=1e-5)
 
 
 def test_cap_penalty_pushes_away_from_uncertain_actions():
