@@ -26,33 +26,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common import make_matmul_chain, timed
 from evjax.config import Config
 from evjax.dynamics import make_dynamics
 
 
-def timed(fn, repeats: int) -> list[float]:
-    """Wall seconds of ``repeats`` calls of ``fn`` (results blocked on), after one warm-up call."""
-    jax.block_until_ready(fn())
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        seconds.append(time.perf_counter() - start)
-    return seconds
-
-
-def matmul_ceiling(members: int, rows: int, width: int, repeats: int, chain: int = 16) -> float:
-    """GFLOP/s of ``chain`` dependent float32 batched matmuls [E, rows, width] x [E, width, width]."""
-    key_h, key_w = jax.random.split(jax.random.key(0))
-    h0 = jax.random.normal(key_h, (members, rows, width), jnp.float32)
-    w = jax.random.normal(key_w, (members, width, width), jnp.float32) / np.sqrt(width)
-
-    @jax.jit
-    def run(h):
-        return jax.lax.fori_loop(0, chain, lambda _, h: jnp.einsum("emk,ekn->emn", h, w), h)
-
-    seconds = statistics.median(timed(lambda: run(h0), repeats))
-    return chain * 2 * members * rows * width * width / seconds / 1e9
+def matmul_ceiling(members: int, rows: int, width: int, repeats: int) -> float:
+    """GFLOP/s of dependent float32 batched matmuls [E, rows, width] x [E, width, width] (the hidden layers' shape)."""
+    run, flops = make_matmul_chain(members, rows, width, jnp.float32, chain=16)
+    return flops / statistics.median(timed(run, repeats)) / 1e9
 
 
 def synthetic_transitions(num_rows: int, obs_dim: int, action_dim: int, seed: int = 0):

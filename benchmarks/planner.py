@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common import make_matmul_chain, timed
 from evjax.config import Config
 from evjax.dynamics import make_dynamics
 from evjax.planner import make_model_planner, make_planner
@@ -37,36 +38,6 @@ from evjax.planner import make_model_planner, make_planner
 def forward_flops(layer_sizes: list[int]) -> int:
     """Multiply-adds x 2 of one forward pass of one sample through the dense layers."""
     return 2 * sum(a * b for a, b in zip(layer_sizes[:-1], layer_sizes[1:]))
-
-
-def timed(fn, repeats: int) -> list[float]:  # used by --breakdown
-    """Wall seconds of ``repeats`` calls of ``fn`` (results blocked on), after one warm-up call."""
-    jax.block_until_ready(fn())
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        seconds.append(time.perf_counter() - start)
-    return seconds
-
-
-def make_matmul_chain(members: int, rows: int, width: int, dtype, chain: int = 8):
-    """A compiled program of ``chain`` dependent batched matmuls [E, rows, width] x [E, width, width].
-
-    Inputs are cast to ``dtype`` each time with float32 accumulation, as in the
-    model's hidden layers. Returns (run, flops): ``run()`` executes it once.
-    """
-    key_h, key_w = jax.random.split(jax.random.key(0))
-    h0 = jax.random.normal(key_h, (members, rows, width), jnp.float32)
-    w = (jax.random.normal(key_w, (members, width, width), jnp.float32) / np.sqrt(width)).astype(dtype)
-
-    @jax.jit
-    def run(h):
-        def body(_, h):
-            return jnp.einsum("emk,ekn->emn", h.astype(dtype), w, preferred_element_type=jnp.float32)
-        return jax.lax.fori_loop(0, chain, body, h)
-
-    return (lambda: run(h0)), chain * 2 * members * rows * width * width
 
 
 def seconds_of(fn) -> float:

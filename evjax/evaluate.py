@@ -325,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not checkpoint.exists(run_dir, "latest") and not checkpoint.exists(run_dir, "best"):
         raise UserError(f"{run_dir / 'checkpoints'}: no checkpoint found; train first")
     evaluation = user_cfg.evaluation if (args.config is not None or args.overrides) else None
-    summaries = evaluate(run_dir, evaluation, args.split, args.days, plots=not args.no_plots,
+    evaluate(run_dir, evaluation, args.split, args.days, plots=not args.no_plots,
                          progress=not args.no_progress)
     print((run_dir / "eval" / "metrics.md").read_text())
     return 0

@@ -3,7 +3,6 @@
 import dataclasses
 import functools
 import json
-import os
 import subprocess
 import sys
 import textwrap
