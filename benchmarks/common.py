@@ -1,0 +1,39 @@
+"""Timing helpers shared by the benchmark scripts: blocked wall times and the machine's matmul ceiling."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def timed(fn, repeats: int) -> list[float]:
+    """Wall seconds of ``repeats`` calls of ``fn`` (results blocked on), after one warm-up call."""
+    jax.block_until_ready(fn())
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def make_matmul_chain(members: int, rows: int, width: int, dtype, chain: int = 8):
+    """A compiled program of ``chain`` dependent batched matmuls [E, rows, width] x [E, width, width].
+
+    Inputs are cast to ``dtype`` each time with float32 accumulation, as in the
+    model's hidden layers. Returns (run, flops): ``run()`` executes it once.
+    """
+    key_h, key_w = jax.random.split(jax.random.key(0))
+    h0 = jax.random.normal(key_h, (members, rows, width), jnp.float32)
+    w = (jax.random.normal(key_w, (members, width, width), jnp.float32) / np.sqrt(width)).astype(dtype)
+
+    @jax.jit
+    def run(h):
+        def body(_, h):
+            return jnp.einsum("emk,ekn->emn", h.astype(dtype), w, preferred_element_type=jnp.float32)
+        return jax.lax.fori_loop(0, chain, body, h)
+
+    return (lambda: run(h0)), chain * 2 * members * rows * width * width
