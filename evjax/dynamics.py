@@ -10,6 +10,11 @@ Each member maps the normalised input (obs, action) through the hidden layers
 obs delta ``next_obs - obs`` (S), the reward and the cost, then the log-variances
 of the Gaussian outputs (S + 2, or S + 1 with a logistic cost head).
 
+``step``, the planner's hot path, evaluates the same network through
+``member_step_forward``: swish as h + h tanh(h) (h = x/2) and the log-variance
+bounds on a [G, M] layout, which XLA CPU runs ~40% faster per plan; training and
+``predict`` use ``member_forward``, the reference that ``step`` is tested against.
+
 Targets are standardised by the training data's mean and std when
 ``model.normalize_targets`` (default): the raw targets differ in scale by orders
 of magnitude (line-loading deltas ~1e-2, EV-count deltas ~10, reward ~1), and
@@ -111,6 +116,20 @@ def soft_bound_logvar(logvar: jax.Array, max_logvar: jax.Array, min_logvar: jax.
     return min_logvar + jax.nn.softplus(logvar - min_logvar)
 
 
+def swish_via_tanh(x: jax.Array) -> jax.Array:
+    """swish(x) = x sigmoid(x), evaluated as h + h tanh(h) with h = x / 2 (the planner's fast path).
+
+    Same function as ``jax.nn.swish`` (sigmoid(x) = (1 + tanh(x/2)) / 2), one
+    tanh instead of an exp and a divide: 10-15% less time for the fused
+    bias + swish + bfloat16 cast on XLA CPU. Rounding differs: the absolute
+    error stays below ~2e-7 * max(1, |x|) (f32 tanh rounding, cancelling in
+    1 + tanh for x << 0), so outputs below ~1e-3 in magnitude (x < -9) lose
+    relative accuracy; far below the bfloat16 rounding of the next matmul's input.
+    """
+    half = 0.5 * x
+    return half * jnp.tanh(half) + half
+
+
 def bucket_rows(num_rows: int, batch_size: int) -> int:
     """Padded dataset size: batch_size times the next power of two of the batch count."""
     batches = max(1, math.ceil(num_rows / batch_size))
@@ -188,6 +207,24 @@ def make_dynamics(model_cfg: ModelConfig, obs_dim: int, action_dim: int) -> Dyna
         out = _dense(h, member_params["head"], dtype)
         mean, raw_logvar = out[:, :output_dim], out[:, output_dim:]
         logvar = soft_bound_logvar(raw_logvar, member_params["max_logvar"], member_params["min_logvar"])
+        return mean, logvar
+
+    def member_step_forward(member_params: dict, x_norm: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+        """``member_forward`` laid out for the planner's hot path: (mean [M, S+2], bounded logvar^T [G, M]).
+
+        Same maths, two changes for XLA CPU: swish as ``swish_via_tanh``, and
+        the log-variances transposed to [G, M] before the soft bound. With G
+        (11 at the defaults) as the minor dimension, the fused nested softplus
+        (4 transcendental functions per element, 5 with the std's exp) is not
+        vectorised and took ~30% of a plan; with M minor it is ~5x faster.
+        """
+        h = x_norm
+        for name in layer_names[:-1]:
+            h = swish_via_tanh(_dense(h, member_params[name], dtype))
+        out = _dense(h, member_params["head"], dtype)  # [M, S+2+G]: one matmul, head kept row-major
+        mean, raw_logvar = out[:, :output_dim], out[:, output_dim:].T
+        logvar = soft_bound_logvar(raw_logvar, member_params["max_logvar"][:, None],
+                                   member_params["min_logvar"][:, None])
         return mean, logvar
 
     def member_nll(member_params: dict, x_norm: jax.Array, y_norm: jax.Array, weight: jax.Array) -> jax.Array:
@@ -393,9 +430,12 @@ def make_dynamics(model_cfg: ModelConfig, obs_dim: int, action_dim: int) -> Dyna
                    else np.asarray(value) for name, value in metrics.items()}
         return state, metrics
 
-    def decode(state: ModelState, obs: jax.Array, mean: jax.Array, logvar: jax.Array, noise: Optional[jax.Array]):
-        """Raw-unit Prediction from target-unit member outputs; noise [..., S+2] or None for the mean."""
-        std = jnp.exp(0.5 * logvar) * state.target_std[:num_gaussian]
+    def decode(state: ModelState, obs: jax.Array, mean: jax.Array, std: jax.Array, noise: Optional[jax.Array]):
+        """Raw-unit Prediction from target-unit means [..., S+2] and raw-unit stds [..., G].
+
+        std = exp(logvar / 2) * target_std is computed by the caller (``predict``
+        and ``step`` lay it out differently); noise [..., S+2] or None for the mean.
+        """
         if cfg.binary_cost:
             std = jnp.concatenate([std, jnp.zeros(std.shape[:-1] + (1,))], axis=-1)
             mean = mean * state.target_std + state.target_mean
@@ -429,8 +469,9 @@ def make_dynamics(model_cfg: ModelConfig, obs_dim: int, action_dim: int) -> Dyna
         pick = member[None, :, None].astype(jnp.int32)
         mean = jnp.take_along_axis(mean, pick, axis=0)[0]  # [B, S+2]
         logvar = jnp.take_along_axis(logvar, pick, axis=0)[0]  # [B, G]
+        std = jnp.exp(0.5 * logvar) * state.target_std[:num_gaussian]
         noise = None if mean_only else jax.random.normal(key, (batch, output_dim))
-        return decode(state, obs, mean, logvar, noise)
+        return decode(state, obs, mean, std, noise)
 
     def step(state: ModelState, obs: jax.Array, act: jax.Array, key: Optional[jax.Array],
              *, matmul_dtype: str = "float32", mean_only: bool = False) -> Prediction:
@@ -441,6 +482,10 @@ def make_dynamics(model_cfg: ModelConfig, obs_dim: int, action_dim: int) -> Dyna
         activations, log-variance bounds and noise in float32. Noise is drawn as
         [E, M, S+2] from ``key``, the same numbers ``predict`` draws for the
         flattened batch [E*M] with ``member = repeat(arange(E), M)``.
+
+        Evaluated by ``member_step_forward`` (tanh-form swish, log-variance
+        bounds and std on [E, G, M], transposed back to [E, M, G]): the same
+        outputs as ``predict`` to float32 rounding, ~40% less time per plan.
         """
         dtype = check_dtype(matmul_dtype)
         members, samples = obs.shape[:2]
@@ -448,9 +493,11 @@ def make_dynamics(model_cfg: ModelConfig, obs_dim: int, action_dim: int) -> Dyna
         chex.assert_shape(act, (members, samples, action_dim))  # [E, M, A]
         chex.assert_tree_shape_prefix(state.params, (members,))
         x_norm = (jnp.concatenate([obs, act], axis=-1) - state.norm_mean) / state.norm_std
-        mean, logvar = jax.vmap(member_forward, in_axes=(0, 0, None))(state.params, x_norm, dtype)  # [E, M, .]
+        forward = jax.vmap(member_step_forward, in_axes=(0, 0, None))
+        mean, logvar_t = forward(state.params, x_norm, dtype)  # [E, M, S+2], [E, G, M]
+        std = jnp.swapaxes(jnp.exp(0.5 * logvar_t) * state.target_std[:num_gaussian, None], 1, 2)  # [E, M, G]
         noise = None if mean_only else jax.random.normal(key, (members, samples, output_dim))
-        return decode(state, obs, mean, logvar, noise)
+        return decode(state, obs, mean, std, noise)
 
     def select_elites(state: ModelState) -> ModelState:
         """State holding only the elite members, in elite order (identity without a holdout).

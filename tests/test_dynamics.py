@@ -11,7 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from evjax.config import ModelConfig
-from evjax.dynamics import ModelState, bucket_rows, gaussian_nll, make_dynamics, soft_bound_logvar
+from evjax.dynamics import ModelState, bucket_rows, gaussian_nll, make_dynamics, soft_bound_logvar, swish_via_tanh
 
 OBS_DIM, ACTION_DIM = 3, 2
 SMALL = dict(hidden_sizes=(32, 32), weight_decays=(1e-5, 1e-5, 1e-5), batch_size=32, learning_rate=3e-3)
@@ -212,6 +212,53 @@ def test_step_equals_predict_with_matching_members(fitted):
     sampled = dyn.predict(state, obs, act, jax.random.key(4), member)
     mean = dyn.predict(state, obs, act, None, member, mean_only=True)
     assert not np.allclose(sampled.reward, mean.reward)
+
+
+def test_swish_via_tanh_is_swish_to_float32_rounding():
+    """h + h tanh(h), h = x/2, against x / (1 + e^-x) in float64: error within ~2 ulp of max(1, |x|)."""
+    x = np.linspace(-30.0, 30.0, 60001, dtype=np.float32)
+    want = x.astype(np.float64) / (1.0 + np.exp(-x.astype(np.float64)))
+    got = np.asarray(swish_via_tanh(jnp.asarray(x)), np.float64)
+    assert np.all(np.abs(got - want) <= 3e-7 * np.maximum(1.0, np.abs(x)))
+    assert float(swish_via_tanh(jnp.float32(1.0))) == pytest.approx(1.0 / (1.0 + math.exp(-1.0)), rel=1e-6)
+    assert float(swish_via_tanh(jnp.float32(0.0))) == 0.0
+
+
+@pytest.mark.parametrize("binary_cost", [False, True])
+def test_step_fast_path_matches_predict(fitted, binary_cost):
+    """``step`` (tanh swish, log-variances on [E, G, M]) against the reference ``predict`` on 5 x 40 rows.
+
+    Per-dimension target stats and log-variance bounds all differ, so a wrong
+    transpose or broadcast of the [G, M] layout shows up as an O(1) error.
+    """
+    dyn, state, _ = fitted
+    if binary_cost:
+        dyn = make_dynamics(small_config(binary_cost=True), OBS_DIM, ACTION_DIM)
+        fresh = dyn.init(jax.random.key(5))
+        keys = iter(jax.random.split(jax.random.key(6), 8))
+        params = jax.tree.map(lambda leaf: leaf + 0.3 * jax.random.normal(next(keys), leaf.shape), fresh.params)
+        state = fresh.replace(params=params, target_mean=state.target_mean.at[-1].set(0.0),
+                              target_std=state.target_std.at[-1].set(1.0))
+    num_gaussian = state.params["max_logvar"].shape[1]
+    assert len(set(np.round(np.asarray(state.target_std)[:num_gaussian], 6))) == num_gaussian
+    assert len(set(np.round(np.asarray(state.params["max_logvar"]).ravel(), 6))) == 5 * num_gaussian
+    obs, act, *_ = transitions(5 * 40, seed=13)
+    member = jnp.repeat(jnp.arange(5), 40)
+    scale = np.asarray(state.target_std)  # [S+2]
+    for dtype in ("float32", "bfloat16"):
+        for mean_only in (True, False):
+            key = jax.random.key(8)
+            want = dyn.predict(state, obs, act, key, member, matmul_dtype=dtype, mean_only=mean_only)
+            got = dyn.step(state, obs.reshape(5, 40, OBS_DIM), act.reshape(5, 40, ACTION_DIM), key,
+                           matmul_dtype=dtype, mean_only=mean_only)
+            for name, g, w, unit in zip(got._fields, got, want, (scale[:OBS_DIM], scale[OBS_DIM], scale[-1], scale)):
+                g, w = np.asarray(g).reshape(np.shape(w)), np.asarray(w)
+                if dtype == "float32":  # float32 rounding only
+                    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=name)
+                else:  # at most a flipped bfloat16 rounding somewhere: far below a target std
+                    assert np.max(np.abs(g - w) / unit) < 5e-3, name
+    if binary_cost:
+        assert np.all(np.asarray(got.std[..., -1]) == 0.0) and np.all((got.cost > 0.0) & (got.cost < 1.0))
 
 
 def test_bfloat16_step_close_to_float32(fitted):
