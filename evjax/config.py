@@ -185,6 +185,7 @@ class PlannerConfig:
     nan_reward: float = -1e6  # reward given to a non-finite rollout
     nan_cost: float = 1e6  # cost given to a non-finite rollout
     matmul_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # input dtype of the ensemble matmuls (f32 accumulation)
+    scan_unroll: int = 0  # horizon-scan unroll factor; 0 = auto (full on GPU/TPU, none on CPU)
     mode: Literal["cap", "ccem", "unconstrained"] = "cap"  # cap: cost + kappa*u; ccem: cost limit, no penalty; unconstrained: rewards only
 
 
@@ -362,6 +363,8 @@ def validate(cfg: Config) -> None:
         _fail("env.start_hour", f"must lie in [0, 24), got {cfg.env.start_hour}")
     if cfg.model.min_logvar_init >= cfg.model.max_logvar_init:
         _fail("model.min_logvar_init", "must be below model.max_logvar_init")
+    if cfg.planner.scan_unroll < 0:
+        _fail("planner.scan_unroll", f"must be >= 0, got {cfg.planner.scan_unroll}")
     if cfg.planner.cost_limit < 0 or cfg.planner.permissible_episode_cost < 0 or cfg.planner.kappa_init < 0:
         _fail("planner.cost_limit", "cost_limit, permissible_episode_cost and kappa_init must be non-negative")
     if cfg.evaluation.oracle_horizon > cfg.env.episode_steps:
