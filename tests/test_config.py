@@ -56,6 +56,8 @@ def test_spec_constants_are_defaults():
     ("carbon.station_dg_shares=[0.7, 1.2, 0.5]", "carbon.station_dg_shares"),
     ("carbon.method=average", "carbon.method"),
     ("planner.cost_limit=.nan", "planner.cost_limit"),
+    ("planner.scan_unroll=-1", "planner.scan_unroll"),
+    ("planner.uncertainty=entropy", "planner.uncertainty"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(C.ConfigError, match=key.replace(".", r"\.")):
