@@ -158,6 +158,7 @@ def make_policies(cfg: Config, parts, model, trained_kappa: float) -> dict:
     return policies
 
 
+ARRAY_FIELDS = ("price", "evs_present", "line_loading")
 STEP_FIELDS = ("method", "day", "date", "step", "price", "evs_present", "line_loading", "carbon_intensity", "welfare",
                "cost", "unserved", "min_voltage_pu", "plan_ms")
 
@@ -242,13 +243,27 @@ def write_steps(out: Path, per_method: dict[str, list[dict]]) -> None:
                                             else r[k] for k in STEP_FIELDS[1:]])
 
 
-def _load_trained(run_dir: Path):
+def read_steps(path: Path) -> dict[str, list[dict]]:
+    """Per-method step rows from a ``steps.csv`` written by ``write_steps`` (arrays restored)."""
+    per_method: dict[str, list[dict]] = {}
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            parsed = {k: np.array([float(x) for x in v.split()]) if k in ARRAY_FIELDS else v for k, v in row.items()}
+            for k in ("day", "step", "unserved"):
+                parsed[k] = int(parsed[k])
+            for k in ("carbon_intensity", "welfare", "cost", "min_voltage_pu", "plan_ms"):
+                parsed[k] = float(parsed[k])
+            per_method.setdefault(parsed.pop("method"), []).append(parsed)
+    return per_method
+
+
+def _load_trained(run_dir: Path, which: str = "best"):
     """Config, run parts and restored state of the best (else latest) checkpoint, from the checkpoint alone."""
     from evjax.train import Trainer
 
-    kind = "best" if checkpoint.exists(run_dir, "best") else "latest"
-    note = ("" if kind == "best" else
-            "No episode met training.best_cost_threshold; evaluating the latest checkpoint instead of best.")
+    kind = "best" if which == "best" and checkpoint.exists(run_dir, "best") else "latest"
+    note = ("No episode met training.best_cost_threshold; evaluating the latest checkpoint instead of best."
+            if kind != which else "")
     meta, cfg = checkpoint.restore_meta(run_dir, kind)
     trainer = Trainer(cfg, run_dir, metrics=False)
     trainer.state = checkpoint.restore(run_dir, kind, trainer.state)
@@ -257,7 +272,8 @@ def _load_trained(run_dir: Path):
 
 
 def evaluate(run_dir: Path, evaluation: EvaluationConfig | None = None, split: str | None = None,
-             days: int | None = None, plots: bool = True, progress: bool = True) -> list[dict]:
+             days: int | None = None, plots: bool = True, progress: bool = True,
+             which: str = "best") -> list[dict]:
     """Run every method on the same days and seeds; write tables and plots under ``run_dir/eval``.
 
     ``evaluation`` replaces the checkpoint's evaluation section; the rest of the
@@ -268,7 +284,7 @@ def evaluate(run_dir: Path, evaluation: EvaluationConfig | None = None, split: s
     from evjax.data.scenarios import num_days
 
     run_dir = Path(run_dir)
-    cfg, trainer, kind, epoch, note = _load_trained(run_dir)
+    cfg, trainer, kind, epoch, note = _load_trained(run_dir, which)
     evaluation = evaluation if evaluation is not None else cfg.evaluation
     changes = {k: v for k, v in (("split", split), ("days", days)) if v is not None}
     cfg = dataclasses.replace(cfg, evaluation=dataclasses.replace(evaluation, **changes))
@@ -291,7 +307,7 @@ def evaluate(run_dir: Path, evaluation: EvaluationConfig | None = None, split: s
             bar.update()
         per_method[method] = rows
     bar.close()
-    out = run_dir / "eval"
+    out = run_dir / ("eval" if which == "best" else f"eval_{which}")
     out.mkdir(parents=True, exist_ok=True)
     summaries = [summarise(m, rows, cfg) for m, rows in per_method.items()]
     header = (f"Checkpoint '{kind}' (epoch {epoch}, kappa {trained_kappa:.3f}); {len(day_ids)} {cfg.evaluation.split} "
@@ -311,7 +327,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--run-dir", metavar="DIR", required=True, help="run directory written by evjax.train")
     parser.add_argument("--split", choices=("train", "test"), help="days to evaluate on (default: evaluation.split)")
     parser.add_argument("--days", type=int, help="number of days (default: evaluation.days)")
+    parser.add_argument("--checkpoint", choices=("best", "latest"), default="best",
+                        help="which checkpoint to evaluate (default best; results of latest go to eval_latest/)")
     parser.add_argument("--no-plots", action="store_true", help="tables only")
+    parser.add_argument("--plots-only", action="store_true", help="redraw the plots from an existing steps.csv")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     user_cfg = load(args.config, args.overrides)
@@ -325,9 +344,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not checkpoint.exists(run_dir, "latest") and not checkpoint.exists(run_dir, "best"):
         raise UserError(f"{run_dir / 'checkpoints'}: no checkpoint found; train first")
     evaluation = user_cfg.evaluation if (args.config is not None or args.overrides) else None
-    evaluate(run_dir, evaluation, args.split, args.days, plots=not args.no_plots,
-                         progress=not args.no_progress)
-    print((run_dir / "eval" / "metrics.md").read_text())
+    out = run_dir / ("eval" if args.checkpoint == "best" else "eval_latest")
+    if args.plots_only:
+        if not (out / "steps.csv").is_file():
+            raise UserError(f"{out / 'steps.csv'}: not found; run the evaluation first")
+        from evjax import plots as plotting
+
+        cfg = checkpoint.restore_meta(run_dir, "latest")[1]
+        plotting.evaluation_plots(out, read_steps(out / "steps.csv"), cfg)
+        plotting.training_curves(run_dir / "metrics.csv", out / "training_curves.png", cfg)
+        print(f"plots redrawn in {out}")
+        return 0
+    evaluate(run_dir, evaluation, args.split, args.days, plots=not args.no_plots, progress=not args.no_progress,
+             which=args.checkpoint)
+    print((out / "metrics.md").read_text())
     return 0
 
 

@@ -14,16 +14,22 @@ import numpy as np  # noqa: E402
 from evjax.config import Config  # noqa: E402
 
 
-def _first_day(rows: list[dict]) -> list[dict]:
-    day = min(r["day"] for r in rows)
+def busiest_day(per_method: dict[str, list[dict]]) -> int:
+    """The evaluation day with the highest line loading seen by any method: where the constraint matters."""
+    rows = [r for method_rows in per_method.values() for r in method_rows]
+    return max(rows, key=lambda r: float(np.nanmax(r["line_loading"])))["day"]
+
+
+def _day_rows(rows: list[dict], day: int) -> list[dict]:
     return [r for r in rows if r["day"] == day]
 
 
 def _per_station(out: Path, per_method: dict, key: str, ylabel: str, filename: str, cfg: Config, limit=None):
     k = cfg.num_stations
+    day = busiest_day(per_method)
     fig, axes = plt.subplots(1, k, figsize=(4.2 * k, 3.2), sharex=True)
     for method, rows in per_method.items():
-        rows = _first_day(rows)
+        rows = _day_rows(rows, day)
         steps = [r["step"] for r in rows]
         values = np.array([r[key] for r in rows])
         for s in range(k):
@@ -35,6 +41,7 @@ def _per_station(out: Path, per_method: dict, key: str, ylabel: str, filename: s
             axes[s].axhline(limit[s] if np.ndim(limit) else limit, color="k", ls="--", lw=1)
     axes[0].set_ylabel(ylabel)
     axes[-1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{rows[0]['date']} (the evaluation day with the highest line loading)", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / filename, dpi=90)
     plt.close(fig)
@@ -42,13 +49,15 @@ def _per_station(out: Path, per_method: dict, key: str, ylabel: str, filename: s
 
 def _scalar(out: Path, per_method: dict, key: str, ylabel: str, filename: str, limit=None):
     fig, ax = plt.subplots(figsize=(6, 3.4))
+    day = busiest_day(per_method)
     for method, rows in per_method.items():
-        rows = _first_day(rows)
+        rows = _day_rows(rows, day)
         ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker=".", label=method)
     if limit is not None:
         ax.axhline(limit, color="k", ls="--", lw=1, label="limit")
     ax.set_xlabel("step (15 min)")
     ax.set_ylabel(ylabel)
+    ax.set_title(f"{rows[0]['date']} (the evaluation day with the highest line loading)", fontsize=9)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(out / filename, dpi=90)
@@ -56,7 +65,7 @@ def _scalar(out: Path, per_method: dict, key: str, ylabel: str, filename: str, l
 
 
 def evaluation_plots(out: Path, per_method: dict[str, list[dict]], cfg: Config) -> list[Path]:
-    """Prices, EVs, line loading vs the limit, carbon intensity vs its limit and welfare, on the first day."""
+    """Prices, EVs, line loading vs the limit, carbon intensity vs its limit and welfare, on the busiest day."""
     _per_station(out, per_method, "price", "posted price (CNY/kWh)", "prices.png", cfg)
     _per_station(out, per_method, "evs_present", "EVs at station", "evs.png", cfg)
     _per_station(out, per_method, "line_loading", "line loading (fraction of rating)", "line_loading.png", cfg,
