@@ -180,7 +180,7 @@ class PlannerConfig:
     kappa_init: float = 19.0  # kappa0, initial CAP multiplier
     kappa_lr: float = 0.01  # Adam step size of kappa
     learn_kappa: bool = True  # adapt kappa after every episode
-    permissible_episode_cost: float = 0.1  # C_perm in the kappa update (README, "Calibration")
+    permissible_episode_cost: float = 0.03  # C_perm in the kappa update (README, "Calibration")
     state_clip: float = 2500.0  # predicted states are clipped to +-this
     nan_reward: float = -1e6  # reward given to a non-finite rollout
     nan_cost: float = 1e6  # cost given to a non-finite rollout
