@@ -218,7 +218,8 @@ def test_planned_sequence_tracks_a_time_varying_optimum():
 def test_early_stop_when_variance_collapses():
     cfg = dataclasses.replace(SMALL, iterations=50, min_variance=1e-4)
     _, _, diag = plan_once(cfg, bowl_step)
-    assert 1 < int(diag.iterations) < 50
+    iterations = int(diag.iterations)
+    assert iterations > 1 and iterations < cfg.iterations  # stopped early, after refitting at least once
 
 
 def test_plan_traces_once():
