@@ -22,6 +22,11 @@ class ConfigError(ValueError):
     """A config file, key or value that cannot be used; the message names it."""
 
 
+EVALUATION_METHODS = (  # the baselines of SPEC 12 and the trained agent, in table order
+    "fixed_mid", "fixed_upper", "random", "cem_unconstrained", "ccem", "cap_fixed_kappa", "cap_adaptive", "oracle",
+)
+
+
 def _tuple(*values):
     return dataclasses.field(default_factory=lambda: tuple(values))
 
@@ -211,9 +216,7 @@ class EvaluationConfig:
     oracle_popsize: int = 24  # candidates per iteration of the simulator-planning oracle
     oracle_iterations: int = 2  # its CEM iterations
     oracle_horizon: int = 3  # its planning horizon (steps)
-    methods: tuple[str, ...] = _tuple(
-        "fixed_mid", "fixed_upper", "random", "cem_unconstrained", "ccem", "cap_fixed_kappa", "cap_adaptive", "oracle"
-    )  # methods to compare
+    methods: tuple[str, ...] = _tuple(*EVALUATION_METHODS)  # methods to compare (SPEC 12)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -369,10 +372,9 @@ def validate(cfg: Config) -> None:
         _fail("planner.cost_limit", "cost_limit, permissible_episode_cost and kappa_init must be non-negative")
     if cfg.evaluation.oracle_horizon > cfg.env.episode_steps:
         _fail("evaluation.oracle_horizon", f"exceeds env.episode_steps ({cfg.env.episode_steps})")
-    known = {"fixed_mid", "fixed_upper", "random", "cem_unconstrained", "ccem", "cap_fixed_kappa", "cap_adaptive", "oracle"}
-    unknown = set(cfg.evaluation.methods) - known
+    unknown = set(cfg.evaluation.methods) - set(EVALUATION_METHODS)
     if unknown:
-        _fail("evaluation.methods", f"unknown method(s) {sorted(unknown)}; choose from {sorted(known)}")
+        _fail("evaluation.methods", f"unknown method(s) {sorted(unknown)}; choose from {list(EVALUATION_METHODS)}")
 
 
 # ------------------------------------------------------------- type checking

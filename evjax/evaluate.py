@@ -21,18 +21,18 @@ import numpy as np
 
 from evjax import checkpoint
 from evjax.cli import UserError, make_parser, run
-from evjax.config import Config, ConfigError, EvaluationConfig, load
+from evjax.config import EVALUATION_METHODS, Config, ConfigError, EvaluationConfig, load
 
-METHOD_LABELS = {
-    "fixed_mid": "fixed mid-range prices",
-    "fixed_upper": "fixed upper-bound prices",
-    "random": "uniform random prices",
-    "cem_unconstrained": "CEM, rewards only",
-    "ccem": "constrained CEM, no penalty (CCEM)",
-    "cap_fixed_kappa": "CAP, fixed kappa",
-    "cap_adaptive": "CAP, adaptive kappa (trained agent)",
-    "oracle": "oracle: CEM on the true simulator",
-}
+METHOD_LABELS = dict(zip(EVALUATION_METHODS, (
+    "fixed mid-range prices",
+    "fixed upper-bound prices",
+    "uniform random prices",
+    "CEM, rewards only",
+    "constrained CEM, no penalty (CCEM)",
+    "CAP, fixed kappa",
+    "CAP, adaptive kappa (trained agent)",
+    "oracle: CEM on the true simulator",
+), strict=True))
 PLANNER_MODES = {"cem_unconstrained": "unconstrained", "ccem": "ccem", "cap_fixed_kappa": "cap", "cap_adaptive": "cap"}
 
 
@@ -138,6 +138,7 @@ def make_policies(cfg: Config, parts, model, trained_kappa: float) -> dict:
     from evjax.planner import make_model_planner
 
     lower, upper = np.asarray(cfg.env.price_lower), np.asarray(cfg.env.price_upper)
+    planners = {}  # one compiled planner per mode; the CAP variants differ only in kappa
     policies = {}
     for method in cfg.evaluation.methods:
         if method == "fixed_mid":
@@ -149,12 +150,12 @@ def make_policies(cfg: Config, parts, model, trained_kappa: float) -> dict:
         elif method == "oracle":
             policies[method] = OraclePolicy(cfg)
         else:
+            mode = PLANNER_MODES[method]
             kappa = {"cap_fixed_kappa": cfg.evaluation.fixed_kappa, "cap_adaptive": trained_kappa}.get(method, 0.0)
-            planner_cfg = dataclasses.replace(cfg.planner, mode=PLANNER_MODES[method], learn_kappa=False,
-                                              kappa_init=kappa)
-            variant = dataclasses.replace(cfg, planner=planner_cfg)
-            agent = Agent(planner_cfg, make_model_planner(variant, parts.dynamics))
-            policies[method] = PlannerPolicy(agent, model)
+            planner_cfg = dataclasses.replace(cfg.planner, mode=mode, learn_kappa=False, kappa_init=kappa)
+            if mode not in planners:
+                planners[mode] = make_model_planner(dataclasses.replace(cfg, planner=planner_cfg), parts.dynamics)
+            policies[method] = PlannerPolicy(Agent(planner_cfg, planners[mode]), model)
     return policies
 
 

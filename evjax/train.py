@@ -95,6 +95,10 @@ class Trainer:
         self.parts.agent.mark_fitted()
         return metrics
 
+    def _planning_model(self):
+        """The members the planner uses (the elites after a holdout fit); None before the first fit."""
+        return self.parts.dynamics.select_elites(self.state["model"]) if self.parts.agent.fitted else None
+
     def run_epoch(self, epoch: int) -> dict:
         """One episode: act, store, refit on schedule; then update kappa and checkpoint."""
         cfg, env, agent = self.cfg, self.parts.env, self.parts.agent
@@ -103,8 +107,8 @@ class Trainer:
         agent.reset_episode()
         episode_reward = episode_cost = 0.0
         plan_seconds, diagnostics, losses = [], [], []
+        model = self._planning_model()
         for _ in range(cfg.env.episode_steps):
-            model = self.parts.dynamics.select_elites(self.state["model"]) if agent.fitted else None
             tic = time.perf_counter()
             action = agent.act(self._next_key(), model, obs)
             if agent.last_diagnostics is not None:
@@ -116,6 +120,7 @@ class Trainer:
             episode_cost += float(info["cost"])
             if int(self.state["buffer"]["size"]) % cfg.training.model_train_freq == 0:
                 losses.append(float(self._fit()["train_loss"]))
+                model = self._planning_model()
             obs = next_obs
             if terminated or truncated:
                 break
