@@ -107,6 +107,25 @@ def system_intensity(load_p_mw: np.ndarray, bus_intensity: np.ndarray) -> float:
     return float(np.sum(load_p_mw[loaded] * bus_intensity[loaded]) / np.sum(load_p_mw[loaded]))
 
 
+def ev_charging_intensity(station_energy_kwh: np.ndarray, station_intensity: np.ndarray) -> tuple[float, float]:
+    """Intensity of the energy the EVs draw and its CO2: (CI_EV kg/MWh, CO2 kg).
+
+    CI_EV = sum_k E_k CI_k / sum_k E_k over the stations k, with CI_k the
+    intensity at the station's bus (the carbon emission flow of Kang et al.,
+    2012, when the bus intensities come from proportional sharing); CO2 =
+    sum_k E_k CI_k / 1000 (kWh x g/kWh). With no EV energy CI_EV is the plain
+    mean of the station intensities (what the next kWh would carry, stations
+    weighted alike) and the CO2 is 0.
+    """
+    energy = np.asarray(station_energy_kwh, dtype=float)  # [K]
+    intensity = np.asarray(station_intensity, dtype=float)  # [K]
+    total = float(energy.sum())
+    if total <= 0.0:
+        return float(intensity.mean()), 0.0
+    emitted = float(np.sum(energy * intensity))
+    return emitted / total, emitted / 1000.0
+
+
 def bus_intensities(
     carbon_cfg: CarbonConfig,
     num_buses: int,

@@ -183,26 +183,31 @@ class Settlement:
     """Money of one step (CNY); [K] arrays are per station."""
 
     energy_kwh: np.ndarray  # [K] EV energy sold
-    revenue: np.ndarray  # [K] sum of energy x locked price
-    purchase_cost: np.ndarray  # [K] energy x CS purchase price
+    revenue: np.ndarray  # [K] sum of energy x locked price: the drivers' payments
+    purchase_cost: np.ndarray  # [K] energy x CS purchase price, paid by the stations to the DSO
     cs_profit: np.ndarray  # [K] revenue - purchase cost
     locked_price: np.ndarray  # [K] energy-weighted mean locked price (NaN where nothing was sold)
     dg_energy_kwh: float  # EV energy supplied by the DG
     grid_energy_kwh: float  # EV energy supplied by the main grid
-    dso_supply_cost: float
-    welfare: float  # total revenue - DSO supply cost
+    dso_supply_cost: float  # what the DSO pays to supply the EV energy
+    dso_profit: float  # stations' purchase payments - DSO supply cost
+
+    @property
+    def operator_margin(self) -> float:
+        """CS profit + DSO profit = revenue - DSO supply cost (the purchase price is a transfer between them)."""
+        return float(self.cs_profit.sum()) + self.dso_profit
 
 
 def settle(
     energy_kwh: np.ndarray, locked_price: np.ndarray, station: np.ndarray, num_stations: int,
     economics: EconomicsConfig, dt_hours: float,
 ) -> Settlement:
-    """Settle a step: revenue at locked prices, station purchase cost, DSO supply cost and welfare.
+    """Settle a step: revenue at locked prices, station purchase cost, DSO supply cost and profit.
 
     R_k = sum_i E_i p_i over EVs i at station k (p_i locked when EV i chose);
-    DSO supply cost of the total EV energy E: the first P_DG dt kWh
-    (``dg_supply_kw`` x dt, energy, not power) at the DG price, the rest at the
-    main-grid price; SW = sum_k R_k - supply cost.
+    the stations buy the energy from the DSO at the CS purchase price; the DSO
+    supplies the total EV energy E with the first P_DG dt kWh (``dg_supply_kw``
+    x dt, energy, not power) at the DG price and the rest at the main-grid price.
     """
     energy = station_totals(energy_kwh, station, num_stations)
     revenue = station_totals(np.asarray(energy_kwh) * np.asarray(locked_price), station, num_stations)
@@ -216,7 +221,64 @@ def settle(
     return Settlement(
         energy_kwh=energy, revenue=revenue, purchase_cost=purchase, cs_profit=revenue - purchase,
         locked_price=mean_locked, dg_energy_kwh=dg_energy, grid_energy_kwh=grid_energy,
-        dso_supply_cost=supply, welfare=float(revenue.sum()) - supply,
+        dso_supply_cost=supply, dso_profit=float(purchase.sum()) - supply,
+    )
+
+
+def money_value_of_time(money_weight: float, value_of_time: float) -> float:
+    """CNY a driver gives up for an hour, on the choice model's own scale: (1 - w) VOT / w.
+
+    The choice minimises w p E + (1 - w) VOT T; dividing by w puts it in CNY,
+    so an hour is worth (1 - w) VOT / w CNY (60 CNY/h at w = 0.5, VOT = 60).
+    """
+    return (1.0 - money_weight) * value_of_time / money_weight
+
+
+@dataclasses.dataclass(frozen=True)
+class Welfare:
+    """Each party's term of one step's social welfare (CNY)."""
+
+    cs_profit: float  # all stations: revenue - purchase cost
+    dso_profit: float  # purchase payments - supply cost
+    users_energy_value: float  # value of the net energy the EVs gained (delivered - consumed on the way)
+    users_payment: float  # what the drivers paid (= station revenue)
+    users_time_cost: float  # value of the time spent driving to and queueing at the stations
+    users_surplus: float  # energy value - payment - time cost
+    carbon_cost: float  # priced EV CO2 (0 unless economics.carbon_price_cny_per_t > 0)
+    welfare: float  # the configured definition (economics.welfare)
+
+
+def social_welfare(
+    settlement: Settlement, net_energy_kwh: float, time_hours: float, ev_co2_kg: float,
+    economics: EconomicsConfig, money_weight: float, value_of_time: float,
+) -> Welfare:
+    """Social welfare of a step by ``economics.welfare`` (SPEC 7).
+
+    ``total_surplus``: SW = CS profit + DSO profit + users' surplus - carbon cost, with
+    users' surplus = v E_net - payments - VOT_money T, v the drivers' value of
+    energy, E_net the energy delivered minus the energy the trips to the stations
+    consumed (so a detour is a loss, not extra energy bought), T the hours spent
+    driving to the station (counted when an EV chooses) and waiting for a charger,
+    VOT_money = (1 - w) VOT / w. Payments cancel: SW = v E_net - supply cost -
+    VOT_money T - carbon cost. ``operator_margin`` (the source's code):
+    SW = revenue - supply cost - carbon cost. Carbon cost = carbon price x EV CO2.
+    """
+    payment = float(settlement.revenue.sum())
+    cs_profit = float(settlement.cs_profit.sum())
+    energy_value = economics.user_value_cny_per_kwh * net_energy_kwh
+    time_cost = money_value_of_time(money_weight, value_of_time) * time_hours if money_weight > 0 else 0.0
+    users = energy_value - payment - time_cost
+    carbon_cost = economics.carbon_price_cny_per_t * ev_co2_kg / 1000.0
+    if economics.welfare == "total_surplus":
+        welfare = cs_profit + settlement.dso_profit + users - carbon_cost
+    elif economics.welfare == "operator_margin":
+        welfare = cs_profit + settlement.dso_profit - carbon_cost
+    else:
+        raise ValueError(f"unknown economics.welfare {economics.welfare!r}")
+    return Welfare(
+        cs_profit=cs_profit, dso_profit=settlement.dso_profit, users_energy_value=energy_value,
+        users_payment=payment, users_time_cost=time_cost, users_surplus=users, carbon_cost=carbon_cost,
+        welfare=welfare,
     )
 
 

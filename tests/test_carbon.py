@@ -126,3 +126,34 @@ def test_cycle_is_rejected():
     with pytest.raises(ValueError, match="cycle"):
         carbon.proportional_sharing(3, np.array([0, 1, 2]), np.array([1, 2, 0]), np.ones(3), -np.ones(3),
                                     np.array([0]), np.array([1.0]), np.array([700.0]))
+
+
+def test_ev_charging_intensity_on_the_three_bus_feeder():
+    net = three_bus_feeder(dg_p_mw=0.25)
+    bus_ci, _ = carbon.from_pandapower(net, CFG.carbon)
+    inflow = -net.res_line.p_to_mw[1]
+    bus2 = (inflow * 700.0 + 0.25 * 900.0) / (inflow + 0.25)
+    # stations at bus 1 (grid-fed, 700) and bus 2 (grid + DG); 30 and 10 kWh drawn
+    ci, co2 = carbon.ev_charging_intensity(np.array([30.0, 10.0]), bus_ci[[1, 2]])
+    assert ci == pytest.approx((30.0 * 700.0 + 10.0 * bus2) / 40.0, rel=1e-12)
+    assert co2 == pytest.approx((30.0 * 700.0 + 10.0 * bus2) / 1000.0, rel=1e-12)  # kWh x g/kWh -> kg
+    # only the grid-fed station charges: exactly the grid's intensity
+    assert carbon.ev_charging_intensity(np.array([5.0, 0.0]), bus_ci[[1, 2]])[0] == pytest.approx(700.0, abs=1e-9)
+    # no EV energy: no CO2, and the measure is the plain mean of the station intensities
+    ci, co2 = carbon.ev_charging_intensity(np.zeros(2), bus_ci[[1, 2]])
+    assert co2 == 0.0 and ci == pytest.approx((700.0 + bus2) / 2.0)
+
+
+def test_moving_ev_load_to_cs3_lowers_the_ev_intensity_not_the_system_one(feeder):
+    dt = CFG.env.dt_hours
+    measures = []
+    for ev_mw in ([0.8, 0.1, 0.1], [0.1, 0.1, 0.8]):  # the same 1 MW of EV load, mostly at CS1 or mostly at CS3
+        result, bus_ci = feeder_intensities(feeder, ev_mw, 1.0)
+        station_ci = bus_ci[list(CFG.grid.station_buses)]
+        ev_ci, _ = carbon.ev_charging_intensity(1000.0 * np.asarray(ev_mw) * dt, station_ci)
+        measures.append((ev_ci, carbon.system_intensity(result.load_p_mw, bus_ci), station_ci))
+    (ev_cs1, system_cs1, station_ci), (ev_cs3, system_cs3, _) = measures
+    assert station_ci[2] == pytest.approx(700.0, abs=1e-9)  # CS3's lateral (bus 1 -> 18 -> 19) is grid-fed
+    assert station_ci[0] > 850.0  # CS1 sits downstream of the coal-fired DG
+    assert ev_cs3 < ev_cs1 - 100.0
+    assert abs(system_cs3 - system_cs1) < 0.01 * system_cs1

@@ -31,13 +31,29 @@ def test_spec_constants_are_defaults():
     cfg = C.Config()
     assert cfg.grid.station_buses == (31, 13, 19) and cfg.grid.monitored_lines == (27, 9, 17)
     assert cfg.grid.line_ratings_ka == (0.156, 0.066, 0.062)
-    assert cfg.carbon.limit == 900.0 and cfg.carbon.grid_intensity == 700.0 and cfg.carbon.dg_intensity == 900.0
+    assert cfg.carbon.grid_intensity == 700.0 and cfg.carbon.dg_intensity == 900.0
     assert cfg.stations.charger_kw * cfg.env.dt_hours == pytest.approx(11.25)
     assert cfg.planner.popsize == 500 and cfg.planner.particles == 30 and cfg.planner.horizon == 12
     assert cfg.obs_dim == 9 and cfg.action_dim == 3
 
 
+def test_new_definitions_are_the_defaults_and_the_source_preset_restores_the_old_ones():
+    cfg = C.Config()
+    assert cfg.economics.welfare == "total_surplus" and cfg.carbon.constraint == "ev_charging"
+    assert cfg.economics.user_value_cny_per_kwh > max(cfg.env.price_upper)
+    assert cfg.economics.carbon_price_cny_per_t == 0.0
+    source = C.load(ROOT / "configs" / "source.yaml")
+    assert source.economics.welfare == "operator_margin"
+    assert (source.carbon.method, source.carbon.constraint, source.carbon.limit) == ("fixed_shares", "system", 785.0)
+    assert source.planner == cfg.planner and source.grid == cfg.grid  # one flag away: nothing else changes
+
+
 @pytest.mark.parametrize("override, key", [
+    ("economics.user_value_cny_per_kwh=1.45", "economics.user_value_cny_per_kwh"),
+    ("economics.carbon_price_cny_per_t=-1", "economics.carbon_price_cny_per_t"),
+    ("economics.welfare=consumer", "economics.welfare"),
+    ("carbon.constraint=ev", "carbon.constraint"),
+    ("stations.money_weight=0", "stations.money_weight"),
     ("planner.popsiz=3", "planner.popsiz"),
     ("nosection.x=1", "nosection"),
     ("planner.popsize=abc", "planner.popsize"),

@@ -12,7 +12,8 @@ from gymnasium.utils.env_checker import check_env
 import evjax  # noqa: F401  (registers evjax/EVPricing-v0)
 from evjax.config import Config
 from evjax.data.scenarios import Scenario
-from evjax.env import EVPricingEnv
+from evjax import env as env_module
+from evjax.env import PRESENT, UNSERVED, CarbonResult, EVPricingEnv
 
 CFG = Config()
 MID = (np.array(CFG.env.price_lower) + np.array(CFG.env.price_upper)) / 2.0
@@ -145,8 +146,17 @@ def test_energy_balance_and_settlement_over_a_real_day():
         total = info["station_energy_kwh"].sum()
         dg = min(total, 900.0 * 0.25)
         assert info["dso_supply_cost"] == pytest.approx(0.3 * dg + 0.5 * (total - dg))
-        assert info["welfare"] == pytest.approx(info["revenue_total"] - info["dso_supply_cost"])
-        np.testing.assert_allclose(info["cs_profit"], info["revenue"] - 0.7 * info["station_energy_kwh"])
+        np.testing.assert_allclose(info["cs_profit_per_station"], info["revenue"] - 0.7 * info["station_energy_kwh"])
+        assert info["cs_profit"] == pytest.approx(info["cs_profit_per_station"].sum())
+        assert info["dso_profit"] == pytest.approx(0.7 * total - info["dso_supply_cost"])
+        # total surplus: payments cancel, leaving value of net energy - supply cost - time cost
+        net_energy = total - info["travel_energy_kwh"]
+        time_cost = 60.0 * (info["travel_time_h"] + info["queue_hours"])
+        assert info["users_time_cost"] == pytest.approx(time_cost)
+        assert info["users_surplus"] == pytest.approx(2.0 * net_energy - info["revenue_total"] - time_cost)
+        assert info["welfare"] == pytest.approx(2.0 * net_energy - info["dso_supply_cost"] - time_cost)
+        assert info["welfare"] == pytest.approx(info["cs_profit"] + info["dso_profit"] + info["users_surplus"])
+        assert info["queue_hours"] == pytest.approx(0.25 * info["queue_length"].sum())
         assert np.all(info["evs_charging"] <= np.array(CFG.stations.chargers))
         assert np.all(info["station_load_kw"] <= 45.0 * np.array(CFG.stations.chargers) + 1e-9)
     state = env.state
@@ -176,7 +186,8 @@ def test_monotone_response_to_own_price():
 
 
 def test_cost_sums_all_lines_and_the_carbon_term():
-    cfg = with_config(grid={"voltage_cost": True}, stations={"chargers": (30, 30, 30)}, carbon={"limit": 785.0})
+    cfg = with_config(grid={"voltage_cost": True}, stations={"chargers": (30, 30, 30)},
+                      carbon={"limit": 700.0, "cost_divisor": 10.0})
     env = EVPricingEnv(cfg)
     # 25 EVs appear at CS2's road node and 25 at CS3's: lines 9 and 17 both overload
     env.reset(seed=0, options={"scenario": hand_scenario([0] * 50, [2] * 25 + [3] * 25, 60.0, 0.2, 0.9)})
@@ -184,10 +195,11 @@ def test_cost_sums_all_lines_and_the_carbon_term():
     loading = info["line_loading"]
     assert loading[1] > 0.9 and loading[2] > 0.9
     line = np.sum(np.maximum(0.0, loading - 0.9))
-    carbon = max(0.0, info["carbon_intensity"] - 785.0) / 10.0
+    assert info["carbon_intensity"] == info["ev_carbon_intensity"]  # the default constrained measure
+    carbon = max(0.0, info["carbon_intensity"] - 700.0) / 10.0
     voltage = max(0.0, 0.95 - info["min_voltage_pu"])
     assert voltage > 0.0
-    assert carbon > 0.0  # the SPEC limit 785 is exceeded (README, "Carbon")
+    assert carbon > 0.0  # CS2's bus draws DG power: the EV energy is dirtier than the grid's 700
     assert info["cost"] == pytest.approx(line + carbon + voltage)
     assert info["cost_line"] == pytest.approx(line)
 
@@ -252,3 +264,116 @@ def test_deepcopy_and_snapshot_replay_identically():
         np.testing.assert_array_equal(a[0], b[0])
         np.testing.assert_array_equal(a[0], c[0])
         assert a[1] == b[1] == c[1] and a[4]["cost"] == b[4]["cost"] == c[4]["cost"]
+
+
+# ----------------------------------------------------------------- stages
+
+
+def test_admit_arrivals_chooses_locks_and_leaves_the_old_state_alone(env):
+    # EVs at the road nodes of CS1 and CS2 (no travel) and one with 0.01 kWh that reaches nothing
+    scenario = hand_scenario([0, 0, 0, 1], [1, 2, 8, 3], [60.0, 60.0, 10.0, 60.0], [0.2, 0.2, 0.001, 0.2], 0.9)
+    env.reset(seed=0, options={"scenario": scenario})
+    before = env.state
+    price = np.array([1.2, 1.4, 1.3])
+    state, admission = env_module.admit_arrivals(before, price, env.travel, CFG)
+    assert admission.new_evs.tolist() == [0, 1, 2]
+    assert admission.choice.tolist() == [0, 1, -1] and admission.unserved == 1
+    assert admission.arrivals.tolist() == [1, 1, 0]
+    assert state.status[:4].tolist() == [PRESENT, PRESENT, UNSERVED, 0]
+    assert state.locked_price[:2].tolist() == [1.2, 1.4]
+    assert state.remaining_kwh[:2] == pytest.approx([42.0, 42.0])  # 60 x (0.9 - 0.2), no travel energy
+    assert admission.travel_time_h == 0.0 and admission.travel_energy_kwh == 0.0
+    assert admission.expected_wait_h.tolist() == [0.0, 0.0, 0.0]
+    assert (before.status == 0).all() and (before.station == -1).all()  # the input state is unchanged
+
+
+def test_charge_and_depart_fifo_queue_hours_and_departures(env):
+    cfg = with_config(stations={"chargers": (1, 16, 24)})
+    env.reset(seed=0, options={"scenario": hand_scenario([0, 0, 0], [1, 1, 2], 60.0, 0.2, 0.9)})
+    state = env.state.copy()
+    state.status[:] = PRESENT
+    state.station[:] = [0, 0, 1]
+    state.join_step[:] = 0
+    state.remaining_kwh[:] = [5.0, 30.0, 20.0]
+    new_state, charging = env_module.charge_and_depart(state, cfg)
+    assert charging.energy_kwh.tolist() == [5.0, 0.0, 11.25]  # EV 1 waits behind EV 0 at the single CS1 charger
+    assert charging.evs_charging.tolist() == [1, 1, 0] and charging.queue_length.tolist() == [1, 0, 0]
+    assert charging.queue_hours == 0.25
+    assert charging.departed_at_target.tolist() == [1, 0, 0]  # EV 0 reached its target
+    assert charging.evs_present.tolist() == [1, 1, 0]
+    assert new_state.remaining_kwh.tolist() == [0.0, 30.0, 8.75] and state.remaining_kwh.tolist() == [5.0, 30.0, 20.0]
+
+
+def test_step_cost_terms_by_hand(env):
+    loading = np.array([0.95, 0.5, 0.92])
+    result = dataclasses.replace(env.grid.reset_result, line_loading=loading, min_voltage_pu=0.93)
+    measures = CarbonResult(np.zeros(33), np.array([890.0, 880.0, 700.0]), 830.0, 870.0, 10.0)
+    charged = np.array([5.0, 0.0, 5.0])
+    cost = env_module.step_cost(result, measures, charged, CFG)
+    assert cost.line == pytest.approx(0.05 + 0.02)
+    assert cost.carbon == pytest.approx((870.0 - 850.0) / 850.0) and cost.voltage == 0.0
+    assert cost.total == pytest.approx(0.07 + 20.0 / 850.0)
+    assert env_module.step_cost(result, measures, np.zeros(3), CFG).carbon == 0.0  # no EV energy, no carbon cost
+    system = with_config(carbon={"constraint": "system", "limit": 820.0}, grid={"voltage_cost": True})
+    cost = env_module.step_cost(result, measures, np.zeros(3), system)
+    assert cost.carbon == pytest.approx(10.0 / 850.0) and cost.voltage == pytest.approx(0.02)
+    diverged = dataclasses.replace(result, converged=False)
+    assert env_module.step_cost(diverged, measures, charged, CFG).total == CFG.grid.nonconvergence_cost
+
+
+def test_a_two_ev_episode_by_hand():
+    """EV A at road node 1 (CS1) needs 30 kWh; EV B drives 4.5 km from node 4, needs 70 kWh, must leave after 1 h."""
+    cfg = with_config(stations={"chargers": (1, 16, 24)})
+    env = EVPricingEnv(cfg)
+    scenario = hand_scenario([0, 0], [1, 4], 100.0, 0.2, [0.5, 0.9], duration_h=[2.0, 0.5], laxity_h=[1.0, 0.5])
+    env.reset(seed=0, options={"scenario": scenario})
+    # road 4-1 is 4.5 km of class u; SPEC 5 speed and consumption at step 0's saturation 0.515
+    x = 0.515
+    speed = 70.0 / (1.0 + x ** (1.726 + 3.15 * x**3))
+    travel_h = 4.5 / speed
+    travel_kwh = 4.5 * (0.004 * speed + 5.492 / speed - 0.179)
+    energy = [11.25, 11.25, 7.5, 11.25] + [0.0] * 8  # A charges 3 steps while B queues, B charges once and leaves
+    queued_h = [0.25, 0.25, 0.25] + [0.0] * 9
+    infos = [env.step(MID)[4] for _ in range(CFG.env.episode_steps)]
+    assert env.state.station.tolist() == [0, 0]
+    assert env.state.remaining_kwh[1] == pytest.approx(70.0 + travel_kwh - 11.25)
+    assert infos[3]["departed_incomplete"].tolist() == [1, 0, 0]
+    for t, info in enumerate(infos):
+        e, travel = energy[t], (travel_h, travel_kwh) if t == 0 else (0.0, 0.0)
+        time_cost = 60.0 * (travel[0] + queued_h[t])
+        assert info["station_energy_kwh"].sum() == pytest.approx(e)
+        assert info["queue_hours"] == pytest.approx(queued_h[t])
+        assert info["cs_profit"] == pytest.approx(e * (1.25 - 0.7))
+        assert info["dso_profit"] == pytest.approx(e * (0.7 - 0.3))  # all within the DG's 225 kWh per step
+        assert info["users_time_cost"] == pytest.approx(time_cost)
+        assert info["users_surplus"] == pytest.approx(2.0 * (e - travel[1]) - 1.25 * e - time_cost)
+        assert info["welfare"] == pytest.approx(2.0 * (e - travel[1]) - 0.3 * e - time_cost)
+        assert info["ev_co2_kg"] == pytest.approx(e * info["station_carbon_intensity"][0] / 1000.0)
+        if e > 0:
+            assert info["ev_carbon_intensity"] == pytest.approx(info["station_carbon_intensity"][0])
+            assert info["carbon_intensity"] == info["ev_carbon_intensity"]
+    total = sum(info["welfare"] for info in infos)
+    assert total == pytest.approx(2.0 * (41.25 - travel_kwh) - 0.3 * 41.25 - 60.0 * (travel_h + 0.75))
+
+
+def test_prices_are_transfers_under_total_surplus_only():
+    delta = 1e-6
+    results = {}
+    for welfare in ("total_surplus", "operator_margin"):
+        env = EVPricingEnv(with_config(economics={"welfare": welfare}))
+        for shift in (0.0, delta):
+            env.reset(seed=2, options={"split": "train", "day": 600})
+            infos = [env.step(MID + shift)[4] for _ in range(CFG.env.episode_steps)]
+            results[welfare, shift] = (infos, env.state.station.copy(), env.state.delivered_kwh.copy())
+    for welfare in ("total_surplus", "operator_margin"):
+        (base, station, delivered), (raised, station_raised, delivered_raised) = (
+            results[welfare, 0.0], results[welfare, delta])
+        np.testing.assert_array_equal(station, station_raised)  # no choice changed
+        np.testing.assert_array_equal(delivered, delivered_raised)
+        assert (station >= 0).sum() > 50
+        for a, b in zip(base, raised):
+            energy = a["station_energy_kwh"].sum()
+            expected = 0.0 if welfare == "total_surplus" else delta * energy
+            assert b["welfare"] - a["welfare"] == pytest.approx(expected, abs=1e-9)
+            assert b["cs_profit"] - a["cs_profit"] == pytest.approx(delta * energy, abs=1e-9)
+            assert b["users_surplus"] - a["users_surplus"] == pytest.approx(-delta * energy, abs=1e-9)

@@ -1,5 +1,6 @@
 """Queueing, choice, FIFO charging and settlement against textbook and hand-computed values (SPEC 7)."""
 
+import dataclasses
 import math
 from fractions import Fraction
 
@@ -151,6 +152,36 @@ def test_settlement_hand_values():
     # 300 kWh: the DG covers 900 kW * 0.25 h = 225 kWh at 0.3, the grid 75 kWh at 0.5 -> 67.5 + 37.5 = 105 CNY
     assert s.dg_energy_kwh == pytest.approx(225.0) and s.grid_energy_kwh == pytest.approx(75.0)
     assert s.dso_supply_cost == pytest.approx(105.0)
-    assert s.welfare == pytest.approx(120.0 + 65.0 + 112.0 + 87.5 - 105.0)
+    assert s.dso_profit == pytest.approx(0.7 * 300.0 - 105.0)
+    assert s.operator_margin == pytest.approx(120.0 + 65.0 + 112.0 + 87.5 - 105.0)
     small = stations.settle(np.array([100.0]), np.array([1.2]), np.array([1]), 3, econ, 0.25)
     assert small.dso_supply_cost == pytest.approx(30.0) and np.isnan(small.locked_price[0])
+
+
+def test_value_of_time_in_money_follows_the_choice_weights():
+    assert stations.money_value_of_time(0.5, 60.0) == pytest.approx(60.0)
+    # w = 0.8: the choice trades 0.8 CNY against 0.2 x 60 CNY-equivalent per hour -> 15 CNY/h
+    assert stations.money_value_of_time(0.8, 60.0) == pytest.approx(15.0)
+
+
+def test_social_welfare_terms_by_hand():
+    econ = CFG.economics
+    # 100 kWh at CS1 locked at 1.2 and 50 kWh at CS2 locked at 1.4; the DG covers all 150 kWh
+    s = stations.settle(np.array([100.0, 50.0]), np.array([1.2, 1.4]), np.array([0, 1]), 3, econ, 0.25)
+    # 4 kWh of it replaced energy spent driving; 0.5 h driving + 0.25 h queueing at 60 CNY/h; 120 kg CO2
+    total = stations.social_welfare(s, 150.0 - 4.0, 0.75, 120.0, econ, 0.5, 60.0)
+    assert total.cs_profit == pytest.approx(100 * 0.5 + 50 * 0.7)
+    assert total.dso_profit == pytest.approx(150 * 0.7 - 150 * 0.3)
+    assert total.users_payment == pytest.approx(190.0)
+    assert total.users_energy_value == pytest.approx(2.0 * 146.0)
+    assert total.users_time_cost == pytest.approx(45.0)
+    assert total.users_surplus == pytest.approx(292.0 - 190.0 - 45.0)
+    assert total.carbon_cost == 0.0
+    assert total.welfare == pytest.approx(292.0 - 45.0 - 150 * 0.3)  # payments and the purchase price cancel
+    margin = stations.social_welfare(s, 146.0, 0.75, 120.0, dataclasses.replace(econ, welfare="operator_margin"),
+                                     0.5, 60.0)
+    assert margin.welfare == pytest.approx(190.0 - 45.0)  # revenue - supply cost
+    priced = stations.social_welfare(s, 146.0, 0.75, 120.0, dataclasses.replace(econ, carbon_price_cny_per_t=100.0),
+                                     0.5, 60.0)
+    assert priced.carbon_cost == pytest.approx(12.0)  # 0.12 t x 100 CNY/t
+    assert priced.welfare == pytest.approx(total.welfare - 12.0)
