@@ -160,8 +160,12 @@ def make_policies(cfg: Config, parts, model, trained_kappa: float) -> dict:
 
 
 ARRAY_FIELDS = ("price", "evs_present", "line_loading")
-STEP_FIELDS = ("method", "day", "date", "step", "price", "evs_present", "line_loading", "carbon_intensity", "welfare",
-               "cost", "unserved", "min_voltage_pu", "plan_ms")
+INT_FIELDS = ("day", "step", "unserved")
+TEXT_FIELDS = ("method", "date")
+SCALAR_INFO = ("carbon_intensity", "ev_carbon_intensity", "system_carbon_intensity", "ev_co2_kg", "welfare", "cost",
+               "cost_line", "cost_carbon", "cs_profit", "dso_profit", "users_surplus", "users_time_cost",
+               "min_voltage_pu")
+STEP_FIELDS = ("method", "day", "date", "step", *ARRAY_FIELDS, "ev_energy_kwh", *SCALAR_INFO, "unserved", "plan_ms")
 
 
 def run_episode(env, policy, split: str, day: int, seed: int) -> list[dict]:
@@ -179,11 +183,9 @@ def run_episode(env, policy, split: str, day: int, seed: int) -> list[dict]:
             "price": np.asarray(info["posted_price"], float),
             "evs_present": np.asarray(info["evs_present"], float),
             "line_loading": np.asarray(info["line_loading"], float),
-            "carbon_intensity": float(info["carbon_intensity"]),
-            "welfare": float(info["welfare"]),
-            "cost": float(info["cost"]),
+            "ev_energy_kwh": float(np.sum(info["station_energy_kwh"])),
+            **{key: float(info[key]) for key in SCALAR_INFO},
             "unserved": int(info["unserved"]),
-            "min_voltage_pu": float(info["min_voltage_pu"]),
             "plan_ms": plan_ms,
         })
         if terminated or truncated:
@@ -191,23 +193,37 @@ def run_episode(env, policy, split: str, day: int, seed: int) -> list[dict]:
     return rows
 
 
-def summarise(method: str, rows: list[dict], cfg: Config) -> dict:
-    """Table row: welfare mean and 95 % t-interval over days, costs and violation shares."""
+def _interval(per_day: np.ndarray) -> float:
+    """Half-width of the 95 % t-interval of the mean of per-day values (NaN for one day)."""
     from scipy import stats
 
+    n = len(per_day)
+    return float(stats.t.ppf(0.975, n - 1) * per_day.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+
+
+def summarise(method: str, rows: list[dict], cfg: Config) -> dict:
+    """Table row: welfare mean and 95 % t-interval over days, costs, violation shares, carbon and welfare split."""
     days = sorted({r["day"] for r in rows})
-    welfare = np.array([sum(r["welfare"] for r in rows if r["day"] == d) for d in days])
-    half = (stats.t.ppf(0.975, len(days) - 1) * welfare.std(ddof=1) / math.sqrt(len(days))
-            if len(days) > 1 else float("nan"))
+    per_day = lambda key: np.array([sum(r[key] for r in rows if r["day"] == d) for d in days])  # noqa: E731
+    welfare = per_day("welfare")
     loading = np.array([r["line_loading"] for r in rows])
-    intensity = np.array([r["carbon_intensity"] for r in rows])
+    total = lambda key: float(np.nansum([r[key] for r in rows]))  # noqa: E731
+    energy, co2, welfare_sum = total("ev_energy_kwh"), total("ev_co2_kg"), total("welfare")
+    share = lambda key: 100.0 * total(key) / welfare_sum if welfare_sum else float("nan")  # noqa: E731
     return {
         "method": method,
         "welfare_cny": float(welfare.mean()),
-        "welfare_ci95": float(half),
+        "welfare_ci95": _interval(welfare),
         "total_cost": float(sum(r["cost"] for r in rows)),
         "steps_line_over_limit_pct": 100.0 * float(np.mean(np.any(loading > cfg.grid.loading_limit, axis=1))),
-        "steps_ci_over_limit_pct": 100.0 * float(np.mean(intensity > cfg.carbon.limit)),
+        "steps_carbon_over_limit_pct": 100.0 * float(np.mean([r["cost_carbon"] > 0 for r in rows])),
+        "steps_any_violation_pct": 100.0 * float(np.mean([r["cost"] > 0 for r in rows])),
+        "ev_carbon_intensity": 1000.0 * co2 / energy if energy > 0 else float("nan"),
+        "ev_co2_t": co2 / 1000.0 / len(days),
+        "users_time_cost_cny": total("users_time_cost") / len(days),
+        "cs_share_pct": share("cs_profit"),
+        "dso_share_pct": share("dso_profit"),
+        "users_share_pct": share("users_surplus"),
         "unserved_evs": int(sum(r["unserved"] for r in rows)),
         "plan_ms_per_step": float(np.median([r["plan_ms"] for r in rows])),
         "days": len(days),
@@ -219,18 +235,26 @@ def write_tables(out: Path, summaries: list[dict], cfg: Config, note: str) -> No
         writer = csv.DictWriter(f, fieldnames=list(summaries[0]))
         writer.writeheader()
         writer.writerows(summaries)
+    measure = {"ev_charging": "EV-charging CI", "system": "system CI"}[cfg.carbon.constraint]
     lines = [
         f"{note}",
         "",
+        f"Welfare: {cfg.economics.welfare}; carbon limit {cfg.carbon.limit:.0f} kg/MWh on the {measure}.",
+        "",
         "| method | welfare per episode (CNY, 95 % CI) | total constraint cost | steps with a line > "
-        f"{100 * cfg.grid.loading_limit:.0f} % | steps with CI > {cfg.carbon.limit:.0f} | unserved EVs | plan ms/step |",
-        "|---|---|---|---|---|---|---|",
+        f"{100 * cfg.grid.loading_limit:.0f} % | steps with {measure} > limit | steps with any violation | "
+        "EV-charging CI (kg/MWh) | EV CO2 per episode (t) | users' time cost per episode (CNY) | "
+        "welfare shares CS / DSO / users | unserved EVs | plan ms/step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
         ci = "" if math.isnan(s["welfare_ci95"]) else f" ± {s['welfare_ci95']:.0f}"
-        lines.append(f"| {METHOD_LABELS[s['method']]} | {s['welfare_cny']:.0f}{ci} | {s['total_cost']:.3f} | "
-                     f"{s['steps_line_over_limit_pct']:.1f} % | {s['steps_ci_over_limit_pct']:.1f} % | "
-                     f"{s['unserved_evs']} | {s['plan_ms_per_step']:.1f} |")
+        lines.append(
+            f"| {METHOD_LABELS[s['method']]} | {s['welfare_cny']:.0f}{ci} | {s['total_cost']:.3f} | "
+            f"{s['steps_line_over_limit_pct']:.1f} % | {s['steps_carbon_over_limit_pct']:.1f} % | "
+            f"{s['steps_any_violation_pct']:.1f} % | {s['ev_carbon_intensity']:.1f} | {s['ev_co2_t']:.2f} | "
+            f"{s['users_time_cost_cny']:.0f} | {s['cs_share_pct']:.0f} / {s['dso_share_pct']:.0f} / "
+            f"{s['users_share_pct']:.0f} % | {s['unserved_evs']} | {s['plan_ms_per_step']:.1f} |")
     (out / "metrics.md").write_text("\n".join(lines) + "\n")
 
 
@@ -240,7 +264,7 @@ def write_steps(out: Path, per_method: dict[str, list[dict]]) -> None:
         writer.writerow(STEP_FIELDS)
         for method, rows in per_method.items():
             for r in rows:
-                writer.writerow([method] + [" ".join(f"{v:.4g}" for v in r[k]) if isinstance(r[k], np.ndarray)
+                writer.writerow([method] + [" ".join(f"{v:.6g}" for v in r[k]) if isinstance(r[k], np.ndarray)
                                             else r[k] for k in STEP_FIELDS[1:]])
 
 
@@ -249,11 +273,16 @@ def read_steps(path: Path) -> dict[str, list[dict]]:
     per_method: dict[str, list[dict]] = {}
     with open(path) as f:
         for row in csv.DictReader(f):
-            parsed = {k: np.array([float(x) for x in v.split()]) if k in ARRAY_FIELDS else v for k, v in row.items()}
-            for k in ("day", "step", "unserved"):
-                parsed[k] = int(parsed[k])
-            for k in ("carbon_intensity", "welfare", "cost", "min_voltage_pu", "plan_ms"):
-                parsed[k] = float(parsed[k])
+            parsed = {}
+            for k, v in row.items():
+                if k in ARRAY_FIELDS:
+                    parsed[k] = np.array([float(x) for x in v.split()])
+                elif k in INT_FIELDS:
+                    parsed[k] = int(v)
+                elif k in TEXT_FIELDS:
+                    parsed[k] = v
+                else:
+                    parsed[k] = float(v)
             per_method.setdefault(parsed.pop("method"), []).append(parsed)
     return per_method
 

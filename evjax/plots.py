@@ -65,12 +65,13 @@ def _scalar(out: Path, per_method: dict, key: str, ylabel: str, filename: str, l
 
 
 def evaluation_plots(out: Path, per_method: dict[str, list[dict]], cfg: Config) -> list[Path]:
-    """Prices, EVs, line loading vs the limit, carbon intensity vs its limit and welfare, on the busiest day."""
+    """Prices, EVs, line loading vs the limit, the constrained carbon intensity vs its limit and welfare, busiest day."""
     _per_station(out, per_method, "price", "posted price (CNY/kWh)", "prices.png", cfg)
     _per_station(out, per_method, "evs_present", "EVs at station", "evs.png", cfg)
     _per_station(out, per_method, "line_loading", "line loading (fraction of rating)", "line_loading.png", cfg,
                  limit=cfg.grid.loading_limit)
-    _scalar(out, per_method, "carbon_intensity", "carbon intensity (kg/MWh)", "carbon_intensity.png",
+    measure = {"ev_charging": "EV-charging", "system": "system"}[cfg.carbon.constraint]
+    _scalar(out, per_method, "carbon_intensity", f"{measure} carbon intensity (kg/MWh)", "carbon_intensity.png",
             limit=cfg.carbon.limit)
     _scalar(out, per_method, "welfare", "social welfare per step (CNY)", "welfare.png")
     return [out / n for n in ("prices.png", "evs.png", "line_loading.png", "carbon_intensity.png", "welfare.png")]
@@ -88,7 +89,10 @@ def training_curves(metrics_csv: Path, png: Path, cfg: Config) -> Path | None:
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     axes[0].plot(epoch, [float(r["reward"]) for r in rows], marker=".")
     axes[0].set_ylabel("episode reward (SW / 600)")
-    axes[1].plot(epoch, [float(r["cost"]) for r in rows], marker=".")
+    axes[1].plot(epoch, [float(r["cost"]) for r in rows], marker=".", label="total")
+    for key, label in (("cost_line", "lines"), ("cost_carbon", "carbon")):
+        if key in rows[0]:
+            axes[1].plot(epoch, [float(r[key]) for r in rows], lw=1, alpha=0.7, label=label)
     axes[1].axhline(cfg.planner.permissible_episode_cost, color="k", ls="--", lw=1, label="permissible")
     axes[1].set_ylabel("episode constraint cost")
     axes[1].legend(fontsize=7)

@@ -105,7 +105,7 @@ class Trainer:
         start = time.perf_counter()
         obs, _ = env.reset(seed=episode_seed(cfg, epoch), options={"split": "train"})
         agent.reset_episode()
-        episode_reward = episode_cost = 0.0
+        episode_reward = episode_cost = line_cost = carbon_cost = 0.0
         plan_seconds, diagnostics, losses = [], [], []
         model = self._planning_model()
         for _ in range(cfg.env.episode_steps):
@@ -118,6 +118,8 @@ class Trainer:
             replay.add(self.state["buffer"], obs, action, reward, info["cost"], next_obs)
             episode_reward += float(reward)
             episode_cost += float(info["cost"])
+            line_cost += float(np.nan_to_num(info["cost_line"]))
+            carbon_cost += float(np.nan_to_num(info["cost_carbon"]))
             if int(self.state["buffer"]["size"]) % cfg.training.model_train_freq == 0:
                 losses.append(float(self._fit()["train_loss"]))
                 model = self._planning_model()
@@ -132,6 +134,8 @@ class Trainer:
             "epoch": epoch,
             "reward": episode_reward,
             "cost": episode_cost,
+            "cost_line": line_cost,
+            "cost_carbon": carbon_cost,
             "kappa": kappa_used,
             "kappa_next": float(agent.kappa),
             "model_loss": losses[-1] if losses else float("nan"),

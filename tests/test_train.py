@@ -121,6 +121,13 @@ def test_evaluate_runs_every_method_on_the_same_days(trained):
         table = {row["method"]: row for row in csv.DictReader(f)}
     assert set(table) == {"fixed_mid", "fixed_upper", "random", "cem_unconstrained", "ccem", "cap_fixed_kappa",
                           "cap_adaptive", "oracle"}
+    for row in table.values():
+        line, carbon, any_ = (float(row[k]) for k in ("steps_line_over_limit_pct", "steps_carbon_over_limit_pct",
+                                                      "steps_any_violation_pct"))
+        assert max(line, carbon) <= any_ <= line + carbon + 1e-9
+        shares = sum(float(row[k]) for k in ("cs_share_pct", "dso_share_pct", "users_share_pct"))
+        assert shares == pytest.approx(100.0, abs=1e-6)  # total surplus: the parties' terms add up to welfare
+        assert float(row["ev_co2_t"]) > 0.0 and 700.0 <= float(row["ev_carbon_intensity"]) <= 900.0
     for name in ("prices.png", "evs.png", "line_loading.png", "carbon_intensity.png", "welfare.png",
                  "training_curves.png", "metrics.md"):
         assert (out / name).stat().st_size > 0
