@@ -4,12 +4,14 @@ Runs whole episodes at fixed prices and prints markdown tables:
   1. one fixed day and seed at mid-range prices, step by step;
   2. the per-step mean over ``--days`` evenly spaced training days at mid-range prices;
   3. a summary per price policy over the same days: median peak loading per
-     monitored line, share of steps with a line above the limit, mean episode
-     line cost, carbon cost and welfare. The "shift" policy (CS2 at its upper
-     bound, CS1 and CS3 at their lower bounds) shows how far prices alone move
-     load off the most congested line.
-Used to choose ``demand.mean_arrivals_per_step`` and ``stations.chargers``;
-``--set section.key=value`` tries other values.
+     monitored line, share of steps with a line above the limit, mean
+     EV-charging carbon intensity, share of steps above the carbon limit, mean
+     episode line and carbon cost, EV CO2 and welfare. "fav3" (CS1 and CS2 at
+     their upper bounds, CS3 at its lower bound) steers EVs to the grid-fed CS3
+     bus, "avoid3" the opposite: how far prices alone move carbon and load.
+     ``--greedy`` adds a one-step lookahead on the true simulator.
+Used to choose ``demand.mean_arrivals_per_step``, ``stations.chargers`` and
+``carbon.limit``; ``--set section.key=value`` tries other values.
 
     python benchmarks/calibrate_env.py [--days 24] [--day 295] [--greedy] [--seed 0] [--set stations.chargers=[20,20,20]]
 """
@@ -31,7 +33,8 @@ def policies(cfg: Config) -> dict[str, np.ndarray]:
     return {
         "mid": (lower + upper) / 2.0,
         "upper": upper,
-        "shift": np.array([lower[0], upper[1], lower[2]]),
+        "fav3": np.array([upper[0], upper[1], lower[2]]),
+        "avoid3": np.array([lower[0], lower[1], upper[2]]),
     }
 
 
@@ -51,7 +54,7 @@ def count(x) -> str:
 
 
 def run_greedy_episode(env: EVPricingEnv, cfg: Config, day: int, seed: int, split: str = "train") -> list[dict]:
-    """Infos of one episode where each step tries a 3 x 3 x 3 price grid and keeps the least line cost, then most welfare."""
+    """Infos of one episode where each step tries a 3 x 3 x 3 price grid and keeps the least cost, then the most welfare."""
     lower, upper = np.asarray(cfg.env.price_lower), np.asarray(cfg.env.price_upper)
     candidates = [np.array(p) for p in itertools.product(*[np.linspace(lo, hi, 3) for lo, hi in zip(lower, upper)])]
     env.reset(seed=seed, options={"split": split, "day": day})
@@ -62,7 +65,7 @@ def run_greedy_episode(env: EVPricingEnv, cfg: Config, day: int, seed: int, spli
         for prices in candidates:
             env.restore(saved)
             info = env.step(prices)[4]
-            scores.append((round(info["cost_line"], 6), -info["welfare"]))
+            scores.append((round(info["cost"], 6), -info["welfare"]))
         env.restore(saved)
         _, _, terminated, _, info = env.step(candidates[min(range(len(candidates)), key=scores.__getitem__)])
         infos.append(info)
@@ -77,7 +80,8 @@ def step_rows(cfg: Config, infos: list[dict]) -> list[list]:
         rows.append([
             f"{int(hour) % 24:02d}:{int(round((hour % 1) * 60)):02d}", f"{info['load_multiplier']:.2f}", count(info["new_evs"]),
             *[f"{x:.0%}" for x in info["line_loading"]], *[count(x) for x in info["evs_present"]],
-            f"{info['carbon_intensity']:.0f}", f"{info['welfare']:.0f}", f"{info['cost_line']:.3f}", f"{info['cost']:.2f}",
+            f"{info['system_carbon_intensity']:.0f}", f"{info['ev_carbon_intensity']:.0f}", f"{info['welfare']:.0f}",
+            f"{info['cost_line']:.3f}", f"{info['cost_carbon']:.3f}",
         ])
     return rows
 
@@ -89,7 +93,7 @@ def markdown(header: list[str], rows: list[list]) -> str:
 
 
 STEP_HEADER = ["time", "mult", "new EVs", "line 27 (CS1)", "line 9 (CS2)", "line 17 (CS3)", "EVs CS1", "EVs CS2",
-               "EVs CS3", "CI", "SW", "line cost", "cost"]
+               "EVs CS3", "system CI", "EV CI", "SW", "line cost", "carbon cost"]
 
 
 def main() -> None:
@@ -123,7 +127,8 @@ def main() -> None:
             mean_rows = []
             for t in range(cfg.env.episode_steps):
                 mean = {key: np.mean([ep[t][key] for ep in episodes], axis=0)
-                        for key in ("line_loading", "evs_present", "carbon_intensity", "welfare", "cost_line", "cost")}
+                        for key in ("line_loading", "evs_present", "system_carbon_intensity", "ev_carbon_intensity",
+                                    "welfare", "cost_line", "cost_carbon")}
                 mean.update(step=t, load_multiplier=episodes[0][t]["load_multiplier"],
                             new_evs=np.mean([ep[t]["new_evs"] for ep in episodes]))
                 mean_rows.append(mean)
@@ -132,15 +137,22 @@ def main() -> None:
             print(markdown(STEP_HEADER, rows) + "\n")
         peak = np.median(loading.max(axis=1), axis=0)
         over = np.mean((loading > cfg.grid.loading_limit).any(axis=2))
-        line_cost = np.mean([sum(info["cost_line"] for info in ep) for ep in episodes])
-        carbon_cost = np.mean([sum(info["cost_carbon"] for info in ep) for ep in episodes])
-        welfare = np.mean([sum(info["welfare"] for info in ep) for ep in episodes])
+        charged = [info for ep in episodes for info in ep if info["station_energy_kwh"].sum() > 0]
+        ev_ci = np.array([info["ev_carbon_intensity"] for info in charged])
+        carbon_over = np.mean([info["cost_carbon"] > 0 for ep in episodes for info in ep])
+        any_over = np.mean([info["cost"] > 0 for ep in episodes for info in ep])
+        per_episode = {key: np.mean([sum(info[key] for info in ep) for ep in episodes])
+                       for key in ("cost_line", "cost_carbon", "ev_co2_kg", "welfare")}
         label = str(np.round(price[name], 2).tolist()) if name in price else "per step"
-        summary.append([name, label, *[f"{x:.0%}" for x in peak], f"{over:.0%}",
-                        f"{line_cost:.3f}", f"{carbon_cost:.1f}", f"{welfare:.0f}"])
-    print(f"### Policies over {len(days)} training days (per episode)\n")
-    print(markdown(["policy", "prices", "median peak line 27", "line 9", "line 17", "steps > limit", "line cost",
-                    "carbon cost", "SW"], summary))
+        summary.append([name, label, *[f"{x:.0%}" for x in peak], f"{over:.0%}", f"{ev_ci.mean():.0f}",
+                        f"{carbon_over:.0%}", f"{any_over:.0%}", f"{per_episode['cost_line']:.3f}",
+                        f"{per_episode['cost_carbon']:.3f}", f"{per_episode['ev_co2_kg'] / 1000:.2f}",
+                        f"{per_episode['welfare']:.0f}"])
+    print(f"### Policies over {len(days)} training days (per episode), carbon limit {cfg.carbon.limit:.0f} "
+          f"on {cfg.carbon.constraint}\n")
+    print(markdown(["policy", "prices", "median peak line 27", "line 9", "line 17", "steps line > limit", "mean EV CI",
+                    "steps CI > limit", "steps any violation", "line cost", "carbon cost", "EV CO2 (t)", "SW"],
+                   summary))
 
 
 if __name__ == "__main__":
