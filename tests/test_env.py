@@ -377,3 +377,19 @@ def test_prices_are_transfers_under_total_surplus_only():
             assert b["welfare"] - a["welfare"] == pytest.approx(expected, abs=1e-9)
             assert b["cs_profit"] - a["cs_profit"] == pytest.approx(delta * energy, abs=1e-9)
             assert b["users_surplus"] - a["users_surplus"] == pytest.approx(-delta * energy, abs=1e-9)
+
+
+def test_source_preset_steps_with_the_source_definitions():
+    from evjax.config import load
+    from tests.conftest import ROOT
+
+    env = EVPricingEnv(load(ROOT / "configs" / "source.yaml"))
+    env.reset(seed=1, options={"split": "train", "day": 300})
+    for _ in range(4):
+        _, reward, _, _, info = env.step(MID)
+        assert info["welfare"] == pytest.approx(info["revenue_total"] - info["dso_supply_cost"])
+        assert info["carbon_intensity"] == info["system_carbon_intensity"]
+        assert info["cost_carbon"] == pytest.approx(max(0.0, info["system_carbon_intensity"] - 785.0) / 10.0)
+        # fixed shares: every station bus has its own fixed DG share
+        np.testing.assert_allclose(info["station_carbon_intensity"], [0.7 * 900 + 0.3 * 700, 0.2 * 900 + 0.8 * 700,
+                                                                      0.5 * 900 + 0.5 * 700])
