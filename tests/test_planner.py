@@ -385,7 +385,9 @@ def fitted_ensemble():
     from evjax.dynamics import make_dynamics
 
     cfg = Config()
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, epochs=20))
+    # a cost limit on this synthetic cost's scale (the default is calibrated for the environment's)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, epochs=20),
+                              planner=dataclasses.replace(cfg.planner, cost_limit=2.5))
     dyn = make_dynamics(cfg.model, cfg.obs_dim, cfg.action_dim)
     rng = np.random.default_rng(0)
     lower, upper = np.array(cfg.env.price_lower), np.array(cfg.env.price_upper)
