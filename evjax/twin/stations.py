@@ -1,0 +1,167 @@
+"""Charging stations in JAX: expected wait, choice, FIFO slots, charging, settlement (twin of ``evjax/stations.py``).
+
+Pure JAX on one day's padded per-EV arrays [V] and per-station arrays [K];
+float64 under the twin's ``jax.enable_x64`` context. Energy in kWh, power in
+kW, time in hours, money in CNY.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+def erlang_b(chargers: jax.Array, offered_load: jax.Array, *, max_chargers: int) -> jax.Array:
+    """Erlang B [K] by the recursion B(n) = a B(n-1) / (n + a B(n-1)), B(0) = 1, run to each station's own c.
+
+    One ``fori_loop`` over n = 1..max_chargers; a station stops updating past its c.
+    """
+    def recurse(n, blocking):
+        updated = offered_load * blocking / (n + offered_load * blocking)
+        return jnp.where(n <= chargers, updated, blocking)
+    return jax.lax.fori_loop(1, max_chargers + 1, recurse, jnp.ones_like(offered_load))
+
+
+def expected_wait_hours(
+    arrival_rate_per_h: jax.Array, waiting: jax.Array, chargers: jax.Array, mean_service_h: jax.Array,
+    service_scv: jax.Array, max_wait_hours: jax.Array, zero_wait_utilisation: jax.Array, *, max_chargers: int,
+) -> jax.Array:
+    """Waiting time [K] a driver expects at each station (hours), as ``stations.expected_wait_hours``.
+
+    W = min(max(W_q, W_backlog), max_wait): W_q is the Allen-Cunneen M/G/c
+    delay C(c, a) / (c mu - lambda) (1 + SCV) / 2 with Erlang C from Erlang B,
+    ``max_wait`` when a >= c, 0 without arrivals; W_backlog = (waiting + 1) E[S] / c
+    when someone waits; W = 0 when nobody waits and rho < ``zero_wait_utilisation``.
+    """
+    chargers_f = chargers.astype(arrival_rate_per_h.dtype)
+    offered = arrival_rate_per_h * mean_service_h
+    saturated = offered >= chargers_f
+    blocking = erlang_b(chargers, offered, max_chargers=max_chargers)
+    erlang_c = jnp.where(saturated, 1.0, chargers_f * blocking / jnp.where(
+        saturated, 1.0, chargers_f - offered * (1.0 - blocking)))
+    headroom = chargers_f / mean_service_h - arrival_rate_per_h
+    delay = erlang_c / jnp.where(saturated, 1.0, headroom) * (1.0 + service_scv) / 2.0
+    stationary = jnp.where(arrival_rate_per_h <= 0.0, 0.0,
+                           jnp.where(saturated, max_wait_hours, jnp.minimum(delay, max_wait_hours)))
+    backlog = jnp.where(waiting > 0, (waiting + 1) * mean_service_h / chargers_f, 0.0)
+    wait = jnp.minimum(jnp.maximum(stationary, backlog), max_wait_hours)
+    idle = (waiting == 0) & (offered / chargers_f < zero_wait_utilisation)
+    return jnp.where(idle, 0.0, wait)
+
+
+def generalized_cost(
+    posted_price: jax.Array, energy_need_kwh: jax.Array, battery_kwh: jax.Array, travel_energy_kwh: jax.Array,
+    travel_time_h: jax.Array, wait_h: jax.Array, money_weight: jax.Array, value_of_time: jax.Array,
+) -> jax.Array:
+    """C [V, K] = w p_k (E_need + E_travel,k) + (1 - w) VOT (T_travel,k + W_k); inf where the battery cannot reach k."""
+    energy = energy_need_kwh[:, None] + travel_energy_kwh
+    cost = money_weight * posted_price[None, :] * energy + (1.0 - money_weight) * value_of_time * (
+        travel_time_h + wait_h[None, :])
+    return jnp.where(battery_kwh[:, None] >= travel_energy_kwh, cost, jnp.inf)
+
+
+def choose_stations(cost: jax.Array, gumbel_noise: jax.Array | None, temperature: jax.Array, *, choice: str) -> jax.Array:
+    """Station [V] each EV picks, -1 when none is reachable, as ``stations.choose_stations``.
+
+    ``argmin``: the cheapest station; ties go to the lowest station index (the
+    host's ``np.argmax`` of -cost and ``jnp.argmax`` both return the first
+    maximum). ``logit``: argmax(-C / temperature + g) over reachable stations
+    with standard Gumbel noise g [V, K] (the twin draws it from a JAX key, so it
+    agrees with the host in distribution, not draw by draw).
+    """
+    reachable = jnp.isfinite(cost)
+    if choice == "argmin":
+        score = -cost
+    elif choice == "logit":
+        score = -cost / temperature + gumbel_noise
+    else:
+        raise ValueError(f"unknown stations.choice {choice!r}")
+    picked = jnp.argmax(jnp.where(reachable, score, -jnp.inf), axis=1)
+    return jnp.where(reachable.any(axis=1), picked, -1).astype(jnp.int32)
+
+
+def one_hot(station: jax.Array, num_stations: int) -> jax.Array:
+    """[V, K] bool: EV i is at station k (False for station < 0)."""
+    return station[:, None] == jnp.arange(num_stations)[None, :]
+
+
+def station_totals(values: jax.Array, station: jax.Array, num_stations: int) -> jax.Array:
+    """Sum a per-EV quantity [V] per station [K] (EVs with station < 0 are ignored)."""
+    return jnp.sum(jnp.where(one_hot(station, num_stations), values[:, None], 0), axis=0)
+
+
+def charging_slots(station: jax.Array, present: jax.Array, chargers: jax.Array) -> jax.Array:
+    """Bool [V]: the first c present EVs of each station hold a charger, FIFO by (join step, EV index).
+
+    The twin's EVs are ordered by arrival step (``scenario_arrays`` sorts them
+    stably) and an EV joins its station in the step it arrives, so FIFO order
+    is EV order: an EV's place in the queue is the running count of present
+    EVs at its station up to it, a cumsum over [V, K] instead of a sort.
+    """
+    at = one_hot(station, chargers.shape[0]) & present[:, None]  # [V, K]
+    place = jnp.sum(jnp.where(at, jnp.cumsum(at, axis=0), 0), axis=1)  # [V] 1-based; 0 when absent
+    return present & (place >= 1) & (place <= chargers[jnp.maximum(station, 0)])
+
+
+class Settlement(NamedTuple):
+    """Money of one step (CNY), the twin of ``stations.Settlement``; [K] per station."""
+
+    energy_kwh: jax.Array  # [K]
+    revenue: jax.Array  # [K]
+    purchase_cost: jax.Array  # [K]
+    cs_profit: jax.Array  # [K]
+    locked_price: jax.Array  # [K] energy-weighted mean locked price (NaN where nothing was sold)
+    dg_energy_kwh: jax.Array
+    grid_energy_kwh: jax.Array
+    dso_supply_cost: jax.Array
+    dso_profit: jax.Array
+
+
+def settle(energy_kwh: jax.Array, locked_price: jax.Array, station: jax.Array, num_stations: int,
+           cs_purchase_price, dg_supply_kw, dg_price, grid_price, dt_hours) -> Settlement:
+    """Revenue at locked prices, station purchase cost, DSO supply cost (DG first, P_DG dt kWh, then the grid)."""
+    energy = station_totals(energy_kwh, station, num_stations)
+    revenue = station_totals(energy_kwh * locked_price, station, num_stations)
+    purchase = energy * cs_purchase_price
+    sold = energy > 0.0
+    mean_locked = jnp.where(sold, revenue / jnp.where(sold, energy, 1.0), jnp.nan)
+    total = jnp.sum(energy)
+    dg_energy = jnp.minimum(total, dg_supply_kw * dt_hours)
+    grid_energy = total - dg_energy
+    supply = dg_energy * dg_price + grid_energy * grid_price
+    return Settlement(energy, revenue, purchase, revenue - purchase, mean_locked, dg_energy, grid_energy, supply,
+                      jnp.sum(purchase) - supply)
+
+
+class Welfare(NamedTuple):
+    """Each party's term of one step's social welfare (CNY), the twin of ``stations.Welfare``."""
+
+    cs_profit: jax.Array
+    dso_profit: jax.Array
+    users_energy_value: jax.Array
+    users_payment: jax.Array
+    users_time_cost: jax.Array
+    users_surplus: jax.Array
+    carbon_cost: jax.Array
+    welfare: jax.Array
+
+
+def social_welfare(settlement: Settlement, net_energy_kwh, time_hours, ev_co2_kg, user_value, carbon_price,
+                   money_weight, value_of_time, *, welfare: str) -> Welfare:
+    """SW by ``economics.welfare`` (``stations.social_welfare``): total surplus or the operator margin, less priced CO2."""
+    payment = jnp.sum(settlement.revenue)
+    cs_profit = jnp.sum(settlement.cs_profit)
+    energy_value = user_value * net_energy_kwh
+    money_vot = (1.0 - money_weight) * value_of_time / jnp.where(money_weight > 0, money_weight, 1.0)
+    time_cost = jnp.where(money_weight > 0, money_vot * time_hours, 0.0)
+    users = energy_value - payment - time_cost
+    carbon_cost = carbon_price * ev_co2_kg / 1000.0
+    if welfare == "total_surplus":
+        total = cs_profit + settlement.dso_profit + users - carbon_cost
+    elif welfare == "operator_margin":
+        total = cs_profit + settlement.dso_profit - carbon_cost
+    else:
+        raise ValueError(f"unknown economics.welfare {welfare!r}")
+    return Welfare(cs_profit, settlement.dso_profit, energy_value, payment, time_cost, users, carbon_cost, total)
