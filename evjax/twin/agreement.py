@@ -121,17 +121,36 @@ def run_twin(cfg: Config, params: twin_env.EnvParams, days: twin_env.ScenarioArr
     return {name: np.asarray(value, dtype=float) for name, value in records.items()}
 
 
-def run_episodes(cfg: Config, pairs: int, seed: int = 0, high_demand: int | None = None,
-                 power_flow: str = "sweep") -> Episodes:
-    """Draw days and prices, run both implementations."""
-    high_demand = pairs // 4 if high_demand is None else high_demand
-    scenarios = draw_days(cfg, pairs, seed, high_demand)
-    prices = draw_prices(cfg, pairs, seed + 1)
+def paired_episodes(cfg: Config, scenarios: list, prices: np.ndarray, power_flow: str = "sweep",
+                    seed: int = 0) -> Episodes:
+    """Run both implementations on the given days and price sequences [D, T, K]."""
     params = twin_env.make_params(cfg, power_flow=power_flow)
     days = twin_env.stack_scenarios(scenarios, cfg)
     host, steps = run_host(cfg, scenarios, prices, int(days.valid.shape[1]))
     twin = run_twin(cfg, params, days, prices, seed)
     return Episodes(scenarios, prices, host, twin, steps)
+
+
+def run_episodes(cfg: Config, pairs: int, seed: int = 0, high_demand: int | None = None,
+                 power_flow: str = "sweep") -> Episodes:
+    """Draw ``pairs`` days (a quarter of them high-demand by default) and random prices; run both implementations."""
+    high_demand = pairs // 4 if high_demand is None else high_demand
+    scenarios = draw_days(cfg, pairs, seed, high_demand)
+    prices = draw_prices(cfg, pairs, seed + 1)
+    return paired_episodes(cfg, scenarios, prices, power_flow, seed)
+
+
+TOLERANCES = {  # the issue's bounds: worst twin-host deviation allowed per quantity
+    "line_loading_abs": 1e-4, "vm_pu_abs": 1e-6, "cost_abs": 1e-5, "ev_co2_rel": 1e-6,
+    **{f"{name}_rel": 1e-6 for name in WELFARE_TERMS},
+    **{f"{name}_mismatches": 0 for name in ("station", "status", "queue_length", "evs_present", "evs_charging",
+                                            "arrivals", "unserved", "power_flow_converged", "clipped_actions")},
+}
+
+
+def failures(result: dict) -> list[str]:
+    """The quantities whose worst deviation exceeds ``TOLERANCES`` (NaN counts as a failure)."""
+    return [f"{name}: {result[name]} > {bound}" for name, bound in TOLERANCES.items() if not result[name] <= bound]
 
 
 def _relative(a, b):
@@ -170,4 +189,7 @@ def deviations(episodes: Episodes) -> dict:
     result["evs_compared"] = int(sum(s.num_evs for s in episodes.scenarios))
     result["max_evs_per_day"] = int(max(s.num_evs for s in episodes.scenarios))
     result["host_nonconverged_steps"] = int(np.sum(host["power_flow_converged"][ran] == 0))
+    result["host_queued_ev_steps"] = int(np.nansum(host["queue_length"][ran]))
+    result["host_unserved_evs"] = int(np.nansum(host["unserved"][ran]))
+    result["host_clipped_prices"] = int(np.nansum(host["clipped_actions"][ran]))
     return result

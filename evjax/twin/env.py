@@ -140,7 +140,9 @@ class ScenarioArrays:
     """One day's EVs as padded arrays [V] (or a stack of days [D, V]); rows with ``valid`` False are padding.
 
     EVs are sorted stably by arrival step; ``ev_index`` is each row's index in
-    the host ``Scenario`` (-1 for padding).
+    the host ``Scenario`` (-1 for padding). The EVs of step t are rows
+    ``step_start[t]`` .. ``step_start[t + 1] - 1``; admission looks at the
+    ``window`` rows from ``step_start[t]``, so V >= EVs + window.
     """
 
     arrival_step: jax.Array  # [V] int32; -1 for padding (never arrives)
@@ -154,6 +156,8 @@ class ScenarioArrays:
     load_profile: jax.Array  # [T] the day's window power / mean
     mean_service_h: jax.Array  # [] mean charger-holding time (stations.service_time_stats)
     service_scv: jax.Array  # [] its squared coefficient of variation
+    step_start: jax.Array  # [T + 1] int32 row of the first EV of each step (the last entry: the number of EVs)
+    window: int = struct.field(pytree_node=False)  # W: rows a step's admission looks at (most arrivals in one step)
 
 
 @struct.dataclass
@@ -238,19 +242,29 @@ def make_params(cfg: Config, *, power_flow: str = "sweep", max_power_flow_iterat
                           reset_carbon_intensity=_constrained(settings, intensity))
 
 
+def _arrivals_per_step(scenario: Scenario, num_steps: int) -> np.ndarray:
+    return np.bincount(scenario.arrival_step, minlength=num_steps)[:num_steps]
+
+
 @_float64
-def scenario_arrays(scenario: Scenario, cfg: Config, max_evs: int) -> ScenarioArrays:
+def scenario_arrays(scenario: Scenario, cfg: Config, max_evs: int, window: int) -> ScenarioArrays:
     """One host ``Scenario`` as padded arrays [max_evs]. Host side, not jittable.
 
     EVs are sorted stably by arrival step (``make_scenario`` already orders
     them so; the host's FIFO order (join step, EV index) is kept). Service-time
     statistics come from ``stations.service_time_stats`` on the day's EVs, as
-    the host's reset computes them. Raises ``ValueError`` if the day has more
-    than ``max_evs`` EVs.
+    the host's reset computes them. Raises ``ValueError`` if a step has more
+    than ``window`` arrivals or the day more than ``max_evs - window`` EVs.
     """
-    num = scenario.num_evs
-    if num > max_evs:
-        raise ValueError(f"scenario has {num} EVs, more than max_evs={max_evs}")
+    num, num_steps = scenario.num_evs, cfg.env.episode_steps
+    per_step = _arrivals_per_step(scenario, num_steps)
+    if per_step.max(initial=0) > window or np.any((scenario.arrival_step < 0) | (scenario.arrival_step >= num_steps)):
+        raise ValueError(f"scenario has a step with more than window={window} arrivals, or arrivals outside the episode")
+    if num + window > max_evs:
+        raise ValueError(f"scenario has {num} EVs; max_evs={max_evs} must be at least EVs + window ({num + window})")
+    if num >= 2 ** stations.QUEUE_PLACE_BITS:
+        raise ValueError(f"scenario has {num} EVs; the twin's packed FIFO count holds at most "
+                         f"{2 ** stations.QUEUE_PLACE_BITS - 1}")
     order = np.argsort(scenario.arrival_step, kind="stable")
     dt = cfg.env.dt_hours
     need = scenario.capacity_kwh * (scenario.target_soc - scenario.start_soc)
@@ -275,20 +289,28 @@ def scenario_arrays(scenario: Scenario, cfg: Config, max_evs: int) -> ScenarioAr
         load_profile=jnp.asarray(scenario.load_profile, jnp.float64),
         mean_service_h=jnp.asarray(mean_service_h, jnp.float64),
         service_scv=jnp.asarray(service_scv, jnp.float64),
+        step_start=jnp.asarray(np.concatenate([[0], np.cumsum(per_step)]), jnp.int32),
+        window=int(window),
     )
 
 
 @_float64
-def stack_scenarios(scenarios: Sequence[Scenario], cfg: Config, max_evs: int | None = None) -> ScenarioArrays:
+def stack_scenarios(scenarios: Sequence[Scenario], cfg: Config, max_evs: int | None = None,
+                    window: int | None = None) -> ScenarioArrays:
     """Stack host scenarios into padded arrays [D, max_evs] with a validity mask. Host side, not jittable.
 
-    ``max_evs`` defaults to the largest day rounded up to a multiple of 64;
-    pass a fixed value to keep shapes (and the compiled step) the same across
-    calls.
+    ``window`` (most arrivals in one step) defaults to the batch's largest
+    step rounded up to a multiple of 16, ``max_evs`` to the largest day plus
+    the window rounded up to a multiple of 64; pass fixed values to keep the
+    shapes (and the compiled step) the same across calls.
     """
+    steps = cfg.env.episode_steps
+    if window is None:
+        busiest = max(int(_arrivals_per_step(s, steps).max(initial=0)) for s in scenarios)
+        window = max(16, -(-busiest // 16) * 16)
     if max_evs is None:
-        max_evs = max(64, -(-max(s.num_evs for s in scenarios) // 64) * 64)
-    days = [scenario_arrays(s, cfg, max_evs) for s in scenarios]
+        max_evs = -(-(max(s.num_evs for s in scenarios) + window) // 64) * 64
+    days = [scenario_arrays(s, cfg, max_evs, window) for s in scenarios]
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *days)
 
 
@@ -375,10 +397,11 @@ def reset(key: chex.PRNGKey, scenario: ScenarioArrays, params: EnvParams) -> tup
 
 
 class Admission(struct.PyTreeNode):
-    """The EVs that appeared in a step and what they chose (twin of ``evjax.env.Admission``)."""
+    """The EVs that appeared in a step and what they chose (twin of ``evjax.env.Admission``); W = ``scenario.window``."""
 
-    new: jax.Array  # [V] bool: appeared this step
-    choice: jax.Array  # [V] chosen station, -1 when none is reachable or not new
+    start: jax.Array  # [] row of the step's first EV; the step's EVs are rows start .. start + W - 1 where ``new``
+    new: jax.Array  # [W] bool: the row appeared this step
+    choice: jax.Array  # [W] chosen station, -1 when none is reachable or not new
     arrivals: jax.Array  # [K] EVs that chose each station
     unserved: jax.Array  # [] new EVs that reach no station
     expected_wait_h: jax.Array  # [K]
@@ -387,47 +410,65 @@ class Admission(struct.PyTreeNode):
     generalized_cost: jax.Array  # []
 
 
-def admit_arrivals(key: chex.PRNGKey, state: EnvState, price: jax.Array, params: EnvParams) -> tuple[EnvState, Admission]:
-    """The EVs appearing at step t pick a station at the posted ``price`` [K] and lock it in (``evjax.env.admit_arrivals``)."""
+def admit_arrivals(key: chex.PRNGKey, state: EnvState, price: jax.Array, params: EnvParams,
+                   place: jax.Array) -> tuple[EnvState, Admission, jax.Array]:
+    """The EVs appearing at step t pick a station at the posted ``price`` [K] and lock it in (``evjax.env.admit_arrivals``).
+
+    ``place`` [V] is each present EV's FIFO place (``stations.queue_places``).
+    Only the step's window of W rows is touched (EVs are sorted by arrival
+    step). Returns the new state, what happened, and the places [V] after
+    admission: the new EVs join the back of their station's queue.
+    """
     s, sc, t = params.settings, state.scenario, state.step
-    k = s.num_stations
+    k, width = s.num_stations, sc.window
     present = state.status == PRESENT
-    holding = stations.charging_slots(state.station, present, params.chargers)
-    waiting = stations.station_totals(present & ~holding, state.station, k)
+    at_station = stations.station_totals(present.astype(jnp.float64), state.station, k)  # [K]
+    waiting = jnp.maximum(at_station - params.chargers, 0.0)  # the first c hold a charger
     wait_h = stations.expected_wait_hours(
         state.last_arrivals / params.dt_hours, waiting, params.chargers, sc.mean_service_h, sc.service_scv,
         params.max_wait_hours, params.zero_wait_utilisation, max_chargers=s.max_chargers)
-    new = sc.valid & (sc.arrival_step == t)  # [V]
-    need = sc.capacity_kwh * (sc.target_soc - sc.start_soc)
-    travel_energy = params.travel_energy_kwh[t, sc.origin]  # [V, K]
-    travel_time = params.travel_time_h[t, sc.origin]  # [V, K]
-    cost = stations.generalized_cost(price, need, sc.capacity_kwh * sc.start_soc, travel_energy, travel_time, wait_h,
+    start = sc.step_start[t]
+    window = lambda values: jax.lax.dynamic_slice(values, (start,), (width,))  # noqa: E731
+    put = lambda values, rows: jax.lax.dynamic_update_slice(values, rows.astype(values.dtype), (start,))  # noqa: E731
+    new = jnp.arange(width) < sc.step_start[t + 1] - start  # [W]
+    capacity, start_soc = window(sc.capacity_kwh), window(sc.start_soc)
+    need = capacity * (window(sc.target_soc) - start_soc)
+    origin = window(sc.origin)
+    travel_energy = params.travel_energy_kwh[t, origin]  # [W, K]
+    travel_time = params.travel_time_h[t, origin]  # [W, K]
+    cost = stations.generalized_cost(price, need, capacity * start_soc, travel_energy, travel_time, wait_h,
                                      params.money_weight, params.value_of_time)
     noise = jax.random.gumbel(key, cost.shape, jnp.float64) if s.choice == "logit" else None
     choice = jnp.where(new, stations.choose_stations(cost, noise, params.logit_temperature, choice=s.choice), -1)
     chooses = choice >= 0
-    picked = stations.one_hot(choice, k)  # [V, K]
+    picked = stations.one_hot(choice, k)  # [W, K]
     pick = lambda table: jnp.sum(jnp.where(picked, table, 0.0), axis=1)  # noqa: E731
     chosen_energy = pick(travel_energy)
+    joined_before = jnp.sum(jnp.where(picked, jnp.cumsum(picked, axis=0), 0), axis=1)  # [W] 1-based among new
+    new_place = at_station.astype(jnp.int32)[jnp.maximum(choice, 0)] + joined_before
     state = state.replace(
-        status=jnp.where(new, jnp.where(chooses, PRESENT, UNSERVED), state.status),
-        station=jnp.where(chooses, choice, state.station),
-        locked_price=jnp.where(chooses, price[jnp.maximum(choice, 0)], state.locked_price),
-        remaining_kwh=jnp.where(chooses, need + chosen_energy, state.remaining_kwh),
-        join_step=jnp.where(chooses, t, state.join_step),
+        status=put(state.status, jnp.where(new, jnp.where(chooses, PRESENT, UNSERVED), window(state.status))),
+        station=put(state.station, jnp.where(chooses, choice, window(state.station))),
+        locked_price=put(state.locked_price, jnp.where(chooses, price[jnp.maximum(choice, 0)],
+                                                       window(state.locked_price))),
+        remaining_kwh=put(state.remaining_kwh, jnp.where(chooses, need + chosen_energy, window(state.remaining_kwh))),
+        join_step=put(state.join_step, jnp.where(chooses, t, window(state.join_step))),
     )
+    place = put(place, jnp.where(chooses, new_place, window(place)))
     return state, Admission(
-        new=new, choice=choice, arrivals=jnp.sum(picked, axis=0).astype(jnp.int32),
+        start=start, new=new, choice=choice, arrivals=jnp.sum(picked, axis=0).astype(jnp.int32),
         unserved=jnp.sum(new & ~chooses).astype(jnp.int32), expected_wait_h=wait_h,
         travel_time_h=jnp.sum(pick(travel_time)), travel_energy_kwh=jnp.sum(chosen_energy),
         generalized_cost=jnp.sum(pick(cost)),
-    )
+    ), place
 
 
 class Charging(struct.PyTreeNode):
     """One step of FIFO charging and the departures after it (twin of ``evjax.env.Charging``)."""
 
     energy_kwh: jax.Array  # [V]
+    station_energy_kwh: jax.Array  # [K]
+    station_revenue: jax.Array  # [K] sum of energy x locked price
     evs_charging: jax.Array  # [K]
     queue_length: jax.Array  # [K]
     queue_hours: jax.Array  # []
@@ -436,23 +477,29 @@ class Charging(struct.PyTreeNode):
     evs_present: jax.Array  # [K]
 
 
-def charge_and_depart(state: EnvState, params: EnvParams) -> tuple[EnvState, Charging]:
-    """The first c EVs of each station charge min(P dt, remaining); EVs at target or past deadline leave (``evjax.env.charge_and_depart``)."""
+def charge_and_depart(state: EnvState, params: EnvParams, place: jax.Array) -> tuple[EnvState, Charging]:
+    """The first c EVs of each station charge min(P dt, remaining); EVs at target or past deadline leave (``evjax.env.charge_and_depart``).
+
+    ``place`` [V]: FIFO places of the present EVs (after admission).
+    """
     k, dt, t = params.settings.num_stations, params.dt_hours, state.step
     present = state.status == PRESENT
-    holding = stations.charging_slots(state.station, present, params.chargers)
+    holding = present & (place <= params.chargers[jnp.maximum(state.station, 0)])
     energy = jnp.where(holding, jnp.minimum(params.charger_kw * dt, state.remaining_kwh), 0.0)
     remaining = state.remaining_kwh - energy
     reached = present & (remaining <= 1e-9)
     expired = present & ~reached & ((t + 1) * dt >= state.scenario.deadline_h - 1e-9)
     status = jnp.where(reached, DONE, jnp.where(expired, LEFT_INCOMPLETE, state.status))
     waiting = present & ~holding
-    totals = lambda mask: stations.station_totals(mask, state.station, k).astype(jnp.int32)  # noqa: E731
+    per_ev = jnp.stack([holding, waiting, reached, expired, status == PRESENT], axis=1).astype(jnp.float64)
+    per_ev = jnp.concatenate([per_ev, energy[:, None], (energy * state.locked_price)[:, None]], axis=1)  # [V, 7]
+    totals = stations.station_totals(per_ev, state.station, k)  # [7, K]
+    counts = totals[:5].astype(jnp.int32)
     state = state.replace(remaining_kwh=remaining, delivered_kwh=state.delivered_kwh + energy, status=status)
     return state, Charging(
-        energy_kwh=energy, evs_charging=totals(holding), queue_length=totals(waiting),
-        queue_hours=jnp.sum(waiting) * dt, departed_at_target=totals(reached), departed_incomplete=totals(expired),
-        evs_present=totals(status == PRESENT),
+        energy_kwh=energy, station_energy_kwh=totals[5], station_revenue=totals[6], evs_charging=counts[0],
+        queue_length=counts[1], queue_hours=jnp.sum(counts[1]) * dt, departed_at_target=counts[2],
+        departed_incomplete=counts[3], evs_present=counts[4],
     )
 
 
@@ -499,9 +546,11 @@ def step(key: chex.PRNGKey, state: EnvState, action: jax.Array, params: EnvParam
     price = jnp.clip(price, params.price_lower, params.price_upper)
     t_index = jnp.minimum(t, s.episode_steps - 1)  # an ended episode still indexes the tables safely
 
-    moved, admission = admit_arrivals(key, state.replace(step=t_index), price, params)
-    moved, charging = charge_and_depart(moved, params)
-    settlement = stations.settle(charging.energy_kwh, moved.locked_price, moved.station, k, params.cs_purchase_price,
+    moved = state.replace(step=t_index)
+    place = stations.queue_places(moved.station, moved.status == PRESENT, k)
+    moved, admission, place = admit_arrivals(key, moved, price, params, place)
+    moved, charging = charge_and_depart(moved, params, place)
+    settlement = stations.settle(charging.station_energy_kwh, charging.station_revenue, params.cs_purchase_price,
                                  params.dg_supply_kw, params.dg_price, params.grid_price, dt)
     station_kw = settlement.energy_kwh / dt
     multiplier = (state.scenario.load_profile[t_index] if s.multiplier_from_day_profile
@@ -527,7 +576,8 @@ def step(key: chex.PRNGKey, state: EnvState, action: jax.Array, params: EnvParam
         done=(next_step >= s.episode_steps) | ~converged,
     )
     ended = state.done
-    new_state = jax.tree.map(lambda old, new: jnp.where(ended, old, new), state, moved)
+    new_state = jax.tree.map(lambda old, new: jnp.where(ended, old, new), state.replace(scenario=None),
+                             moved.replace(scenario=None)).replace(scenario=state.scenario)
     reward = jnp.where(ended, 0.0, welfare.welfare / params.reward_scale)
     total_cost = jnp.where(ended, 0.0, cost["total"])
     nan = jnp.float64(jnp.nan)
@@ -559,7 +609,9 @@ def step(key: chex.PRNGKey, state: EnvState, action: jax.Array, params: EnvParam
         "dso_profit": welfare.dso_profit, "users_energy_value": welfare.users_energy_value,
         "users_payment": welfare.users_payment, "users_time_cost": welfare.users_time_cost,
         "users_surplus": welfare.users_surplus, "carbon_cost_cny": welfare.carbon_cost, "welfare": welfare.welfare,
-        "users_generalized_cost": admission.generalized_cost, "station_choice": admission.choice,
+        "users_generalized_cost": admission.generalized_cost,
+        "station_choice": jax.lax.dynamic_update_slice(jnp.full(state.station.shape, -1, jnp.int32),
+                                                       admission.choice, (admission.start,)),
     }
     return new_state, new_state.observation, reward, total_cost, info
 

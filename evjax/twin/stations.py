@@ -88,20 +88,38 @@ def one_hot(station: jax.Array, num_stations: int) -> jax.Array:
 
 
 def station_totals(values: jax.Array, station: jax.Array, num_stations: int) -> jax.Array:
-    """Sum a per-EV quantity [V] per station [K] (EVs with station < 0 are ignored)."""
-    return jnp.sum(jnp.where(one_hot(station, num_stations), values[:, None], 0), axis=0)
+    """Sum per-EV quantities [V, F] (or [V]) per station: [F, K] (or [K]); EVs with station < 0 are ignored.
+
+    One matmul with the one-hot station matrix, so F quantities cost one pass.
+    """
+    weights = one_hot(station, num_stations).astype(values.dtype)  # [V, K]
+    return jnp.tensordot(values, weights, axes=([0], [0]))
+
+
+QUEUE_PLACE_BITS = 10  # bits per station in the packed FIFO count: at most 2^10 - 1 EVs per day
+
+
+def queue_places(station: jax.Array, present: jax.Array, num_stations: int) -> jax.Array:
+    """Place [V] (1-based; 0 when not present) of each present EV in its station's FIFO order of present EVs.
+
+    The twin's EVs are ordered by arrival step (``scenario_arrays`` sorts them
+    stably) and an EV joins its station in the step it arrives, so the host's
+    FIFO order (join step, EV index) is EV order: an EV's place is the running
+    count of present EVs at its station up to it. The K counts are packed into
+    one int32 (``QUEUE_PLACE_BITS`` bits each), so this is one cumsum over [V]
+    rather than a sort or K cumsums.
+    """
+    if num_stations * QUEUE_PLACE_BITS > 31:
+        raise ValueError(f"{num_stations} stations do not fit the packed queue count")
+    shift = QUEUE_PLACE_BITS * jnp.maximum(station, 0)
+    code = jnp.where(present & (station >= 0), jnp.left_shift(1, shift), 0).astype(jnp.int32)
+    running = jnp.right_shift(jnp.cumsum(code), shift) & ((1 << QUEUE_PLACE_BITS) - 1)
+    return jnp.where(present & (station >= 0), running, 0)
 
 
 def charging_slots(station: jax.Array, present: jax.Array, chargers: jax.Array) -> jax.Array:
-    """Bool [V]: the first c present EVs of each station hold a charger, FIFO by (join step, EV index).
-
-    The twin's EVs are ordered by arrival step (``scenario_arrays`` sorts them
-    stably) and an EV joins its station in the step it arrives, so FIFO order
-    is EV order: an EV's place in the queue is the running count of present
-    EVs at its station up to it, a cumsum over [V, K] instead of a sort.
-    """
-    at = one_hot(station, chargers.shape[0]) & present[:, None]  # [V, K]
-    place = jnp.sum(jnp.where(at, jnp.cumsum(at, axis=0), 0), axis=1)  # [V] 1-based; 0 when absent
+    """Bool [V]: the first c present EVs of each station hold a charger (FIFO by join step, then EV index)."""
+    place = queue_places(station, present, chargers.shape[0])
     return present & (place >= 1) & (place <= chargers[jnp.maximum(station, 0)])
 
 
@@ -119,11 +137,13 @@ class Settlement(NamedTuple):
     dso_profit: jax.Array
 
 
-def settle(energy_kwh: jax.Array, locked_price: jax.Array, station: jax.Array, num_stations: int,
-           cs_purchase_price, dg_supply_kw, dg_price, grid_price, dt_hours) -> Settlement:
-    """Revenue at locked prices, station purchase cost, DSO supply cost (DG first, P_DG dt kWh, then the grid)."""
-    energy = station_totals(energy_kwh, station, num_stations)
-    revenue = station_totals(energy_kwh * locked_price, station, num_stations)
+def settle(energy: jax.Array, revenue: jax.Array, cs_purchase_price, dg_supply_kw, dg_price, grid_price,
+           dt_hours) -> Settlement:
+    """Settle a step from the station energy [K] and revenue [K] (sum of energy x locked price), as ``stations.settle``.
+
+    The stations buy at the CS purchase price; the DSO supplies the first
+    P_DG dt kWh from the DG, the rest from the grid.
+    """
     purchase = energy * cs_purchase_price
     sold = energy > 0.0
     mean_locked = jnp.where(sold, revenue / jnp.where(sold, energy, 1.0), jnp.nan)
