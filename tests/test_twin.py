@@ -147,9 +147,9 @@ def test_queue_places_are_fifo_per_station():
 
 
 def test_agreement_with_the_host_environment_on_random_days_and_prices():
-    """10 (day, seed) pairs, 3 of them among the busiest days, random prices (some out of bounds)."""
-    result = assert_agrees(agreement.run_episodes(CFG, pairs=10, seed=3, high_demand=3))
-    assert result["steps_compared"] == 10 * CFG.env.episode_steps
+    """8 (day, seed) pairs, 3 of them among the busiest days, random prices (some out of bounds); 50+ in the script."""
+    result = assert_agrees(agreement.run_episodes(CFG, pairs=8, seed=3, high_demand=3))
+    assert result["steps_compared"] == 8 * CFG.env.episode_steps
     assert result["host_queued_ev_steps"] > 0 and result["host_clipped_prices"] > 0  # queues and clipping exercised
     assert result["max_evs_per_day"] > 300
 
@@ -226,17 +226,14 @@ def test_step_traces_once_and_jit_equals_eager(params, days):
     state, obs = twin.reset(jax.random.key(0), _day(days, 0), params)
     np.testing.assert_array_equal(np.asarray(obs), EVPricingEnv(CFG).reset(
         options={"scenario": make_scenario(CFG, "test", 0, seed=0)})[0])
-    eager_state = state
-    for t, price in enumerate([MID, np.array(CFG.env.price_upper), MID + 0.01]):
-        key = jax.random.key(t)
-        state, obs, reward, cost, info = step(key, state, price, params)
-        eager_state, eager_obs, eager_reward, eager_cost, _ = twin.step(key, eager_state, jnp.asarray(price), params)
-        np.testing.assert_allclose(np.asarray(obs), np.asarray(eager_obs), rtol=1e-6)
-        assert float(reward) == pytest.approx(float(eager_reward), rel=1e-12)
-        assert float(cost) == pytest.approx(float(eager_cost), rel=1e-9, abs=1e-12)
-        np.testing.assert_array_equal(np.asarray(state.station), np.asarray(eager_state.station))
-        np.testing.assert_allclose(np.asarray(state.remaining_kwh), np.asarray(eager_state.remaining_kwh), rtol=1e-12)
-    assert int(state.step) == 3 and np.asarray(info["station_energy_kwh"]).sum() > 0.0
+    for t, price in enumerate([MID, np.array(CFG.env.price_upper)]):
+        state, *_ = step(jax.random.key(t), state, price, params)
+    key, price = jax.random.key(2), MID + 0.01
+    jitted = step(key, state, price, params)
+    eager = twin.step(key, state, price, params)
+    for got, expected in zip(jax.tree.leaves(jitted), jax.tree.leaves(eager)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-9, atol=1e-12)
+    assert int(jitted[0].step) == 3 and np.asarray(jitted[4]["station_energy_kwh"]).sum() > 0.0
 
 
 def test_vmap_over_days_and_seeds_equals_a_loop(params, days):
