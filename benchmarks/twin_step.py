@@ -33,7 +33,7 @@ from evjax.data.scenarios import make_scenario
 def twin_steps_per_second(cfg: Config, params, batch: int, repeats: int, distinct_days: int = 64) -> dict:
     """Median, min and max steps/s of the vmapped episode rollout at ``batch``, and its compile seconds."""
     scenarios = [make_scenario(cfg, "train", day=None, seed=s) for s in range(min(batch, distinct_days))]
-    days = twin.stack_scenarios([scenarios[i % len(scenarios)] for i in range(batch)], cfg, max_evs=512, window=96)
+    days = twin.stack_scenarios([scenarios[i % len(scenarios)] for i in range(batch)], cfg, max_evs=512)
     rng = np.random.default_rng(0)
     lower, upper = np.asarray(cfg.env.price_lower), np.asarray(cfg.env.price_upper)
     prices = lower + (upper - lower) * rng.uniform(size=(batch, cfg.env.episode_steps, len(lower)))

@@ -200,21 +200,22 @@ def days():
 def test_stack_scenarios_pads_masks_and_orders(days):
     scenarios = [make_scenario(CFG, "test", d, seed=d) for d in range(3)]
     counts = [s.num_evs for s in scenarios]
-    assert days.valid.shape[1] % 64 == 0 and days.valid.shape[1] >= max(counts) + days.window
+    assert days.valid.shape[1] % 64 == 0 and days.valid.shape[1] >= max(counts)
     np.testing.assert_array_equal(np.asarray(days.valid).sum(axis=1), counts)
     for d, scenario in enumerate(scenarios):
         n = counts[d]
         np.testing.assert_array_equal(np.asarray(days.arrival_step[d, :n]), scenario.arrival_step)
         np.testing.assert_array_equal(np.asarray(days.ev_index[d, :n]), np.arange(n))
         assert np.all(np.asarray(days.arrival_step[d, n:]) == -1) and np.all(np.asarray(days.ev_index[d, n:]) == -1)
-        np.testing.assert_array_equal(np.asarray(days.step_start[d]),
-                                      np.searchsorted(scenario.arrival_step, np.arange(CFG.env.episode_steps + 1)))
+        travel = EVPricingEnv(CFG).travel if d == 0 else travel
+        np.testing.assert_array_equal(np.asarray(days.travel_energy_kwh[d, :n]),
+                                      travel.energy_kwh[scenario.arrival_step, scenario.origin_node - 1])
         mean, scv = host_stations.service_time_stats(
             scenario.capacity_kwh * (scenario.target_soc - scenario.start_soc), scenario.duration_h + scenario.laxity_h,
             CFG.stations.charger_kw, CFG.env.dt_hours)
         assert float(days.mean_service_h[d]) == mean and float(days.service_scv[d]) == scv
     with pytest.raises(ValueError, match="max_evs"):
-        twin.stack_scenarios(scenarios, CFG, max_evs=max(counts))
+        twin.stack_scenarios(scenarios, CFG, max_evs=max(counts) - 1)
 
 
 def _day(days, d):

@@ -140,9 +140,9 @@ class ScenarioArrays:
     """One day's EVs as padded arrays [V] (or a stack of days [D, V]); rows with ``valid`` False are padding.
 
     EVs are sorted stably by arrival step; ``ev_index`` is each row's index in
-    the host ``Scenario`` (-1 for padding). The EVs of step t are rows
-    ``step_start[t]`` .. ``step_start[t + 1] - 1``; admission looks at the
-    ``window`` rows from ``step_start[t]``, so V >= EVs + window.
+    the host ``Scenario`` (-1 for padding). Travel time and energy to each
+    station are looked up once, at the EV's arrival step and origin (the road
+    tables of the config the arrays were built with).
     """
 
     arrival_step: jax.Array  # [V] int32; -1 for padding (never arrives)
@@ -156,8 +156,10 @@ class ScenarioArrays:
     load_profile: jax.Array  # [T] the day's window power / mean
     mean_service_h: jax.Array  # [] mean charger-holding time (stations.service_time_stats)
     service_scv: jax.Array  # [] its squared coefficient of variation
-    step_start: jax.Array  # [T + 1] int32 row of the first EV of each step (the last entry: the number of EVs)
-    window: int = struct.field(pytree_node=False)  # W: rows a step's admission looks at (most arrivals in one step)
+    need_kwh: jax.Array  # [V] capacity x (target - start SOC)
+    battery_kwh: jax.Array  # [V] capacity x start SOC
+    travel_time_h: jax.Array  # [V, K] to each station at the EV's arrival step
+    travel_energy_kwh: jax.Array  # [V, K]
 
 
 @struct.dataclass
@@ -174,6 +176,7 @@ class EnvState:
     delivered_kwh: jax.Array  # [V]
     join_step: jax.Array  # [V] int32
     last_arrivals: jax.Array  # [K] int32
+    evs_present: jax.Array  # [K] int32 EVs at each station (charging + queued) at the end of the last step
     line_loading: jax.Array  # [K] of the last converged power flow
     carbon_intensity: jax.Array  # [] constrained measure of the last converged power flow
     observation: jax.Array  # [obs_dim] float32
@@ -242,39 +245,38 @@ def make_params(cfg: Config, *, power_flow: str = "sweep", max_power_flow_iterat
                           reset_carbon_intensity=_constrained(settings, intensity))
 
 
-def _arrivals_per_step(scenario: Scenario, num_steps: int) -> np.ndarray:
-    return np.bincount(scenario.arrival_step, minlength=num_steps)[:num_steps]
-
-
 @_float64
-def scenario_arrays(scenario: Scenario, cfg: Config, max_evs: int, window: int) -> ScenarioArrays:
+def scenario_arrays(scenario: Scenario, cfg: Config, max_evs: int,
+                    travel: roads.TravelTables | None = None) -> ScenarioArrays:
     """One host ``Scenario`` as padded arrays [max_evs]. Host side, not jittable.
 
     EVs are sorted stably by arrival step (``make_scenario`` already orders
     them so; the host's FIFO order (join step, EV index) is kept). Service-time
     statistics come from ``stations.service_time_stats`` on the day's EVs, as
-    the host's reset computes them. Raises ``ValueError`` if a step has more
-    than ``window`` arrivals or the day more than ``max_evs - window`` EVs.
+    the host's reset computes them; ``travel`` defaults to the config's road
+    tables. Raises ``ValueError`` if the day has more than ``max_evs`` EVs.
     """
     num, num_steps = scenario.num_evs, cfg.env.episode_steps
-    per_step = _arrivals_per_step(scenario, num_steps)
-    if per_step.max(initial=0) > window or np.any((scenario.arrival_step < 0) | (scenario.arrival_step >= num_steps)):
-        raise ValueError(f"scenario has a step with more than window={window} arrivals, or arrivals outside the episode")
-    if num + window > max_evs:
-        raise ValueError(f"scenario has {num} EVs; max_evs={max_evs} must be at least EVs + window ({num + window})")
+    if num > max_evs:
+        raise ValueError(f"scenario has {num} EVs, more than max_evs={max_evs}")
     if num >= 2 ** stations.QUEUE_PLACE_BITS:
         raise ValueError(f"scenario has {num} EVs; the twin's packed FIFO count holds at most "
                          f"{2 ** stations.QUEUE_PLACE_BITS - 1}")
+    if np.any((scenario.arrival_step < 0) | (scenario.arrival_step >= num_steps)):
+        raise ValueError("scenario has arrivals outside the episode")
+    travel = travel if travel is not None else roads.travel_tables(cfg.roads, num_steps)
     order = np.argsort(scenario.arrival_step, kind="stable")
     dt = cfg.env.dt_hours
     need = scenario.capacity_kwh * (scenario.target_soc - scenario.start_soc)
     mean_service_h, service_scv = host_stations.service_time_stats(
         need, scenario.duration_h + scenario.laxity_h, cfg.stations.charger_kw, dt)
     deadline = scenario.arrival_step * dt + scenario.duration_h + scenario.laxity_h
+    at = (scenario.arrival_step, scenario.origin_node - 1)
 
     def pad(values, fill, dtype):
-        out = np.full(max_evs, fill, dtype=dtype)
-        out[:num] = np.asarray(values)[order]
+        values = np.asarray(values)
+        out = np.full((max_evs,) + values.shape[1:], fill, dtype=dtype)
+        out[:num] = values[order]
         return jnp.asarray(out)
 
     return ScenarioArrays(
@@ -289,28 +291,25 @@ def scenario_arrays(scenario: Scenario, cfg: Config, max_evs: int, window: int) 
         load_profile=jnp.asarray(scenario.load_profile, jnp.float64),
         mean_service_h=jnp.asarray(mean_service_h, jnp.float64),
         service_scv=jnp.asarray(service_scv, jnp.float64),
-        step_start=jnp.asarray(np.concatenate([[0], np.cumsum(per_step)]), jnp.int32),
-        window=int(window),
+        need_kwh=pad(need, 0.0, np.float64),
+        battery_kwh=pad(scenario.capacity_kwh * scenario.start_soc, 0.0, np.float64),
+        travel_time_h=pad(travel.time_h[at], 0.0, np.float64),
+        travel_energy_kwh=pad(travel.energy_kwh[at], 0.0, np.float64),
     )
 
 
 @_float64
-def stack_scenarios(scenarios: Sequence[Scenario], cfg: Config, max_evs: int | None = None,
-                    window: int | None = None) -> ScenarioArrays:
+def stack_scenarios(scenarios: Sequence[Scenario], cfg: Config, max_evs: int | None = None) -> ScenarioArrays:
     """Stack host scenarios into padded arrays [D, max_evs] with a validity mask. Host side, not jittable.
 
-    ``window`` (most arrivals in one step) defaults to the batch's largest
-    step rounded up to a multiple of 16, ``max_evs`` to the largest day plus
-    the window rounded up to a multiple of 64; pass fixed values to keep the
-    shapes (and the compiled step) the same across calls.
+    ``max_evs`` defaults to the largest day rounded up to a multiple of 64;
+    pass a fixed value to keep the shapes (and the compiled step) the same
+    across calls.
     """
-    steps = cfg.env.episode_steps
-    if window is None:
-        busiest = max(int(_arrivals_per_step(s, steps).max(initial=0)) for s in scenarios)
-        window = max(16, -(-busiest // 16) * 16)
     if max_evs is None:
-        max_evs = -(-(max(s.num_evs for s in scenarios) + window) // 64) * 64
-    days = [scenario_arrays(s, cfg, max_evs, window) for s in scenarios]
+        max_evs = max(64, -(-max(s.num_evs for s in scenarios) // 64) * 64)
+    travel = roads.travel_tables(cfg.roads, cfg.env.episode_steps)
+    days = [scenario_arrays(s, cfg, max_evs, travel) for s in scenarios]
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *days)
 
 
@@ -390,6 +389,7 @@ def reset(key: chex.PRNGKey, scenario: ScenarioArrays, params: EnvParams) -> tup
         status=jnp.full(num_evs, NOT_ARRIVED, jnp.int32), station=jnp.full(num_evs, -1, jnp.int32),
         locked_price=zeros_v, remaining_kwh=zeros_v, delivered_kwh=zeros_v,
         join_step=jnp.zeros(num_evs, jnp.int32), last_arrivals=jnp.zeros(s.num_stations, jnp.int32),
+        evs_present=jnp.zeros(s.num_stations, jnp.int32),
         line_loading=params.reset_line_loading, carbon_intensity=params.reset_carbon_intensity,
         observation=observation, done=jnp.asarray(False),
     )
@@ -397,11 +397,10 @@ def reset(key: chex.PRNGKey, scenario: ScenarioArrays, params: EnvParams) -> tup
 
 
 class Admission(struct.PyTreeNode):
-    """The EVs that appeared in a step and what they chose (twin of ``evjax.env.Admission``); W = ``scenario.window``."""
+    """The EVs that appeared in a step and what they chose (twin of ``evjax.env.Admission``)."""
 
-    start: jax.Array  # [] row of the step's first EV; the step's EVs are rows start .. start + W - 1 where ``new``
-    new: jax.Array  # [W] bool: the row appeared this step
-    choice: jax.Array  # [W] chosen station, -1 when none is reachable or not new
+    new: jax.Array  # [V] bool: the EV appeared this step
+    choice: jax.Array  # [V] chosen station, -1 when none is reachable or not new
     arrivals: jax.Array  # [K] EVs that chose each station
     unserved: jax.Array  # [] new EVs that reach no station
     expected_wait_h: jax.Array  # [K]
@@ -410,57 +409,42 @@ class Admission(struct.PyTreeNode):
     generalized_cost: jax.Array  # []
 
 
-def admit_arrivals(key: chex.PRNGKey, state: EnvState, price: jax.Array, params: EnvParams,
-                   place: jax.Array) -> tuple[EnvState, Admission, jax.Array]:
+def admit_arrivals(key: chex.PRNGKey, state: EnvState, price: jax.Array, params: EnvParams) -> tuple[EnvState, Admission]:
     """The EVs appearing at step t pick a station at the posted ``price`` [K] and lock it in (``evjax.env.admit_arrivals``).
 
-    ``place`` [V] is each present EV's FIFO place (``stations.queue_places``).
-    Only the step's window of W rows is touched (EVs are sorted by arrival
-    step). Returns the new state, what happened, and the places [V] after
-    admission: the new EVs join the back of their station's queue.
+    Every row is computed elementwise and masked to the step's arrivals: on
+    XLA CPU, scattering a window of rows back into [V] costs more than
+    recomputing [V, K] costs (travel is precomputed per EV). The expected
+    wait uses the EVs present at the end of the last step (``state.evs_present``),
+    the first c of which hold a charger. Nobody arrives once the episode has ended.
     """
     s, sc, t = params.settings, state.scenario, state.step
-    k, width = s.num_stations, sc.window
-    present = state.status == PRESENT
-    at_station = stations.station_totals(present.astype(jnp.float64), state.station, k)  # [K]
-    waiting = jnp.maximum(at_station - params.chargers, 0.0)  # the first c hold a charger
+    k = s.num_stations
+    waiting = jnp.maximum(state.evs_present - params.chargers, 0)
     wait_h = stations.expected_wait_hours(
         state.last_arrivals / params.dt_hours, waiting, params.chargers, sc.mean_service_h, sc.service_scv,
         params.max_wait_hours, params.zero_wait_utilisation, max_chargers=s.max_chargers)
-    start = sc.step_start[t]
-    window = lambda values: jax.lax.dynamic_slice(values, (start,), (width,))  # noqa: E731
-    put = lambda values, rows: jax.lax.dynamic_update_slice(values, rows.astype(values.dtype), (start,))  # noqa: E731
-    new = jnp.arange(width) < sc.step_start[t + 1] - start  # [W]
-    capacity, start_soc = window(sc.capacity_kwh), window(sc.start_soc)
-    need = capacity * (window(sc.target_soc) - start_soc)
-    origin = window(sc.origin)
-    travel_energy = params.travel_energy_kwh[t, origin]  # [W, K]
-    travel_time = params.travel_time_h[t, origin]  # [W, K]
-    cost = stations.generalized_cost(price, need, capacity * start_soc, travel_energy, travel_time, wait_h,
-                                     params.money_weight, params.value_of_time)
+    new = sc.valid & (sc.arrival_step == t) & ~state.done  # [V]
+    cost = stations.generalized_cost(price, sc.need_kwh, sc.battery_kwh, sc.travel_energy_kwh, sc.travel_time_h,
+                                     wait_h, params.money_weight, params.value_of_time)  # [V, K]
     noise = jax.random.gumbel(key, cost.shape, jnp.float64) if s.choice == "logit" else None
     choice = jnp.where(new, stations.choose_stations(cost, noise, params.logit_temperature, choice=s.choice), -1)
     chooses = choice >= 0
-    picked = stations.one_hot(choice, k)  # [W, K]
-    pick = lambda table: jnp.sum(jnp.where(picked, table, 0.0), axis=1)  # noqa: E731
-    chosen_energy = pick(travel_energy)
-    joined_before = jnp.sum(jnp.where(picked, jnp.cumsum(picked, axis=0), 0), axis=1)  # [W] 1-based among new
-    new_place = at_station.astype(jnp.int32)[jnp.maximum(choice, 0)] + joined_before
+    pick = lambda table: stations.pick(table, choice)  # noqa: E731  [V], 0 where nothing was chosen
+    chosen_energy = pick(sc.travel_energy_kwh)
     state = state.replace(
-        status=put(state.status, jnp.where(new, jnp.where(chooses, PRESENT, UNSERVED), window(state.status))),
-        station=put(state.station, jnp.where(chooses, choice, window(state.station))),
-        locked_price=put(state.locked_price, jnp.where(chooses, price[jnp.maximum(choice, 0)],
-                                                       window(state.locked_price))),
-        remaining_kwh=put(state.remaining_kwh, jnp.where(chooses, need + chosen_energy, window(state.remaining_kwh))),
-        join_step=put(state.join_step, jnp.where(chooses, t, window(state.join_step))),
+        status=jnp.where(new, jnp.where(chooses, PRESENT, UNSERVED), state.status),
+        station=jnp.where(chooses, choice, state.station),
+        locked_price=jnp.where(chooses, pick(jnp.broadcast_to(price, cost.shape)), state.locked_price),
+        remaining_kwh=jnp.where(chooses, sc.need_kwh + chosen_energy, state.remaining_kwh),
+        join_step=jnp.where(chooses, t, state.join_step),
     )
-    place = put(place, jnp.where(chooses, new_place, window(place)))
     return state, Admission(
-        start=start, new=new, choice=choice, arrivals=jnp.sum(picked, axis=0).astype(jnp.int32),
+        new=new, choice=choice, arrivals=stations.station_counts(chooses, choice, k),
         unserved=jnp.sum(new & ~chooses).astype(jnp.int32), expected_wait_h=wait_h,
-        travel_time_h=jnp.sum(pick(travel_time)), travel_energy_kwh=jnp.sum(chosen_energy),
+        travel_time_h=jnp.sum(pick(sc.travel_time_h)), travel_energy_kwh=jnp.sum(chosen_energy),
         generalized_cost=jnp.sum(pick(cost)),
-    ), place
+    )
 
 
 class Charging(struct.PyTreeNode):
@@ -477,29 +461,38 @@ class Charging(struct.PyTreeNode):
     evs_present: jax.Array  # [K]
 
 
-def charge_and_depart(state: EnvState, params: EnvParams, place: jax.Array) -> tuple[EnvState, Charging]:
+def charge_and_depart(state: EnvState, params: EnvParams, place: jax.Array,
+                      at_station: jax.Array) -> tuple[EnvState, Charging]:
     """The first c EVs of each station charge min(P dt, remaining); EVs at target or past deadline leave (``evjax.env.charge_and_depart``).
 
-    ``place`` [V]: FIFO places of the present EVs (after admission).
+    ``place`` [V]: FIFO places of the present EVs (after admission);
+    ``at_station`` [K]: how many there are. The charging and queued counts
+    follow from them (the first c hold a charger), so only the departures,
+    energy and revenue are summed over EVs. Nothing happens once the episode
+    has ended.
     """
     k, dt, t = params.settings.num_stations, params.dt_hours, state.step
-    present = state.status == PRESENT
+    present = (state.status == PRESENT) & ~state.done
     holding = present & (place <= params.chargers[jnp.maximum(state.station, 0)])
     energy = jnp.where(holding, jnp.minimum(params.charger_kw * dt, state.remaining_kwh), 0.0)
     remaining = state.remaining_kwh - energy
     reached = present & (remaining <= 1e-9)
     expired = present & ~reached & ((t + 1) * dt >= state.scenario.deadline_h - 1e-9)
     status = jnp.where(reached, DONE, jnp.where(expired, LEFT_INCOMPLETE, state.status))
-    waiting = present & ~holding
-    per_ev = jnp.stack([holding, waiting, reached, expired, status == PRESENT], axis=1).astype(jnp.float64)
-    per_ev = jnp.concatenate([per_ev, energy[:, None], (energy * state.locked_price)[:, None]], axis=1)  # [V, 7]
-    totals = stations.station_totals(per_ev, state.station, k)  # [7, K]
-    counts = totals[:5].astype(jnp.int32)
-    state = state.replace(remaining_kwh=remaining, delivered_kwh=state.delivered_kwh + energy, status=status)
+    station_energy = stations.station_totals(energy, state.station, k)
+    station_revenue = stations.station_totals(energy * state.locked_price, state.station, k)
+    at_station = jnp.where(state.done, 0, at_station)
+    charging = jnp.minimum(at_station, params.chargers)
+    queued = at_station - charging
+    reached_k = stations.station_counts(reached, state.station, k)
+    expired_k = stations.station_counts(expired, state.station, k)
+    evs_present = at_station - reached_k - expired_k
+    state = state.replace(remaining_kwh=remaining, delivered_kwh=state.delivered_kwh + energy, status=status,
+                          evs_present=jnp.where(state.done, state.evs_present, evs_present))
     return state, Charging(
-        energy_kwh=energy, station_energy_kwh=totals[5], station_revenue=totals[6], evs_charging=counts[0],
-        queue_length=counts[1], queue_hours=jnp.sum(counts[1]) * dt, departed_at_target=counts[2],
-        departed_incomplete=counts[3], evs_present=counts[4],
+        energy_kwh=energy, station_energy_kwh=station_energy, station_revenue=station_revenue, evs_charging=charging,
+        queue_length=queued, queue_hours=jnp.sum(queued) * dt, departed_at_target=reached_k,
+        departed_incomplete=expired_k, evs_present=evs_present,
     )
 
 
@@ -547,9 +540,9 @@ def step(key: chex.PRNGKey, state: EnvState, action: jax.Array, params: EnvParam
     t_index = jnp.minimum(t, s.episode_steps - 1)  # an ended episode still indexes the tables safely
 
     moved = state.replace(step=t_index)
-    place = stations.queue_places(moved.station, moved.status == PRESENT, k)
-    moved, admission, place = admit_arrivals(key, moved, price, params, place)
-    moved, charging = charge_and_depart(moved, params, place)
+    moved, admission = admit_arrivals(key, moved, price, params)
+    place = stations.queue_places(moved.station, moved.status == PRESENT, k)  # new EVs join the back
+    moved, charging = charge_and_depart(moved, params, place, state.evs_present + admission.arrivals)
     settlement = stations.settle(charging.station_energy_kwh, charging.station_revenue, params.cs_purchase_price,
                                  params.dg_supply_kw, params.dg_price, params.grid_price, dt)
     station_kw = settlement.energy_kwh / dt
@@ -575,9 +568,9 @@ def step(key: chex.PRNGKey, state: EnvState, action: jax.Array, params: EnvParam
         carbon_intensity=last_intensity, observation=observation,
         done=(next_step >= s.episode_steps) | ~converged,
     )
-    ended = state.done
-    new_state = jax.tree.map(lambda old, new: jnp.where(ended, old, new), state.replace(scenario=None),
-                             moved.replace(scenario=None)).replace(scenario=state.scenario)
+    ended = state.done  # the per-EV arrays did not move (admission and charging are gated); keep the rest
+    kept = ("step", "posted_price", "last_arrivals", "line_loading", "carbon_intensity", "observation", "done")
+    new_state = moved.replace(**{name: jnp.where(ended, getattr(state, name), getattr(moved, name)) for name in kept})
     reward = jnp.where(ended, 0.0, welfare.welfare / params.reward_scale)
     total_cost = jnp.where(ended, 0.0, cost["total"])
     nan = jnp.float64(jnp.nan)
@@ -610,8 +603,7 @@ def step(key: chex.PRNGKey, state: EnvState, action: jax.Array, params: EnvParam
         "users_payment": welfare.users_payment, "users_time_cost": welfare.users_time_cost,
         "users_surplus": welfare.users_surplus, "carbon_cost_cny": welfare.carbon_cost, "welfare": welfare.welfare,
         "users_generalized_cost": admission.generalized_cost,
-        "station_choice": jax.lax.dynamic_update_slice(jnp.full(state.station.shape, -1, jnp.int32),
-                                                       admission.choice, (admission.start,)),
+        "station_choice": admission.choice,
     }
     return new_state, new_state.observation, reward, total_cost, info
 

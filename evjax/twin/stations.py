@@ -13,6 +13,9 @@ import jax
 import jax.numpy as jnp
 
 
+QUEUE_PLACE_BITS = 10  # bits per station in the packed per-station counts: at most 2^10 - 1 EVs per day
+
+
 def erlang_b(chargers: jax.Array, offered_load: jax.Array, *, max_chargers: int) -> jax.Array:
     """Erlang B [K] by the recursion B(n) = a B(n-1) / (n + a B(n-1)), B(0) = 1, run to each station's own c.
 
@@ -65,11 +68,12 @@ def generalized_cost(
 def choose_stations(cost: jax.Array, gumbel_noise: jax.Array | None, temperature: jax.Array, *, choice: str) -> jax.Array:
     """Station [V] each EV picks, -1 when none is reachable, as ``stations.choose_stations``.
 
-    ``argmin``: the cheapest station; ties go to the lowest station index (the
-    host's ``np.argmax`` of -cost and ``jnp.argmax`` both return the first
-    maximum). ``logit``: argmax(-C / temperature + g) over reachable stations
-    with standard Gumbel noise g [V, K] (the twin draws it from a JAX key, so it
-    agrees with the host in distribution, not draw by draw).
+    ``argmin``: the cheapest station; ties go to the lowest station index, as
+    the host's ``np.argmax`` of -cost (a strict comparison over the K
+    columns, elementwise: XLA CPU's variadic argmax reduction is slower).
+    ``logit``: argmax(-C / temperature + g) over reachable stations with
+    standard Gumbel noise g [V, K] (drawn from a JAX key, so it agrees with the
+    host in distribution, not draw by draw).
     """
     reachable = jnp.isfinite(cost)
     if choice == "argmin":
@@ -78,25 +82,36 @@ def choose_stations(cost: jax.Array, gumbel_noise: jax.Array | None, temperature
         score = -cost / temperature + gumbel_noise
     else:
         raise ValueError(f"unknown stations.choice {choice!r}")
-    picked = jnp.argmax(jnp.where(reachable, score, -jnp.inf), axis=1)
+    score = jnp.where(reachable, score, -jnp.inf)
+    best, picked = score[:, 0], jnp.zeros(cost.shape[0], jnp.int32)
+    for k in range(1, cost.shape[1]):
+        better = score[:, k] > best
+        best, picked = jnp.where(better, score[:, k], best), jnp.where(better, k, picked)
     return jnp.where(reachable.any(axis=1), picked, -1).astype(jnp.int32)
 
 
-def one_hot(station: jax.Array, num_stations: int) -> jax.Array:
-    """[V, K] bool: EV i is at station k (False for station < 0)."""
-    return station[:, None] == jnp.arange(num_stations)[None, :]
+def pick(table: jax.Array, choice: jax.Array) -> jax.Array:
+    """table[i, choice[i]] for each row [V] of a [V, K] table, 0 where choice < 0 (elementwise over the K columns)."""
+    picked = jnp.zeros(table.shape[0], table.dtype)
+    for k in range(table.shape[1]):
+        picked = jnp.where(choice == k, table[:, k], picked)
+    return picked
 
 
 def station_totals(values: jax.Array, station: jax.Array, num_stations: int) -> jax.Array:
-    """Sum per-EV quantities [V, F] (or [V]) per station: [F, K] (or [K]); EVs with station < 0 are ignored.
-
-    One matmul with the one-hot station matrix, so F quantities cost one pass.
-    """
-    weights = one_hot(station, num_stations).astype(values.dtype)  # [V, K]
-    return jnp.tensordot(values, weights, axes=([0], [0]))
+    """Sum a per-EV quantity [V] per station [K] (EVs with station < 0 are ignored); one masked sum per station."""
+    return jnp.stack([jnp.sum(jnp.where(station == k, values, 0.0)) for k in range(num_stations)])
 
 
-QUEUE_PLACE_BITS = 10  # bits per station in the packed FIFO count: at most 2^10 - 1 EVs per day
+def station_counts(mask: jax.Array, station: jax.Array, num_stations: int) -> jax.Array:
+    """Count the EVs [V] flagged in ``mask`` per station [K], as one integer sum of per-station bit fields."""
+    if num_stations * QUEUE_PLACE_BITS > 31:
+        raise ValueError(f"{num_stations} stations do not fit the packed count")
+    shift = QUEUE_PLACE_BITS * jnp.maximum(station, 0)
+    packed = jnp.sum(jnp.where(mask & (station >= 0), jnp.left_shift(1, shift), 0), dtype=jnp.int32)
+    field = (1 << QUEUE_PLACE_BITS) - 1
+    return jnp.stack([jnp.right_shift(packed, QUEUE_PLACE_BITS * k) & field for k in range(num_stations)]).astype(
+        jnp.int32)
 
 
 def queue_places(station: jax.Array, present: jax.Array, num_stations: int) -> jax.Array:
