@@ -208,7 +208,7 @@ def test_stack_scenarios_pads_masks_and_orders(days):
         np.testing.assert_array_equal(np.asarray(days.ev_index[d, :n]), np.arange(n))
         assert np.all(np.asarray(days.arrival_step[d, n:]) == -1) and np.all(np.asarray(days.ev_index[d, n:]) == -1)
         travel = EVPricingEnv(CFG).travel if d == 0 else travel
-        np.testing.assert_array_equal(np.asarray(days.travel_energy_kwh[d, :n]),
+        np.testing.assert_array_equal(np.asarray(days.travel_energy_kwh[d, :, :n]).T,
                                       travel.energy_kwh[scenario.arrival_step, scenario.origin_node - 1])
         mean, scv = host_stations.service_time_stats(
             scenario.capacity_kwh * (scenario.target_soc - scenario.start_soc), scenario.duration_h + scenario.laxity_h,

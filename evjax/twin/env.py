@@ -158,8 +158,8 @@ class ScenarioArrays:
     service_scv: jax.Array  # [] its squared coefficient of variation
     need_kwh: jax.Array  # [V] capacity x (target - start SOC)
     battery_kwh: jax.Array  # [V] capacity x start SOC
-    travel_time_h: jax.Array  # [V, K] to each station at the EV's arrival step
-    travel_energy_kwh: jax.Array  # [V, K]
+    travel_time_h: jax.Array  # [K, V] to each station at the EV's arrival step (station-major)
+    travel_energy_kwh: jax.Array  # [K, V]
 
 
 @struct.dataclass
@@ -293,8 +293,8 @@ def scenario_arrays(scenario: Scenario, cfg: Config, max_evs: int,
         service_scv=jnp.asarray(service_scv, jnp.float64),
         need_kwh=pad(need, 0.0, np.float64),
         battery_kwh=pad(scenario.capacity_kwh * scenario.start_soc, 0.0, np.float64),
-        travel_time_h=pad(travel.time_h[at], 0.0, np.float64),
-        travel_energy_kwh=pad(travel.energy_kwh[at], 0.0, np.float64),
+        travel_time_h=pad(travel.time_h[at], 0.0, np.float64).T,
+        travel_energy_kwh=pad(travel.energy_kwh[at], 0.0, np.float64).T,
     )
 
 
@@ -426,7 +426,7 @@ def admit_arrivals(key: chex.PRNGKey, state: EnvState, price: jax.Array, params:
         params.max_wait_hours, params.zero_wait_utilisation, max_chargers=s.max_chargers)
     new = sc.valid & (sc.arrival_step == t) & ~state.done  # [V]
     cost = stations.generalized_cost(price, sc.need_kwh, sc.battery_kwh, sc.travel_energy_kwh, sc.travel_time_h,
-                                     wait_h, params.money_weight, params.value_of_time)  # [V, K]
+                                     wait_h, params.money_weight, params.value_of_time)  # [K, V]
     noise = jax.random.gumbel(key, cost.shape, jnp.float64) if s.choice == "logit" else None
     choice = jnp.where(new, stations.choose_stations(cost, noise, params.logit_temperature, choice=s.choice), -1)
     chooses = choice >= 0
@@ -435,7 +435,7 @@ def admit_arrivals(key: chex.PRNGKey, state: EnvState, price: jax.Array, params:
     state = state.replace(
         status=jnp.where(new, jnp.where(chooses, PRESENT, UNSERVED), state.status),
         station=jnp.where(chooses, choice, state.station),
-        locked_price=jnp.where(chooses, pick(jnp.broadcast_to(price, cost.shape)), state.locked_price),
+        locked_price=jnp.where(chooses, pick(jnp.broadcast_to(price[:, None], cost.shape)), state.locked_price),
         remaining_kwh=jnp.where(chooses, sc.need_kwh + chosen_energy, state.remaining_kwh),
         join_step=jnp.where(chooses, t, state.join_step),
     )

@@ -58,22 +58,25 @@ def generalized_cost(
     posted_price: jax.Array, energy_need_kwh: jax.Array, battery_kwh: jax.Array, travel_energy_kwh: jax.Array,
     travel_time_h: jax.Array, wait_h: jax.Array, money_weight: jax.Array, value_of_time: jax.Array,
 ) -> jax.Array:
-    """C [V, K] = w p_k (E_need + E_travel,k) + (1 - w) VOT (T_travel,k + W_k); inf where the battery cannot reach k."""
-    energy = energy_need_kwh[:, None] + travel_energy_kwh
-    cost = money_weight * posted_price[None, :] * energy + (1.0 - money_weight) * value_of_time * (
-        travel_time_h + wait_h[None, :])
-    return jnp.where(battery_kwh[:, None] >= travel_energy_kwh, cost, jnp.inf)
+    """C [K, V] = w p_k (E_need + E_travel,k) + (1 - w) VOT (T_travel,k + W_k); inf where the battery cannot reach k.
+
+    Station-major: travel tables are [K, V], so each station's row is contiguous.
+    """
+    energy = energy_need_kwh[None, :] + travel_energy_kwh
+    cost = money_weight * posted_price[:, None] * energy + (1.0 - money_weight) * value_of_time * (
+        travel_time_h + wait_h[:, None])
+    return jnp.where(battery_kwh[None, :] >= travel_energy_kwh, cost, jnp.inf)
 
 
 def choose_stations(cost: jax.Array, gumbel_noise: jax.Array | None, temperature: jax.Array, *, choice: str) -> jax.Array:
     """Station [V] each EV picks, -1 when none is reachable, as ``stations.choose_stations``.
 
-    ``argmin``: the cheapest station; ties go to the lowest station index, as
-    the host's ``np.argmax`` of -cost (a strict comparison over the K
-    columns, elementwise: XLA CPU's variadic argmax reduction is slower).
-    ``logit``: argmax(-C / temperature + g) over reachable stations with
-    standard Gumbel noise g [V, K] (drawn from a JAX key, so it agrees with the
-    host in distribution, not draw by draw).
+    ``cost`` is [K, V]. ``argmin``: the cheapest station; ties go to the
+    lowest station index, as the host's ``np.argmax`` of -cost (a strict
+    comparison over the K rows, elementwise: XLA CPU's variadic argmax
+    reduction is slower). ``logit``: argmax(-C / temperature + g) over
+    reachable stations with standard Gumbel noise g [K, V] (drawn from a JAX
+    key, so it agrees with the host in distribution, not draw by draw).
     """
     reachable = jnp.isfinite(cost)
     if choice == "argmin":
@@ -83,18 +86,18 @@ def choose_stations(cost: jax.Array, gumbel_noise: jax.Array | None, temperature
     else:
         raise ValueError(f"unknown stations.choice {choice!r}")
     score = jnp.where(reachable, score, -jnp.inf)
-    best, picked = score[:, 0], jnp.zeros(cost.shape[0], jnp.int32)
-    for k in range(1, cost.shape[1]):
-        better = score[:, k] > best
-        best, picked = jnp.where(better, score[:, k], best), jnp.where(better, k, picked)
-    return jnp.where(reachable.any(axis=1), picked, -1).astype(jnp.int32)
+    best, picked = score[0], jnp.zeros(cost.shape[1], jnp.int32)
+    for k in range(1, cost.shape[0]):
+        better = score[k] > best
+        best, picked = jnp.where(better, score[k], best), jnp.where(better, k, picked)
+    return jnp.where(reachable.any(axis=0), picked, -1).astype(jnp.int32)
 
 
 def pick(table: jax.Array, choice: jax.Array) -> jax.Array:
-    """table[i, choice[i]] for each row [V] of a [V, K] table, 0 where choice < 0 (elementwise over the K columns)."""
-    picked = jnp.zeros(table.shape[0], table.dtype)
-    for k in range(table.shape[1]):
-        picked = jnp.where(choice == k, table[:, k], picked)
+    """table[choice[i], i] for each EV [V] of a [K, V] table, 0 where choice < 0 (elementwise over the K rows)."""
+    picked = jnp.zeros(table.shape[1], table.dtype)
+    for k in range(table.shape[0]):
+        picked = jnp.where(choice == k, table[k], picked)
     return picked
 
 
