@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from evjax import carbon as host_carbon
+from evjax import roads
 from evjax import stations as host_stations
 from evjax import twin
 from evjax.config import Config
@@ -18,7 +19,6 @@ from evjax.env import EVPricingEnv
 from evjax.grid import FeederGrid
 from evjax.twin import agreement, powerflow
 from evjax.twin import carbon as twin_carbon
-from evjax.twin import env as twin_env
 from evjax.twin import stations as twin_stations
 
 CFG = Config()
@@ -200,6 +200,7 @@ def days():
 def test_stack_scenarios_pads_masks_and_orders(days):
     scenarios = [make_scenario(CFG, "test", d, seed=d) for d in range(3)]
     counts = [s.num_evs for s in scenarios]
+    travel = roads.travel_tables(CFG.roads, CFG.env.episode_steps)
     assert days.valid.shape[1] % 64 == 0 and days.valid.shape[1] >= max(counts)
     np.testing.assert_array_equal(np.asarray(days.valid).sum(axis=1), counts)
     for d, scenario in enumerate(scenarios):
@@ -207,7 +208,6 @@ def test_stack_scenarios_pads_masks_and_orders(days):
         np.testing.assert_array_equal(np.asarray(days.arrival_step[d, :n]), scenario.arrival_step)
         np.testing.assert_array_equal(np.asarray(days.ev_index[d, :n]), np.arange(n))
         assert np.all(np.asarray(days.arrival_step[d, n:]) == -1) and np.all(np.asarray(days.ev_index[d, n:]) == -1)
-        travel = EVPricingEnv(CFG).travel if d == 0 else travel
         np.testing.assert_array_equal(np.asarray(days.travel_energy_kwh[d, :, :n]).T,
                                       travel.energy_kwh[scenario.arrival_step, scenario.origin_node - 1])
         mean, scv = host_stations.service_time_stats(

@@ -170,7 +170,6 @@ def deviations(episodes: Episodes) -> dict:
         return float(np.nanmax(np.where(np.isnan(diff), np.inf, diff)))
 
     absolute = lambda a, b: np.abs(a - b)  # noqa: E731
-    mismatches = lambda a, b: (a != b).astype(float)  # noqa: E731
     result = {
         "line_loading_abs": worst("line_loading", absolute),
         "vm_pu_abs": worst("vm_pu", absolute),
