@@ -272,8 +272,8 @@ def test_logit_choice_shares_match_the_host_in_distribution():
     expected = (weights / weights.sum(axis=1, keepdims=True)).sum(axis=0)  # [K] expected EVs per station
     assert np.all(expected > 1.0)
 
-    params = twin.make_params(cfg)
-    day = twin.stack_scenarios([scenario], cfg)
+    params = twin.make_params(cfg, feeder=env.grid, travel=env.travel)
+    day = twin.stack_scenarios([scenario], cfg, travel=env.travel)
     draws = 2000
     state, _ = twin.reset(jax.random.key(0), _day(day, 0), params)
     step = twin.jit(jax.vmap(twin.step, in_axes=(0, None, None, None)))

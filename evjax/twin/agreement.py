@@ -64,9 +64,8 @@ HOST_KEYS = ("line_loading", "min_voltage_pu", "queue_length", "evs_present", "e
              "power_flow_converged", "clipped_actions", *WELFARE_TERMS)
 
 
-def run_host(cfg: Config, scenarios: list, prices: np.ndarray, max_evs: int) -> tuple[dict, np.ndarray]:
+def run_host(env: EVPricingEnv, scenarios: list, prices: np.ndarray, max_evs: int) -> tuple[dict, np.ndarray]:
     """Host episodes: info records [D, T, ...], bus voltages, each EV's station and status (twin row order), rewards."""
-    env = EVPricingEnv(cfg)
     num_days, num_steps = prices.shape[:2]
     records: dict = {}
     steps = np.zeros(num_days, dtype=np.int64)
@@ -98,8 +97,7 @@ def run_host(cfg: Config, scenarios: list, prices: np.ndarray, max_evs: int) -> 
     return records, steps
 
 
-def run_twin(cfg: Config, params: twin_env.EnvParams, days: twin_env.ScenarioArrays, prices: np.ndarray,
-             seed: int = 0) -> dict:
+def run_twin(params: twin_env.EnvParams, days: twin_env.ScenarioArrays, prices: np.ndarray, seed: int = 0) -> dict:
     """Twin episodes of all days at once; records [D, T, ...] as numpy float64."""
     def episode(key, scenario, actions):
         reset_key, roll_key = jax.random.split(key)
@@ -124,10 +122,11 @@ def run_twin(cfg: Config, params: twin_env.EnvParams, days: twin_env.ScenarioArr
 def paired_episodes(cfg: Config, scenarios: list, prices: np.ndarray, power_flow: str = "sweep",
                     seed: int = 0) -> Episodes:
     """Run both implementations on the given days and price sequences [D, T, K]."""
-    params = twin_env.make_params(cfg, power_flow=power_flow)
-    days = twin_env.stack_scenarios(scenarios, cfg)
-    host, steps = run_host(cfg, scenarios, prices, int(days.valid.shape[1]))
-    twin = run_twin(cfg, params, days, prices, seed)
+    env = EVPricingEnv(cfg)
+    params = twin_env.make_params(cfg, power_flow=power_flow, feeder=env.grid, travel=env.travel)
+    days = twin_env.stack_scenarios(scenarios, cfg, travel=env.travel)
+    host, steps = run_host(env, scenarios, prices, int(days.valid.shape[1]))
+    twin = run_twin(params, days, prices, seed)
     return Episodes(scenarios, prices, host, twin, steps)
 
 

@@ -23,9 +23,11 @@ package (the planner and dynamics stay float32/bfloat16):
 
 The observation is float32 like the host's; reward, cost and ``info`` are
 float64. Results outside the context stay float64 jax Arrays, but eager
-arithmetic on them there runs in float32: convert with ``np.asarray`` first. One step runs the host's stages, ``admit_arrivals``,
-``charge_and_depart``, settlement, the power flow and carbon, welfare and
-``step_cost``, with no Python loop over EVs, buses or steps. A state whose
+arithmetic on them there runs in float32: convert with ``np.asarray`` first.
+
+One step runs the host's stages, ``admit_arrivals``, ``charge_and_depart``,
+settlement, the power flow and carbon, welfare and ``step_cost``, with no
+Python loop over EVs, buses or steps (only over the K = 3 stations). A state whose
 episode has ended (12 steps, or a diverged power flow) is left as it is by
 further steps, with reward and cost 0.
 """
@@ -99,7 +101,7 @@ class EnvParams:
     """Constant arrays of the environment (feeder, road tables, prices, economics) and its static ``settings``."""
 
     network: powerflow.Network
-    travel_time_h: jax.Array  # [T, O, K]
+    travel_time_h: jax.Array  # [T, O, K] road tables (ScenarioArrays holds each EV's row of them)
     travel_energy_kwh: jax.Array  # [T, O, K]
     load_multiplier: jax.Array  # [T] non-EV load multiplier (unless taken from the day's profile)
     price_lower: jax.Array  # [K]
@@ -186,19 +188,22 @@ class EnvState:
 # ---------------------------------------------------------------------------------------------- host side
 
 @_float64
-def make_params(cfg: Config, *, power_flow: str = "sweep", max_power_flow_iterations: int | None = None) -> EnvParams:
+def make_params(cfg: Config, *, power_flow: str = "sweep", max_power_flow_iterations: int | None = None,
+                feeder: host_grid.FeederGrid | None = None, travel: roads.TravelTables | None = None) -> EnvParams:
     """Static arrays and settings of the twin for ``cfg``. Host side, not jittable (builds the feeder with pandapower).
 
     ``power_flow``: "sweep" (default, fastest) or "newton" (the host's own
     algorithm); the cap defaults to 100 sweeps or ``grid.max_iteration``
     Newton steps. The reset observation is solved here with the twin's own
-    power flow.
+    power flow. ``feeder`` and ``travel`` may pass a host environment's own
+    (``env.grid``, ``env.travel``, built from the same ``cfg``) to skip
+    rebuilding them.
     """
     if power_flow not in ("sweep", "newton"):
         raise ValueError(f"power_flow must be 'sweep' or 'newton', got {power_flow!r}")
-    feeder = host_grid.FeederGrid(cfg.grid)
+    feeder = feeder if feeder is not None else host_grid.FeederGrid(cfg.grid)
     network = powerflow.network_from_feeder(feeder)
-    travel = roads.travel_tables(cfg.roads, cfg.env.episode_steps)
+    travel = travel if travel is not None else roads.travel_tables(cfg.roads, cfg.env.episode_steps)
     tree = nx.Graph(list(zip(network.lines_pp_from, network.lines_pp_to)))
     k = cfg.num_stations
     settings = Settings(
@@ -299,16 +304,17 @@ def scenario_arrays(scenario: Scenario, cfg: Config, max_evs: int,
 
 
 @_float64
-def stack_scenarios(scenarios: Sequence[Scenario], cfg: Config, max_evs: int | None = None) -> ScenarioArrays:
+def stack_scenarios(scenarios: Sequence[Scenario], cfg: Config, max_evs: int | None = None,
+                    travel: roads.TravelTables | None = None) -> ScenarioArrays:
     """Stack host scenarios into padded arrays [D, max_evs] with a validity mask. Host side, not jittable.
 
     ``max_evs`` defaults to the largest day rounded up to a multiple of 64;
     pass a fixed value to keep the shapes (and the compiled step) the same
-    across calls.
+    across calls. ``travel`` defaults to the config's road tables.
     """
     if max_evs is None:
         max_evs = max(64, -(-max(s.num_evs for s in scenarios) // 64) * 64)
-    travel = roads.travel_tables(cfg.roads, cfg.env.episode_steps)
+    travel = travel if travel is not None else roads.travel_tables(cfg.roads, cfg.env.episode_steps)
     days = [scenario_arrays(s, cfg, max_evs, travel) for s in scenarios]
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *days)
 
