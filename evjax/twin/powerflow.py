@@ -1,7 +1,7 @@
 """AC power flow of the feeder in JAX, on the host grid's own admittance matrix (twin of ``evjax/grid.py``).
 
-Pure JAX in complex128/float64: call under ``jax.enable_x64(True)`` (the
-twin's ``reset`` and ``step`` do so themselves). Shapes: n ppc buses, B
+Pure JAX in complex128/float64: trace and run under ``jax.enable_x64(True)``
+(``twin.jit`` does). Shapes: n ppc buses, B
 pandapower buses, L lines in service, K stations, G static generators.
 Two solvers of the same equations S_bus(V) = S_gen - S_load, both started from
 the host's start voltage (the reset solution) and stopped by the host's test
@@ -12,14 +12,16 @@ max |mismatch| < ``tolerance_mva`` (p.u. on ``base_mva``):
   V_0 = -Z Y_pq,ref V_ref. On this radial, shunt-free feeder Z is the sweep's
   branch-path matrix; one iteration is one complex matvec. It converges
   linearly (about 10 iterations at the heaviest realistic load, 30 near the
-  nose) and is capped at ``max_sweeps``.
+  nose) and is capped (100 by default, ``make_params``).
 - ``newton``: pandapower's polar Newton-Raphson (``newtonpf``) with a dense
   Jacobian, capped at ``grid.max_iteration`` like the host.
 
-Both agree with pandapower to 1e-9 p.u. where it converges and both fail where
-its Newton-Raphson fails on this feeder (tested); a failed solve returns
-``converged=False`` and NaN results, which the environment turns into
-``grid.nonconvergence_cost`` as the host does.
+Newton agrees with pandapower to 1e-13 p.u., the sweep to 1e-8 p.u. at
+realistic loads (3e-8 near the nose, where it stops with a larger residual
+error per unit of mismatch); both fail where pandapower's Newton-Raphson fails
+on this feeder (tested). A failed solve returns ``converged=False`` and NaN
+results, which the environment turns into ``grid.nonconvergence_cost`` as the
+host does.
 """
 
 from __future__ import annotations
