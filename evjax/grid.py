@@ -53,6 +53,30 @@ class GridResult:
     iterations: int
 
 
+@dataclasses.dataclass(frozen=True)
+class NetworkArrays:
+    """What ``FeederGrid.solve`` works with, in pandapower's internal (ppc) bus order; n ppc buses, L lines in service."""
+
+    base_mva: float
+    ybus: np.ndarray  # [n, n] complex bus admittance matrix (p.u.)
+    ref: np.ndarray  # slack bus (ppc index)
+    pv: np.ndarray  # PV buses (none on this feeder)
+    pq: np.ndarray  # PQ buses
+    yf: np.ndarray  # [L, n] complex from-end branch admittances of the lines in service
+    yt: np.ndarray  # [L, n] complex to-end branch admittances
+    line_from: np.ndarray  # [L] ppc from bus of each line in service
+    line_to: np.ndarray  # [L] ppc to bus
+    line_in_service: np.ndarray  # [num_lines] bool
+    base_kv: np.ndarray  # [n] nominal voltage (kV)
+    bus_to_ppci: np.ndarray  # [num_buses] ppc index of each pandapower bus
+    load_bus: np.ndarray  # [num_loads] pandapower bus of each load element
+    base_p_mw: np.ndarray  # [num_loads] non-EV active load at multiplier 1 (0 for the EV loads)
+    base_q_mvar: np.ndarray  # [num_loads] non-EV reactive load at multiplier 1
+    ev_load_index: np.ndarray  # [K] load element of each station's EV load
+    sgen_q_mvar: np.ndarray  # [G] static generator reactive power
+    v_start: np.ndarray  # [n] complex start voltage of every Newton-Raphson run (the reset solution)
+
+
 def build_network(grid_cfg: GridConfig):
     """case33bw with the DG, scaled loads, one EV load element per station and the line ratings.
 
@@ -137,6 +161,21 @@ class FeederGrid:
         if not self.reset_result.converged:
             raise RuntimeError("the base power flow of the feeder does not converge")
         self._v_start = base_voltage
+
+    def network_arrays(self) -> "NetworkArrays":
+        """The solver's own arrays (ppc order) for a re-implementation of ``solve`` elsewhere (the JAX twin).
+
+        Host side, not jittable. Copies; changing them does not touch this grid.
+        """
+        return NetworkArrays(
+            base_mva=float(self._base_mva), ybus=self._ybus.toarray(), ref=self._ref.copy(), pv=self._pv.copy(),
+            pq=self._pq.copy(), yf=self._yf_lines.toarray(), yt=self._yt_lines.toarray(),
+            line_from=self._line_from.copy(), line_to=self._line_to.copy(),
+            line_in_service=self._line_in_service.copy(), base_kv=self._base_kv.copy(),
+            bus_to_ppci=self._bus_to_ppci.copy(), load_bus=self._load_bus.copy(), base_p_mw=self._base_p_mw.copy(),
+            base_q_mvar=self._base_q_mvar.copy(), ev_load_index=self._ev_load_index.copy(),
+            sgen_q_mvar=self._sgen_q_mvar.copy(), v_start=self._v_start.copy(),
+        )
 
     def load_elements_mw(self, station_ev_mw: np.ndarray, multiplier: float) -> tuple[np.ndarray, np.ndarray]:
         """Active and reactive power of every load element: non-EV base x multiplier, EV loads as given.
