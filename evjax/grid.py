@@ -28,6 +28,7 @@ from pandapower.pypower.makeYbus import makeYbus
 from pandapower.pypower.newtonpf import newtonpf
 
 from evjax.config import GridConfig
+from evjax.errors import ConfigError
 
 EV_LOAD_NAME = "EV CS{}"
 
@@ -72,6 +73,10 @@ def build_network(grid_cfg: GridConfig):
     return net
 
 
+NOT_CONVERGING = ("config keys 'grid.dg_p_mw', 'grid.load_scale', 'grid.initial_ev_load_mw': the feeder's base "
+                  "power flow does not converge with these values")
+
+
 class FeederGrid:
     """Repeated power flows on one fixed feeder; host side, not jittable.
 
@@ -89,7 +94,10 @@ class FeederGrid:
             max_iteration=grid_cfg.max_iteration, tolerance_mva=grid_cfg.tolerance_mva,
             calculate_voltage_angles=True,
         )
-        pp.runpp(self.net, **self._runpp_kwargs)
+        try:
+            pp.runpp(self.net, **self._runpp_kwargs)
+        except pp.LoadflowNotConverged:
+            raise ConfigError(NOT_CONVERGING) from None
         self._options = dict(self.net._options)
         _, self._ppci = _pd2ppc(self.net)
         (self._base_mva, bus, _gen, branch, _svc, _tcsc, _ssc, _vsc,
@@ -135,7 +143,7 @@ class FeederGrid:
         initial = np.full(len(grid_cfg.station_buses), grid_cfg.initial_ev_load_mw)
         self.reset_result, base_voltage = self._solve(initial, 1.0)
         if not self.reset_result.converged:
-            raise RuntimeError("the base power flow of the feeder does not converge")
+            raise ConfigError(NOT_CONVERGING)
         self._v_start = base_voltage
 
     def load_elements_mw(self, station_ev_mw: np.ndarray, multiplier: float) -> tuple[np.ndarray, np.ndarray]:

@@ -21,7 +21,6 @@ Modes (``planner.mode``), all sharing this code:
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import chex
@@ -30,9 +29,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from evjax.config import PlannerConfig
-
-MODES = ("cap", "ccem", "unconstrained")
-UNCERTAINTIES = ("cost_std", "max_std_norm", "disagreement")
 
 
 class CandidateValues(NamedTuple):
@@ -79,45 +75,17 @@ def cost_scale(gamma: float, horizon: int) -> float:
     return (1.0 - gamma**horizon) / (1.0 - gamma) / horizon
 
 
-def _check_settings(cfg: PlannerConfig, lower: np.ndarray, upper: np.ndarray, num_members: int) -> None:
-    """Raise ``ValueError`` naming the first impossible static setting."""
-    positive_ints = {
-        "planner.horizon": cfg.horizon,
-        "planner.popsize": cfg.popsize,
-        "planner.num_elites": cfg.num_elites,
-        "planner.particles": cfg.particles,
-        "planner.iterations": cfg.iterations,
-        "num_members": num_members,
-    }
-    for name, value in positive_ints.items():
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if cfg.num_elites > cfg.popsize:
-        raise ValueError(f"planner.num_elites ({cfg.num_elites}) exceeds planner.popsize ({cfg.popsize})")
-    if cfg.particles % num_members:
-        raise ValueError(f"planner.particles ({cfg.particles}) must be divisible by the number of "
+def _check_arguments(particles: int, lower: np.ndarray, upper: np.ndarray, num_members: int) -> None:
+    """Raise ``ValueError`` naming the first impossible factory argument.
+
+    The ``PlannerConfig`` has checked its own fields; what is left are the
+    arguments that do not come from it, and how they fit the config.
+    """
+    if isinstance(num_members, bool) or not isinstance(num_members, (int, np.integer)) or num_members <= 0:
+        raise ValueError(f"num_members must be a positive integer, got {num_members!r}")
+    if particles % num_members:
+        raise ValueError(f"planner.particles ({particles}) must be divisible by the number of "
                          f"ensemble members ({num_members}): particles are split evenly across members")
-    if not (cfg.truncation_sigma > 0 and math.isfinite(cfg.truncation_sigma)):
-        raise ValueError(f"planner.truncation_sigma must be positive and finite, got {cfg.truncation_sigma}")
-    if not 0.0 <= cfg.smoothing <= 1.0:
-        raise ValueError(f"planner.smoothing must lie in [0, 1], got {cfg.smoothing}")
-    if not 0.0 < cfg.gamma <= 1.0:
-        raise ValueError(f"planner.gamma must lie in (0, 1], got {cfg.gamma}")
-    if not cfg.state_clip > 0:
-        raise ValueError(f"planner.state_clip must be positive, got {cfg.state_clip}")
-    if isinstance(cfg.scan_unroll, bool) or not isinstance(cfg.scan_unroll, (int, np.integer)) or cfg.scan_unroll < 0:
-        raise ValueError(f"planner.scan_unroll must be a non-negative integer, got {cfg.scan_unroll!r}")
-    if not cfg.min_variance >= 0:
-        raise ValueError(f"planner.min_variance must be non-negative, got {cfg.min_variance}")
-    if not (math.isfinite(cfg.nan_reward) and math.isfinite(cfg.nan_cost)):
-        raise ValueError("planner.nan_reward and planner.nan_cost must be finite")
-    if cfg.nan_cost <= cfg.cost_limit:
-        raise ValueError(f"planner.nan_cost ({cfg.nan_cost}) must exceed planner.cost_limit ({cfg.cost_limit}) "
-                         "so that a non-finite rollout is never feasible")
-    if cfg.mode not in MODES:
-        raise ValueError(f"planner.mode must be one of {list(MODES)}, got {cfg.mode!r}")
-    if cfg.uncertainty not in UNCERTAINTIES:
-        raise ValueError(f"planner.uncertainty must be one of {list(UNCERTAINTIES)}, got {cfg.uncertainty!r}")
     if lower.ndim != 1 or lower.shape != upper.shape or lower.size == 0:
         raise ValueError(f"price_lower and price_upper must be equal-length vectors, got shapes "
                          f"{lower.shape} and {upper.shape}")
@@ -204,12 +172,13 @@ def make_planner(
     the same as on one device (JAX's partitionable threefry), so the sharded
     plan equals the single-device plan up to float reassociation.
 
-    Static settings are checked here, in plain Python: an impossible one raises
-    ``ValueError`` naming it.
+    The config section has checked its own settings; the factory checks the
+    arguments that do not come from it (``num_members``, the price bounds, the
+    mesh) and raises ``ValueError`` naming the first impossible one.
     """
     lower_np = np.asarray(price_lower, dtype=np.float64)
     upper_np = np.asarray(price_upper, dtype=np.float64)
-    _check_settings(planner_cfg, lower_np, upper_np, num_members)
+    _check_arguments(planner_cfg.particles, lower_np, upper_np, num_members)
     cfg = planner_cfg
     num_candidates, horizon, num_elites = cfg.popsize, cfg.horizon, cfg.num_elites
     particles_per_member = cfg.particles // num_members

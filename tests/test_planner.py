@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from evjax.config import PlannerConfig
+from evjax.config import ConfigError, PlannerConfig
 from evjax.planner import cost_scale, make_planner
 
 LOWER = (1.1, 1.3, 1.2)
@@ -267,17 +267,24 @@ class TestJitAgreement(chex.TestCase):
 
 
 @pytest.mark.parametrize("change, name", [
-    ({"particles": 7}, "planner.particles"),
     ({"num_elites": 300}, "planner.num_elites"),
     ({"horizon": 0}, "planner.horizon"),
     ({"mode": "greedy"}, "planner.mode"),
     ({"uncertainty": "entropy"}, "planner.uncertainty"),
     ({"smoothing": 1.5}, "planner.smoothing"),
     ({"nan_cost": 0.1, "cost_limit": 0.5}, "planner.nan_cost"),
+    ({"gamma": 0.0}, "planner.gamma"),
 ])
-def test_factory_rejects_impossible_settings(change, name):
-    cfg = dataclasses.replace(SMALL, **change)
-    with pytest.raises(ValueError, match=name):
+def test_impossible_settings_fail_when_the_config_is_built(change, name):
+    """The section checks its own fields on construction, so no factory ever sees these values."""
+    with pytest.raises(ConfigError, match=name):
+        dataclasses.replace(SMALL, **change)
+
+
+def test_factory_rejects_particles_not_divisible_by_its_members():
+    """particles (7) against num_members (5), an argument the config does not know."""
+    cfg = dataclasses.replace(SMALL, particles=7)
+    with pytest.raises(ValueError, match="planner.particles"):
         make_planner(cfg, LOWER, UPPER, MEMBERS, bowl_step)
 
 
