@@ -71,9 +71,11 @@ class OraclePolicy:
 
     Each decision samples ``oracle_popsize`` price sequences over ``oracle_horizon``
     steps for ``oracle_iterations`` iterations, simulates each on the true
-    environment, and prefers sequences with zero constraint cost, then the highest
-    welfare (the lowest cost when too few are feasible). It sees the scenario's
-    future arrivals, so it is an upper reference, not a deployable policy.
+    environment, and refits on its elites by the model planner's rule
+    (``planner.elite_scores``, feasible meaning zero constraint cost): the highest
+    welfare among feasible sequences, or the lowest cost when too few are feasible.
+    It sees the scenario's future arrivals, so it is an upper reference, not a
+    deployable policy.
     """
 
     def __init__(self, cfg: Config):
@@ -98,6 +100,8 @@ class OraclePolicy:
         return reward, cost
 
     def act(self, env, obs):
+        from evjax.planner import elite_scores
+
         snapshot = env.snapshot()
         steps_left = self.horizon
         mean = np.tile((self.lower + self.upper) / 2, (steps_left, 1))
@@ -107,12 +111,8 @@ class OraclePolicy:
             candidates = np.clip(mean + std * noise, self.lower, self.upper)
             values = np.array([self._rollout(env, snapshot, c) for c in candidates])
             reward, cost = values[:, 0], values[:, 1]
-            feasible = cost <= 1e-12
-            if feasible.sum() >= self.num_elites:
-                order = np.argsort(np.where(feasible, -reward, np.inf))
-            else:
-                order = np.lexsort((-reward, cost))
-            elites = candidates[order[: self.num_elites]]
+            score = elite_scores(reward, cost, cost <= 1e-12, num_elites=self.num_elites, xp=np)
+            elites = candidates[np.argsort(-score, kind="stable")[: self.num_elites]]  # best first, ties by index
             mean, std = elites.mean(axis=0), elites.std(axis=0) + 1e-6
         env.restore(snapshot)
         return mean[0].astype(np.float32)
