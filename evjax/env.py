@@ -184,7 +184,7 @@ class EVPricingEnv(gym.Env):
         new = np.flatnonzero(scenario.arrival_step == t)
         origin = scenario.origin_node[new] - 1
         need = self._energy_need(scenario)[new]
-        travel_energy = self.travel.energy_kwh[t, origin]  # [N, K]
+        travel_energy = self.travel.energy_kwh[t, origin]  # [V, K]
         cost = stations.generalized_cost(
             price, need, scenario.capacity_kwh[new] * scenario.start_soc[new], travel_energy,
             self.travel.time_h[t, origin], wait_h, cfg.stations.money_weight, cfg.stations.value_of_time,

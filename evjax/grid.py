@@ -37,7 +37,7 @@ EV_LOAD_NAME = "EV CS{}"
 class GridResult:
     """One solved (or failed) power flow; arrays are indexed by pandapower bus / line index.
 
-    Shapes: B buses, L lines, K stations (monitored lines are in station order).
+    Shapes: U buses, L lines, K stations (monitored lines are in station order).
     Power in MW, current in kA, voltage in p.u., loading as a fraction of the rating.
     """
 
@@ -46,11 +46,11 @@ class GridResult:
     line_current_ka: np.ndarray  # [L] max of from/to end current (0 for lines out of service)
     p_from_mw: np.ndarray  # [L] active power into the line at its from bus
     p_to_mw: np.ndarray  # [L] active power into the line at its to bus (negative when it delivers there)
-    vm_pu: np.ndarray  # [B] voltage magnitudes
+    vm_pu: np.ndarray  # [U] voltage magnitudes
     min_voltage_pu: float
     ext_grid_p_mw: float  # slack injection (negative when the feeder exports)
     sgen_p_mw: np.ndarray  # [G] static generator injections
-    load_p_mw: np.ndarray  # [B] total active load per bus (non-EV and EV)
+    load_p_mw: np.ndarray  # [U] total active load per bus (non-EV and EV)
     iterations: int
 
 

@@ -79,7 +79,7 @@ def _read_excel(path: Path):
 
 
 def clean_sessions(path: Path) -> tuple[np.ndarray, dict[str, int]]:
-    """Cleaned session attributes [K, 5] (ATTRIBUTE_COLUMNS) and rows dropped per rule, in order."""
+    """Cleaned session attributes [Q, 5] (ATTRIBUTE_COLUMNS) and rows dropped per rule, in order."""
     frame = _read_excel(path)
     cols = find_columns(frame, SESSION_COLUMNS, path)
     data = {k: frame[c].to_numpy(dtype=float) for k, c in cols.items()}

@@ -49,7 +49,7 @@ class Scenario:
 
 @dataclasses.dataclass(frozen=True)
 class Figures:
-    """The calibrated data: dates [D], quarter-hour power [D, 96] (kW), attribute table [K, 5], summary."""
+    """The calibrated data: dates [D], quarter-hour power [D, 96] (kW), attribute table [Q, 5], summary."""
 
     dates: np.ndarray
     power_kw: np.ndarray
