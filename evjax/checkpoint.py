@@ -20,7 +20,6 @@ import orbax.checkpoint as ocp
 from evjax.config import Config, from_dict, to_dict
 from evjax.errors import ConfigError, UserError
 
-KINDS = ("latest", "best")
 logging.getLogger("absl").setLevel(logging.CRITICAL)  # orbax logs what our one-line errors already say
 
 
