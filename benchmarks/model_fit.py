@@ -16,6 +16,7 @@ the hidden-layer shape [E, 128, 256] x [E, 256, 256] measured in the same run.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -28,7 +29,7 @@ import numpy as np
 
 from common import make_matmul_chain, timed
 from evjax.config import Config
-from evjax.dynamics import make_dynamics
+from evjax.dynamics import fit_padded, fit_settings, make_dynamics, pad_transitions
 
 
 def matmul_ceiling(members: int, rows: int, width: int, repeats: int) -> float:
@@ -63,9 +64,10 @@ def main(argv=None) -> int:
     state = dyn.init(jax.random.key(0))
     data = synthetic_transitions(args.transitions, obs_dim, action_dim)
 
-    inputs, targets, num_rows = dyn.prepare(*data)
+    inputs, targets, num_rows = pad_transitions(*data, layout=dyn.layout, batch_size=mcfg.batch_size)
+    fit_fn = jax.jit(functools.partial(fit_padded, **fit_settings(mcfg, dyn.layout)))
     start = time.perf_counter()
-    jax.jit(dyn.fit_padded).lower(jax.random.key(1), state, inputs, targets, num_rows).compile()
+    fit_fn.lower(jax.random.key(1), state, inputs, targets, num_rows).compile()
     compile_seconds = time.perf_counter() - start
 
     def fit_round():

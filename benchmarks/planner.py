@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     warm = planner.initial_warm_start()
     kappa = jnp.float32(pcfg.kappa_init)
     start = time.perf_counter()
-    compiled = planner.plan_jit.lower(jax.random.key(0), model, obs, warm, kappa).compile()
+    compiled = jax.jit(planner.plan_fn).lower(jax.random.key(0), model, obs, warm, kappa).compile()
     compile_seconds = time.perf_counter() - start
 
     rows = pcfg.popsize * pcfg.particles // dyn.ensemble_size

@@ -5,20 +5,13 @@ steps (the warm start, kappa and its Adam state, whether the model is fitted)
 and calls the jitted ``planner.plan`` once per step.
 
 Planner variants differ only by config (``planner.mode``, ``planner.learn_kappa``,
-``planner.kappa_init``); the evaluation's baselines map onto them as
-
-============================  ====================================================
-method                        config
-============================  ====================================================
-``cem_unconstrained``         ``mode: unconstrained`` (rewards only; kappa 0, fixed)
-``ccem``                      ``mode: ccem`` (cost limit, no penalty; kappa 0, fixed)
-``cap_fixed_kappa``           ``mode: cap``, ``learn_kappa: false``, ``kappa_init: <kappa>``
-``cap_adaptive``              ``mode: cap``, ``learn_kappa: true`` (the default)
-============================  ====================================================
+``planner.kappa_init``); ``planner_variant`` maps an evaluation method of
+``evjax.methods.METHODS`` (its planner mode and kappa rule) onto them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, NamedTuple, Optional
 
@@ -28,6 +21,7 @@ import numpy as np
 import optax
 
 from evjax.config import PlannerConfig
+from evjax.methods import Method, method_kappa
 from evjax.planner import Planner
 
 
@@ -45,6 +39,15 @@ def initial_kappa(planner_cfg: PlannerConfig) -> float:
     return planner_cfg.kappa_init if planner_cfg.mode == "cap" else 0.0
 
 
+def planner_variant(planner_cfg: PlannerConfig, method: Method, fixed_kappa: float,
+                    trained_kappa: float) -> PlannerConfig:
+    """The planner config of evaluation ``method``: its planner mode, kappa held fixed by its kappa rule."""
+    if method.planner_mode is None:
+        raise ValueError(f"method {method.name!r} does not plan on the model")
+    kappa = method_kappa(method, fixed_kappa, trained_kappa)
+    return dataclasses.replace(planner_cfg, mode=method.planner_mode, learn_kappa=False, kappa_init=kappa)
+
+
 class Agent:
     """Posts prices: uniform random before the first model fit, then constrained CEM plans.
 
@@ -57,8 +60,6 @@ class Agent:
     def __init__(self, planner_cfg: PlannerConfig, planner: Planner):
         if planner.mode != planner_cfg.mode:
             raise ValueError(f"planner.mode {planner_cfg.mode!r} does not match the planner's mode {planner.mode!r}")
-        if not planner_cfg.kappa_lr > 0:
-            raise ValueError(f"planner.kappa_lr must be positive, got {planner_cfg.kappa_lr}")
         self.planner = planner
         self.learns_kappa = planner_cfg.learn_kappa and planner_cfg.mode == "cap"
         self.permissible_episode_cost = planner_cfg.permissible_episode_cost

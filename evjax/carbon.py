@@ -25,7 +25,7 @@ def proportional_sharing(
 ) -> np.ndarray:
     """Carbon intensity of every bus by proportional sharing along the solved branch flows.
 
-    Host side, not jittable. Shapes: B buses, L branches, G sources.
+    Host side, not jittable. Shapes: U buses, L branches, G sources.
     A branch delivers power to the bus at its receiving end: -p_to if p_from > 0
     and p_to < 0 (flow from -> to), -p_from in the opposite case; losses stay
     with the branch. A bus's intensity is the power-weighted mean of what flows
@@ -158,11 +158,11 @@ def bus_intensities(
 
 
 def from_pandapower(net, carbon_cfg: CarbonConfig, station_buses=()) -> tuple[np.ndarray, float]:
-    """Bus intensities [B] and the load-weighted feeder intensity of a solved pandapower net.
+    """Bus intensities [U] and the load-weighted feeder intensity of a solved pandapower net.
 
     Host side, not jittable. Reads ``res_line``, ``res_ext_grid`` and
     ``res_sgen``; every static generator is a DG, the (single) external grid the
-    grid source. Bus indices must run 0..B-1.
+    grid source. Bus indices must run 0..U-1.
     """
     live = net.line["in_service"].to_numpy()
     bus_ci = bus_intensities(

@@ -17,10 +17,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from evjax.cli import UserError
-from evjax.config import Config, ConfigError, from_dict, to_dict
+from evjax.config import Config, from_dict, to_dict
+from evjax.errors import ConfigError, UserError
 
-KINDS = ("latest", "best")
 logging.getLogger("absl").setLevel(logging.CRITICAL)  # orbax logs what our one-line errors already say
 
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from typing import Callable, Sequence
 
-from evjax.config import Config, ConfigError, load
+from evjax.config import Config, load
+from evjax.errors import ConfigError, UserError
 
-
-class UserError(Exception):
-    """A mistake of the user's (bad file, bad option) reported in one line, exit status 2."""
+__all__ = ["ArgumentParser", "ConfigError", "UserError", "config_from_args", "entry_point", "make_parser", "run"]
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -43,3 +43,21 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
     except KeyboardInterrupt:
         sys.stderr.write(f"{prog}: interrupted\n")
         return 130
+
+
+def entry_point(prog: str) -> Callable:
+    """Decorate ``main(argv)`` so that it reports user errors through ``run`` however it is called.
+
+    ``python -m evjax.X``, the console scripts of ``pyproject.toml`` (which call
+    ``main()`` directly) and tests calling ``main(argv)`` all get one stderr
+    line and exit status 2 for a bad config, option or file.
+    """
+
+    def decorate(main: Callable[[Sequence[str] | None], int | None]) -> Callable[[Sequence[str] | None], int]:
+        @functools.wraps(main)
+        def checked_main(argv: Sequence[str] | None = None) -> int:
+            return run(main, argv, prog)
+
+        return checked_main
+
+    return decorate

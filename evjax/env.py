@@ -50,10 +50,10 @@ class EnvState:
 
 @dataclasses.dataclass(frozen=True)
 class Admission:
-    """The EVs that appeared in a step and the station each chose; N new EVs, K stations."""
+    """The EVs that appeared in a step and the station each chose; V_t EVs appeared, K stations."""
 
-    new_evs: np.ndarray  # [N] indices of the EVs that appeared
-    choice: np.ndarray  # [N] chosen station, -1 when none is reachable (unserved)
+    new_evs: np.ndarray  # [V_t] indices of the EVs that appeared
+    choice: np.ndarray  # [V_t] chosen station, -1 when none is reachable (unserved)
     arrivals: np.ndarray  # [K] EVs that chose each station
     expected_wait_h: np.ndarray  # [K] waiting time the drivers expected
     travel_time_h: float  # driving time to the chosen stations, summed over the EVs that chose
@@ -82,7 +82,7 @@ class Charging:
 class CarbonResult:
     """Carbon intensities (kg CO2/MWh) of one solved power flow and the EV energy it carried."""
 
-    bus_intensity: np.ndarray  # [B]
+    bus_intensity: np.ndarray  # [U]
     station_intensity: np.ndarray  # [K] at the station buses
     system_intensity: float  # load-weighted over all loads
     ev_intensity: float  # energy-weighted over the stations (carbon.ev_charging_intensity)
@@ -109,7 +109,7 @@ def energy_need(scenario: Scenario) -> np.ndarray:
 
 
 def arriving(state: EnvState) -> np.ndarray:
-    """Indices [N] of the EVs that appear in the current step."""
+    """Indices [V_t] of the EVs that appear in the current step."""
     return np.flatnonzero(state.scenario.arrival_step == state.step)
 
 
@@ -120,7 +120,7 @@ def admit_arrivals(
 
     The expected wait of each station comes from the queue and the arrivals
     before this step (``stations.expected_wait_hours``); the choice minimises
-    the generalized cost (``stations.choose_stations``; ``gumbel_noise`` [N, K]
+    the generalized cost (``stations.choose_stations``; ``gumbel_noise`` [V_t, K]
     for the logit choice). An EV that reaches no station is unserved. Returns a
     new state (this one is left alone) and what happened.
     """
@@ -136,8 +136,8 @@ def admit_arrivals(
     new = arriving(state)
     origin = scenario.origin_node[new] - 1
     need = energy_need(scenario)[new]
-    travel_energy = travel.energy_kwh[t, origin]  # [N, K]
-    travel_time = travel.time_h[t, origin]  # [N, K]
+    travel_energy = travel.energy_kwh[t, origin]  # [V_t, K]
+    travel_time = travel.time_h[t, origin]  # [V_t, K]
     cost = stations.generalized_cost(
         price, need, scenario.capacity_kwh[new] * scenario.start_soc[new], travel_energy, travel_time, wait_h,
         cfg.stations.money_weight, cfg.stations.value_of_time,

@@ -20,20 +20,10 @@ import jax
 import numpy as np
 
 from evjax import checkpoint
-from evjax.cli import UserError, make_parser, run
-from evjax.config import EVALUATION_METHODS, Config, ConfigError, EvaluationConfig, load
-
-METHOD_LABELS = dict(zip(EVALUATION_METHODS, (
-    "fixed mid-range prices",
-    "fixed upper-bound prices",
-    "uniform random prices",
-    "CEM, rewards only",
-    "constrained CEM, no penalty (CCEM)",
-    "CAP, fixed kappa",
-    "CAP, adaptive kappa (trained agent)",
-    "oracle: CEM on the true simulator",
-), strict=True))
-PLANNER_MODES = {"cem_unconstrained": "unconstrained", "ccem": "ccem", "cap_fixed_kappa": "cap", "cap_adaptive": "cap"}
+from evjax.cli import entry_point, make_parser
+from evjax.config import Config, EvaluationConfig, load
+from evjax.errors import ConfigError, UserError
+from evjax.methods import BY_NAME
 
 
 class FixedPolicy:
@@ -81,9 +71,11 @@ class OraclePolicy:
 
     Each decision samples ``oracle_popsize`` price sequences over ``oracle_horizon``
     steps for ``oracle_iterations`` iterations, simulates each on the true
-    environment, and prefers sequences with zero constraint cost, then the highest
-    welfare (the lowest cost when too few are feasible). It sees the scenario's
-    future arrivals, so it is an upper reference, not a deployable policy.
+    environment, and refits on its elites by the model planner's rule
+    (``planner.elite_scores``, feasible meaning zero constraint cost): the highest
+    welfare among feasible sequences, or the lowest cost when too few are feasible.
+    It sees the scenario's future arrivals, so it is an upper reference, not a
+    deployable policy.
     """
 
     def __init__(self, cfg: Config):
@@ -108,6 +100,8 @@ class OraclePolicy:
         return reward, cost
 
     def act(self, env, obs):
+        from evjax.planner import elite_scores
+
         snapshot = env.snapshot()
         steps_left = self.horizon
         mean = np.tile((self.lower + self.upper) / 2, (steps_left, 1))
@@ -117,12 +111,8 @@ class OraclePolicy:
             candidates = np.clip(mean + std * noise, self.lower, self.upper)
             values = np.array([self._rollout(env, snapshot, c) for c in candidates])
             reward, cost = values[:, 0], values[:, 1]
-            feasible = cost <= 1e-12
-            if feasible.sum() >= self.num_elites:
-                order = np.argsort(np.where(feasible, -reward, np.inf))
-            else:
-                order = np.lexsort((-reward, cost))
-            elites = candidates[order[: self.num_elites]]
+            score = elite_scores(reward, cost, cost <= 1e-12, num_elites=self.num_elites, xp=np)
+            elites = candidates[np.argsort(-score, kind="stable")[: self.num_elites]]  # best first, ties by index
             mean, std = elites.mean(axis=0), elites.std(axis=0) + 1e-6
         env.restore(snapshot)
         return mean[0].astype(np.float32)
@@ -131,10 +121,11 @@ class OraclePolicy:
 def make_policies(cfg: Config, parts, model, trained_kappa: float) -> dict:
     """The SPEC 12 methods named in ``evaluation.methods``, all on the same config and trained model.
 
-    The planner variants keep kappa fixed during evaluation: 0 for CEM and CCEM,
+    The planner variants (the methods of ``evjax.methods.METHODS`` with a planner
+    mode) keep kappa fixed during evaluation: 0 for CEM and CCEM,
     ``evaluation.fixed_kappa`` for fixed-kappa CAP, the trained kappa for the agent.
     """
-    from evjax.agent import Agent
+    from evjax.agent import Agent, planner_variant
     from evjax.planner import make_model_planner
 
     lower, upper = np.asarray(cfg.env.price_lower), np.asarray(cfg.env.price_upper)
@@ -150,12 +141,11 @@ def make_policies(cfg: Config, parts, model, trained_kappa: float) -> dict:
         elif method == "oracle":
             policies[method] = OraclePolicy(cfg)
         else:
-            mode = PLANNER_MODES[method]
-            kappa = {"cap_fixed_kappa": cfg.evaluation.fixed_kappa, "cap_adaptive": trained_kappa}.get(method, 0.0)
-            planner_cfg = dataclasses.replace(cfg.planner, mode=mode, learn_kappa=False, kappa_init=kappa)
-            if mode not in planners:
-                planners[mode] = make_model_planner(dataclasses.replace(cfg, planner=planner_cfg), parts.dynamics)
-            policies[method] = PlannerPolicy(Agent(planner_cfg, planners[mode]), model)
+            planner_cfg = planner_variant(cfg.planner, BY_NAME[method], cfg.evaluation.fixed_kappa, trained_kappa)
+            if planner_cfg.mode not in planners:
+                planners[planner_cfg.mode] = make_model_planner(dataclasses.replace(cfg, planner=planner_cfg),
+                                                                parts.dynamics)
+            policies[method] = PlannerPolicy(Agent(planner_cfg, planners[planner_cfg.mode]), model)
     return policies
 
 
@@ -250,7 +240,7 @@ def write_tables(out: Path, summaries: list[dict], cfg: Config, note: str) -> No
     for s in summaries:
         ci = "" if math.isnan(s["welfare_ci95"]) else f" ± {s['welfare_ci95']:.0f}"
         lines.append(
-            f"| {METHOD_LABELS[s['method']]} | {s['welfare_cny']:.0f}{ci} | {s['total_cost']:.3f} | "
+            f"| {BY_NAME[s['method']].label} | {s['welfare_cny']:.0f}{ci} | {s['total_cost']:.3f} | "
             f"{s['steps_line_over_limit_pct']:.1f} % | {s['steps_carbon_over_limit_pct']:.1f} % | "
             f"{s['steps_any_violation_pct']:.1f} % | {s['ev_carbon_intensity']:.1f} | {s['ev_co2_t']:.2f} | "
             f"{s['users_time_cost_cny']:.0f} | {s['cs_share_pct']:.0f} / {s['dso_share_pct']:.0f} / "
@@ -352,6 +342,7 @@ def evaluate(run_dir: Path, evaluation: EvaluationConfig | None = None, split: s
     return summaries
 
 
+@entry_point("evjax.evaluate")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser("evjax.evaluate", "Evaluate a trained run against the SPEC 12 baselines.")
     parser.add_argument("--run-dir", metavar="DIR", required=True, help="run directory written by evjax.train")
@@ -392,4 +383,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run(main, prog="evjax.evaluate"))
+    sys.exit(main())

@@ -28,6 +28,7 @@ from pandapower.pypower.makeYbus import makeYbus
 from pandapower.pypower.newtonpf import newtonpf
 
 from evjax.config import GridConfig
+from evjax.errors import ConfigError
 
 EV_LOAD_NAME = "EV CS{}"
 
@@ -36,7 +37,7 @@ EV_LOAD_NAME = "EV CS{}"
 class GridResult:
     """One solved (or failed) power flow; arrays are indexed by pandapower bus / line index.
 
-    Shapes: B buses, L lines, K stations (monitored lines are in station order).
+    Shapes: U buses, L lines, K stations (monitored lines are in station order).
     Power in MW, current in kA, voltage in p.u., loading as a fraction of the rating.
     """
 
@@ -45,11 +46,11 @@ class GridResult:
     line_current_ka: np.ndarray  # [L] max of from/to end current (0 for lines out of service)
     p_from_mw: np.ndarray  # [L] active power into the line at its from bus
     p_to_mw: np.ndarray  # [L] active power into the line at its to bus (negative when it delivers there)
-    vm_pu: np.ndarray  # [B] voltage magnitudes
+    vm_pu: np.ndarray  # [U] voltage magnitudes
     min_voltage_pu: float
     ext_grid_p_mw: float  # slack injection (negative when the feeder exports)
     sgen_p_mw: np.ndarray  # [G] static generator injections
-    load_p_mw: np.ndarray  # [B] total active load per bus (non-EV and EV)
+    load_p_mw: np.ndarray  # [U] total active load per bus (non-EV and EV)
     iterations: int
 
 
@@ -96,6 +97,10 @@ def build_network(grid_cfg: GridConfig):
     return net
 
 
+NOT_CONVERGING = ("config keys 'grid.dg_p_mw', 'grid.load_scale', 'grid.initial_ev_load_mw': the feeder's base "
+                  "power flow does not converge with these values")
+
+
 class FeederGrid:
     """Repeated power flows on one fixed feeder; host side, not jittable.
 
@@ -113,7 +118,10 @@ class FeederGrid:
             max_iteration=grid_cfg.max_iteration, tolerance_mva=grid_cfg.tolerance_mva,
             calculate_voltage_angles=True,
         )
-        pp.runpp(self.net, **self._runpp_kwargs)
+        try:
+            pp.runpp(self.net, **self._runpp_kwargs)
+        except pp.LoadflowNotConverged:
+            raise ConfigError(NOT_CONVERGING) from None
         self._options = dict(self.net._options)
         _, self._ppci = _pd2ppc(self.net)
         (self._base_mva, bus, _gen, branch, _svc, _tcsc, _ssc, _vsc,
@@ -159,7 +167,7 @@ class FeederGrid:
         initial = np.full(len(grid_cfg.station_buses), grid_cfg.initial_ev_load_mw)
         self.reset_result, base_voltage = self._solve(initial, 1.0)
         if not self.reset_result.converged:
-            raise RuntimeError("the base power flow of the feeder does not converge")
+            raise ConfigError(NOT_CONVERGING)
         self._v_start = base_voltage
 
     def network_arrays(self) -> "NetworkArrays":

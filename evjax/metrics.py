@@ -29,7 +29,10 @@ class MetricsLog:
             return
         with self.path.open() as f:
             self.rows = [row for row in csv.DictReader(f) if int(row["epoch"]) <= up_to_epoch]
-        self._write()
+        if self.rows:
+            self._write()
+        else:
+            self.path.unlink()
 
     def append(self, row: dict) -> None:
         self.rows.append({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})

@@ -7,7 +7,7 @@ feasibility filter, elite refit, every CEM iteration) as one compiled XLA progra
 
 The model is reached only through ``step_fn(model, obs[E,M,S], act[E,M,A], key)``
 (and optionally its noise-free twin ``mean_step_fn(model, obs, act)``) whose output has ``next_obs [E,M,S]``, ``reward [E,M]``, ``cost [E,M]`` and
-``std [E,M,D]`` (D = S + 2: predicted std of the obs-delta dims, the reward and
+``std [E,M,S+2]`` (predicted std of the obs-delta dims, the reward and
 the cost); row ``e`` of the member-major batch is advanced by ensemble member
 ``e``. ``model`` is any pytree (for evjax, a ``dynamics.ModelState``).
 
@@ -21,7 +21,6 @@ Modes (``planner.mode``), all sharing this code:
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import chex
@@ -30,9 +29,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from evjax.config import PlannerConfig
-
-MODES = ("cap", "ccem", "unconstrained")
-UNCERTAINTIES = ("cost_std", "max_std_norm", "disagreement")
 
 
 class CandidateValues(NamedTuple):
@@ -53,12 +49,30 @@ class PlanDiagnostics(NamedTuple):
     uncertainty_penalty: jax.Array  # [] mean over the population of the scaled kappa * sum_t u_t
 
 
+class RolloutCarry(NamedTuple):
+    """State carried along the horizon by ``rollout``; M = N * P/E samples per member."""
+
+    state: Optional[jax.Array]  # [E, M, S] clipped predicted obs of every particle (None before the first step)
+    reward_sum: jax.Array  # [E, M] predicted reward summed so far
+    cost_sum: jax.Array  # [E, M] predicted cost summed so far
+    uncertainty_sum: jax.Array  # [N] CAP uncertainty u summed so far
+
+
+class CemCarry(NamedTuple):
+    """State carried over the CEM iterations of one plan."""
+
+    iteration: jax.Array  # [] int32 iterations run
+    mean: jax.Array  # [H, A] sampling mean
+    var: jax.Array  # [H, A] sampling variance (before the cap of ``capped_variance``)
+    key: jax.Array  # key of the next iteration's samples
+    diag: PlanDiagnostics  # of the last iteration run
+
+
 class Planner(NamedTuple):
     """Pure planning functions with the planner settings bound (built by ``make_planner``)."""
 
     plan: Callable[..., tuple[jax.Array, jax.Array, PlanDiagnostics]]  # jitted; see ``make_planner``
-    plan_fn: Callable[..., tuple[jax.Array, jax.Array, PlanDiagnostics]]  # the same, not jitted
-    plan_jit: Any  # the jax.jit object behind ``plan`` (for lowering / compile timing)
+    plan_fn: Callable[..., tuple[jax.Array, jax.Array, PlanDiagnostics]]  # the same, not jitted (``cem_plan`` bound)
     evaluate: Callable[..., CandidateValues]  # (key, model, obs[S], actions[N,H,A], kappa) -> values, pure
     initial_warm_start: Callable[[], jax.Array]  # () -> [H, A] mid-range prices
     price_lower: jax.Array  # [A]
@@ -79,45 +93,290 @@ def cost_scale(gamma: float, horizon: int) -> float:
     return (1.0 - gamma**horizon) / (1.0 - gamma) / horizon
 
 
-def _check_settings(cfg: PlannerConfig, lower: np.ndarray, upper: np.ndarray, num_members: int) -> None:
-    """Raise ``ValueError`` naming the first impossible static setting."""
-    positive_ints = {
-        "planner.horizon": cfg.horizon,
-        "planner.popsize": cfg.popsize,
-        "planner.num_elites": cfg.num_elites,
-        "planner.particles": cfg.particles,
-        "planner.iterations": cfg.iterations,
-        "num_members": num_members,
-    }
-    for name, value in positive_ints.items():
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if cfg.num_elites > cfg.popsize:
-        raise ValueError(f"planner.num_elites ({cfg.num_elites}) exceeds planner.popsize ({cfg.popsize})")
-    if cfg.particles % num_members:
-        raise ValueError(f"planner.particles ({cfg.particles}) must be divisible by the number of "
+def no_sharding(x: jax.Array, axis: int) -> jax.Array:
+    """The ``shard`` of a planner on one device: ``x`` unchanged."""
+    return x
+
+
+def shard_population(x: jax.Array, axis: int, *, mesh: jax.sharding.Mesh) -> jax.Array:
+    """Constrain ``x`` to be split along ``axis`` over the first (population) axis of ``mesh``."""
+    spec = [None] * x.ndim
+    spec[axis] = mesh.axis_names[0]
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
+
+
+# ------------------------------------------------------------------ sampling and refit
+
+def capped_variance(mean: jax.Array, var: jax.Array, *, lower: jax.Array, upper: jax.Array) -> jax.Array:
+    """Sampling variance v = min(sigma^2, ((mu - lb) / 2)^2, ((ub - mu) / 2)^2), elementwise on [H, A].
+
+    Capping by the distance to the bounds keeps samples near a bound from
+    piling up on it after clipping.
+    """
+    return jnp.minimum(jnp.minimum(jnp.square((mean - lower) / 2.0), jnp.square((upper - mean) / 2.0)), var)
+
+
+def sample_candidates(key: jax.Array, mean: jax.Array, var: jax.Array, *, lower: jax.Array, upper: jax.Array,
+                      num_candidates: int, truncation_sigma: float, shard: Callable = no_sharding) -> jax.Array:
+    """N candidate sequences [N, H, A]: a = clip(mu + sqrt(v) * z, lb, ub), z standard normal cut at +-truncation_sigma.
+
+    mean, var [H, A]; v is ``capped_variance``.
+    """
+    horizon, action_dim = mean.shape
+    draws = jax.random.truncated_normal(key, -truncation_sigma, truncation_sigma,
+                                        (num_candidates, horizon, action_dim), jnp.float32)
+    std = jnp.sqrt(capped_variance(mean, var, lower=lower, upper=upper))
+    return jnp.clip(mean + std * shard(draws, 0), lower, upper)  # [N, H, A]
+
+
+def elite_scores(reward, cost, feasible, *, num_elites: int, xp=jnp):
+    """Scores [N] whose J = ``num_elites`` largest mark the elites among N candidates (reward, cost, feasible [N]).
+
+    With at least J feasible candidates, the J highest-reward feasible ones
+    (score = reward, -inf when infeasible); otherwise the J lowest-cost ones
+    (score = -cost). ``xp`` is ``jax.numpy`` or ``numpy`` (the oracle's CEM on
+    the true simulator uses the same rule on the host).
+    """
+    enough_feasible = xp.sum(feasible) >= num_elites
+    return xp.where(enough_feasible, xp.where(feasible, reward, -xp.inf), -cost)
+
+
+def elite_indices(reward: jax.Array, cost: jax.Array, feasible: jax.Array, *, num_elites: int) -> jax.Array:
+    """Indices [J] of the elites of ``elite_scores``, best first; ``lax.top_k`` breaks ties by the lower index."""
+    _, index = jax.lax.top_k(elite_scores(reward, cost, feasible, num_elites=num_elites), num_elites)
+    return index
+
+
+def refit(mean: jax.Array, var: jax.Array, elites: jax.Array, *, smoothing: float) -> tuple[jax.Array, jax.Array]:
+    """mu <- s mu + (1 - s) mean(elites), sigma^2 <- s sigma^2 + (1 - s) var(elites) with s = ``smoothing``.
+
+    mean, var [H, A]; elites [J, H, A].
+    """
+    mean = smoothing * mean + (1.0 - smoothing) * elites.mean(axis=0)
+    var = smoothing * var + (1.0 - smoothing) * elites.var(axis=0)
+    return mean, var
+
+
+# ------------------------------------------------------------------ rollouts
+
+def candidate_uncertainty(out, *, kind: str, num_members: int, num_candidates: int,
+                          particles_per_member: int) -> jax.Array:
+    """Per-candidate CAP uncertainty u [N] of one model step ``out`` on the member-major batch [E, N * P/E].
+
+    ``kind``: ``cost_std`` (the largest predicted cost std over the candidate's
+    particles), ``max_std_norm`` (the largest norm of the predicted std vector
+    over its particles) or ``disagreement`` (the norm over S of the std across
+    members of each member's mean next obs over its particles); see ``make_planner``.
+    """
+    if kind == "cost_std":
+        cost_std = out.std[..., -1]  # [E, M]
+        return cost_std.reshape(num_members, num_candidates, particles_per_member).max(axis=(0, 2))
+    if kind == "max_std_norm":
+        squared_norm = jnp.sum(jnp.square(out.std), axis=-1)  # [E, M]
+        return jnp.sqrt(squared_norm.reshape(num_members, num_candidates, particles_per_member).max(axis=(0, 2)))
+    state_dim = out.next_obs.shape[-1]
+    member_means = out.next_obs.reshape(num_members, num_candidates, particles_per_member, state_dim).mean(axis=2)
+    return jnp.linalg.norm(member_means.std(axis=0), axis=-1)  # [N]
+
+
+def expand_particles(x: jax.Array, *, particles_per_member: int) -> jax.Array:
+    """[E, N, ...] per (member, candidate) -> [E, M, ...] with each row repeated for the member's P/E particles."""
+    num_candidates = x.shape[1]
+    expanded = jnp.broadcast_to(x[:, :, None], (x.shape[0], num_candidates, particles_per_member) + x.shape[2:])
+    return expanded.reshape((x.shape[0], num_candidates * particles_per_member) + x.shape[2:])
+
+
+def add_noise(out, noise: jax.Array):
+    """Sample = predicted mean + std * eps for the obs-delta, reward and cost outputs (std applied once)."""
+    state_dim = out.next_obs.shape[-1]
+    sample = out.std * noise  # [E, M, S+2]
+    return out._replace(next_obs=out.next_obs + sample[..., :state_dim],
+                        reward=out.reward + sample[..., state_dim], cost=out.cost + sample[..., state_dim + 1])
+
+
+def draw_model_noise(key: jax.Array, num_candidates: int, state_dim: int, *, horizon: int, num_members: int,
+                     particles_per_member: int, planner_samples: bool, shard: Callable = no_sharding):
+    """Model noise of one plan, reused by every CEM iteration (common random numbers).
+
+    With ``planner_samples`` (a ``mean_step_fn``): eps [H, E, M, S+2] standard
+    normals; otherwise the H step keys handed to ``step_fn``.
+    """
+    if not planner_samples:
+        return jax.random.split(key, horizon)
+    shape = (horizon, num_members, num_candidates * particles_per_member, state_dim + 2)
+    return shard(jax.random.normal(key, shape, jnp.float32), 2)
+
+
+def rollout(model: Any, obs: jax.Array, actions: jax.Array, kappa: jax.Array, noise: jax.Array, *,
+            step_fn: Callable, mean_step_fn: Optional[Callable], num_members: int, particles_per_member: int,
+            state_clip: float, uncertainty: Optional[str], scale: float, nan_reward: float, nan_cost: float,
+            scan_unroll: int, shard: Callable = no_sharding) -> CandidateValues:
+    """Roll N candidate sequences actions [N, H, A] out from obs [S] through the ensemble and score them.
+
+    Step 3 of ``cem_plan``; ``noise`` comes from ``draw_model_noise``.
+    ``uncertainty`` None (modes ``ccem`` and ``unconstrained``) skips u
+    entirely (kappa is ignored).
+
+    CAP uncertainty u_{n,t} (``planner.uncertainty``), chosen to cost no extra
+    forward passes (evaluating all E members at every particle's state would
+    multiply the rollout cost by E):
+
+    * ``cost_std`` (default): u_{n,t} = the largest predicted std of the step cost
+      over the candidate's P particles (so across members, each on its own
+      particles), in cost units. kappa is then dimensionless and kappa * u is an
+      upper confidence margin on the predicted cost, of the same scale as the
+      cost limit; the norms below mix EV counts and prices into a cost and make
+      kappa0 = 19 dwarf any cost limit (README, "Planner");
+    * ``max_std_norm``: u_{n,t} = max over the candidate's P particles
+      (so across members, each on its own particles) of the Euclidean norm of the
+      predicted std vector ``std`` [S+2] (obs-delta, reward and cost dims, in the
+      model's output units). This is the CAP paper's "largest predicted-std norm
+      across members", with each member evaluated on its own particles' states;
+    * ``disagreement``: u_{n,t} = Euclidean norm over S of the standard deviation
+      across members of each member's mean sampled next observation over its
+      P/E particles of the candidate (member disagreement on their own
+      particles; includes sampling noise shrunk by sqrt(P/E)).
+    """
+    num_cand, horizon, action_dim = actions.shape
+    chex.assert_shape(actions, (num_cand, horizon, action_dim))  # [N, H, A]
+    state_dim = obs.shape[-1]
+    chex.assert_shape(obs, (state_dim,))  # [S]
+    samples_per_member = num_cand * particles_per_member  # M
+    expand = functools.partial(expand_particles, particles_per_member=particles_per_member)
+
+    def advance(state, action, step_noise):
+        """One model step of every particle: state [E, M, S], action [N, A] -> step output [E, M]."""
+        action = shard(expand(jnp.broadcast_to(action, (num_members,) + action.shape)), 1)  # [E, M, A]
+        if mean_step_fn is None:
+            return step_fn(model, state, action, step_noise)
+        return add_noise(mean_step_fn(model, state, action), step_noise)
+
+    if mean_step_fn is None:
+        state = shard(jnp.broadcast_to(obs, (num_members, samples_per_member, state_dim)), 1)  # [E, M, S]
+        first = advance(state, actions[:, 0], noise[0])
+    else:
+        # every particle of a candidate starts at obs with the same action: one forward pass per
+        # (member, candidate), then P/E noisy samples from it
+        first_mean = mean_step_fn(model, jnp.broadcast_to(obs, (num_members, num_cand, state_dim)),
+                                  jnp.broadcast_to(actions[:, 0], (num_members, num_cand, action_dim)))
+        first = add_noise(jax.tree.map(expand, first_mean), noise[0])
+
+    def accumulate(carry: RolloutCarry, out) -> RolloutCarry:
+        next_state = shard(jnp.clip(out.next_obs, -state_clip, state_clip), 1)  # [E, M, S]
+        uncertainty_sum = carry.uncertainty_sum
+        if uncertainty is not None:
+            uncertainty_sum = uncertainty_sum + candidate_uncertainty(
+                out, kind=uncertainty, num_members=num_members, num_candidates=num_cand,
+                particles_per_member=particles_per_member)
+        return RolloutCarry(next_state, carry.reward_sum + out.reward, carry.cost_sum + out.cost, uncertainty_sum)
+
+    def one_step(carry: RolloutCarry, inputs) -> tuple[RolloutCarry, None]:
+        action, step_noise = inputs  # [N, A]
+        return accumulate(carry, advance(carry.state, action, step_noise)), None
+
+    zeros_em = jnp.zeros((num_members, samples_per_member), jnp.float32)
+    carry = accumulate(RolloutCarry(None, zeros_em, zeros_em, jnp.zeros((num_cand,), jnp.float32)), first)
+    later_actions = jnp.swapaxes(actions[:, 1:], 0, 1)  # [H-1, N, A]
+    carry, _ = jax.lax.scan(one_step, carry, (later_actions, noise[1:]), unroll=scan_unroll)
+
+    def particle_mean(x):  # [E, M] -> [N]
+        return x.reshape(num_members, num_cand, particles_per_member).mean(axis=(0, 2))
+
+    reward = particle_mean(carry.reward_sum)
+    penalty = (kappa * carry.uncertainty_sum * scale if uncertainty is not None
+               else jnp.zeros((num_cand,), jnp.float32))
+    cost = particle_mean(carry.cost_sum) * scale + penalty
+    reward = jnp.where(jnp.isfinite(reward), reward, nan_reward)
+    cost = jnp.where(jnp.isfinite(cost), cost, nan_cost)
+    return CandidateValues(reward=reward, cost=cost, penalty=penalty)
+
+
+# ------------------------------------------------------------------ the plan
+
+def cem_plan(key: jax.Array, model: Any, obs: jax.Array, warm_start: jax.Array, kappa: jax.Array, *,
+             rollout_fn: Callable, noise_fn: Callable, lower: jax.Array, upper: jax.Array, num_candidates: int,
+             num_elites: int, iterations: int, min_variance: float, truncation_sigma: float, smoothing: float,
+             cost_limit: Optional[float], shard: Callable = no_sharding):
+    """One constrained CEM plan; pure, jit-compatible. Returns (action [A], next warm start [H, A], PlanDiagnostics).
+
+    1. mean mu = warm start (clipped into the bounds), variance
+       sigma^2 = (ub - lb)^2 / 16 per dimension;
+    2. per iteration (at most ``iterations``; stop once max sigma^2 < ``min_variance``):
+       capped variance v = min(sigma^2, ((mu - lb) / 2)^2, ((ub - mu) / 2)^2);
+       N candidates a = clip(mu + sqrt(v) * z, lb, ub) with z a standard normal
+       truncated at +-``truncation_sigma``;
+    3. ``rollout_fn(model, obs, candidates, kappa, noise)`` (``rollout``) rolls each candidate
+       out with P particles through the ensemble (trajectory sampling: P/E of a candidate's particles follow each member,
+       every particle the same member at every step; the batch is member-major,
+       row e of [E, N * P/E] holds member e's particles, candidate-major within),
+       states clipped to +-``state_clip``:
+       R_n = mean_p sum_t r_{n,p,t},
+       C_n = (mean_p sum_t c_{n,p,t} + kappa * sum_t u_{n,t}) * (1 - gamma^H) / (1 - gamma) / H;
+       a non-finite R_n becomes ``nan_reward``, a non-finite C_n ``nan_cost``;
+    4. feasible = C_n <= ``cost_limit``. With at least J = ``num_elites`` feasible
+       candidates the elites are the J highest-reward feasible ones, otherwise the
+       J lowest-cost ones (``elite_indices``);
+    5. mu <- s * mu + (1 - s) * mean(elites), sigma^2 <- s * sigma^2 + (1 - s) * var(elites)
+       with s = ``smoothing``.
+
+    The action is the first step of the final mean; the next warm start is the
+    final mean shifted one step along time, ``roll(mu, -1, axis=0)``, with the
+    mid-range action appended. The model noise ``noise_fn(key, num_candidates,
+    state_dim)`` is drawn once per plan; ``cost_limit`` None counts every
+    candidate as feasible (mode ``unconstrained``).
+    """
+    horizon, action_dim = warm_start.shape
+    chex.assert_shape(warm_start, (horizon, action_dim))  # [H, A]
+    mean = jnp.clip(warm_start.astype(jnp.float32), lower, upper)  # [H, A]
+    var = jnp.broadcast_to(jnp.square(upper - lower) / 16.0, (horizon, action_dim))  # [H, A]
+    key, noise_key = jax.random.split(key)
+    model_noise = noise_fn(noise_key, num_candidates, obs.shape[-1])
+    zero = jnp.zeros((), jnp.float32)
+    diag0 = PlanDiagnostics(zero, zero, zero, jnp.zeros((), jnp.int32), zero)
+
+    def keep_going(carry: CemCarry) -> jax.Array:
+        return (carry.iteration < iterations) & (jnp.max(carry.var) >= min_variance)
+
+    def cem_iteration(carry: CemCarry) -> CemCarry:
+        key, sample_key = jax.random.split(carry.key)
+        candidates = sample_candidates(sample_key, carry.mean, carry.var, lower=lower, upper=upper,
+                                       num_candidates=num_candidates, truncation_sigma=truncation_sigma,
+                                       shard=shard)  # [N, H, A]
+        values = rollout_fn(model, obs, candidates, kappa, model_noise)
+        if cost_limit is not None:
+            feasible = values.cost <= cost_limit  # [N]
+        else:
+            feasible = jnp.ones((num_candidates,), bool)
+        elite_index = elite_indices(values.reward, values.cost, feasible, num_elites=num_elites)  # [J]
+        mean, var = refit(carry.mean, carry.var, candidates[elite_index], smoothing=smoothing)
+        diag = PlanDiagnostics(
+            feasible_fraction=jnp.mean(feasible.astype(jnp.float32)),
+            elite_reward=jnp.mean(values.reward[elite_index]),
+            elite_cost=jnp.mean(values.cost[elite_index]),
+            iterations=carry.iteration + 1,
+            uncertainty_penalty=jnp.mean(values.penalty),
+        )
+        return CemCarry(carry.iteration + 1, mean, var, key, diag)
+
+    init = CemCarry(jnp.zeros((), jnp.int32), mean, var, key, diag0)
+    final = jax.lax.while_loop(keep_going, cem_iteration, init)
+    action = jnp.clip(final.mean[0], lower, upper)  # [A]
+    mid = (lower + upper) / 2.0  # [A]
+    next_warm_start = jnp.roll(final.mean, -1, axis=0).at[-1].set(mid)  # [H, A]
+    return action, next_warm_start, final.diag
+
+
+def _check_arguments(particles: int, lower: np.ndarray, upper: np.ndarray, num_members: int) -> None:
+    """Raise ``ValueError`` naming the first impossible factory argument.
+
+    The ``PlannerConfig`` has checked its own fields; what is left are the
+    arguments that do not come from it, and how they fit the config.
+    """
+    if isinstance(num_members, bool) or not isinstance(num_members, (int, np.integer)) or num_members <= 0:
+        raise ValueError(f"num_members must be a positive integer, got {num_members!r}")
+    if particles % num_members:
+        raise ValueError(f"planner.particles ({particles}) must be divisible by the number of "
                          f"ensemble members ({num_members}): particles are split evenly across members")
-    if not (cfg.truncation_sigma > 0 and math.isfinite(cfg.truncation_sigma)):
-        raise ValueError(f"planner.truncation_sigma must be positive and finite, got {cfg.truncation_sigma}")
-    if not 0.0 <= cfg.smoothing <= 1.0:
-        raise ValueError(f"planner.smoothing must lie in [0, 1], got {cfg.smoothing}")
-    if not 0.0 < cfg.gamma <= 1.0:
-        raise ValueError(f"planner.gamma must lie in (0, 1], got {cfg.gamma}")
-    if not cfg.state_clip > 0:
-        raise ValueError(f"planner.state_clip must be positive, got {cfg.state_clip}")
-    if isinstance(cfg.scan_unroll, bool) or not isinstance(cfg.scan_unroll, (int, np.integer)) or cfg.scan_unroll < 0:
-        raise ValueError(f"planner.scan_unroll must be a non-negative integer, got {cfg.scan_unroll!r}")
-    if not cfg.min_variance >= 0:
-        raise ValueError(f"planner.min_variance must be non-negative, got {cfg.min_variance}")
-    if not (math.isfinite(cfg.nan_reward) and math.isfinite(cfg.nan_cost)):
-        raise ValueError("planner.nan_reward and planner.nan_cost must be finite")
-    if cfg.nan_cost <= cfg.cost_limit:
-        raise ValueError(f"planner.nan_cost ({cfg.nan_cost}) must exceed planner.cost_limit ({cfg.cost_limit}) "
-                         "so that a non-finite rollout is never feasible")
-    if cfg.mode not in MODES:
-        raise ValueError(f"planner.mode must be one of {list(MODES)}, got {cfg.mode!r}")
-    if cfg.uncertainty not in UNCERTAINTIES:
-        raise ValueError(f"planner.uncertainty must be one of {list(UNCERTAINTIES)}, got {cfg.uncertainty!r}")
     if lower.ndim != 1 or lower.shape != upper.shape or lower.size == 0:
         raise ValueError(f"price_lower and price_upper must be equal-length vectors, got shapes "
                          f"{lower.shape} and {upper.shape}")
@@ -135,63 +394,17 @@ def make_planner(
     mean_step_fn: Optional[Callable] = None,
     mesh: Optional[jax.sharding.Mesh] = None,
 ) -> Planner:
-    """Build the constrained CEM planner of SPEC 10 for an E-member ensemble.
+    """Build the constrained CEM planner of SPEC 10 for an E-member ensemble: validate, bind, return the bundle.
 
     ``plan(key, model, obs[S], warm_start[H,A], kappa)`` returns
-    ``(action[A], next_warm_start[H,A], PlanDiagnostics)``:
-
-    1. mean mu = warm start (clipped into the bounds), variance
-       sigma^2 = (ub - lb)^2 / 16 per dimension;
-    2. per iteration (at most ``iterations``; stop once max sigma^2 < ``min_variance``):
-       capped variance v = min(sigma^2, ((mu - lb) / 2)^2, ((ub - mu) / 2)^2);
-       N candidates a = clip(mu + sqrt(v) * z, lb, ub) with z a standard normal
-       truncated at +-``truncation_sigma``;
-    3. each candidate is rolled out with P particles through the ensemble
-       (trajectory sampling: P/E of a candidate's particles follow each member,
-       every particle the same member at every step; the batch is member-major,
-       row e of [E, N * P/E] holds member e's particles, candidate-major within),
-       states clipped to +-``state_clip``:
-       R_n = mean_p sum_t r_{n,p,t},
-       C_n = (mean_p sum_t c_{n,p,t} + kappa * sum_t u_{n,t}) * (1 - gamma^H) / (1 - gamma) / H;
-       a non-finite R_n becomes ``nan_reward``, a non-finite C_n ``nan_cost``;
-    4. feasible = C_n <= ``cost_limit``. With at least K = ``num_elites`` feasible
-       candidates the elites are the K highest-reward feasible ones, otherwise the
-       K lowest-cost ones (``lax.top_k``);
-    5. mu <- s * mu + (1 - s) * mean(elites), sigma^2 <- s * sigma^2 + (1 - s) * var(elites)
-       with s = ``smoothing``.
-
-    The action is the first step of the final mean; the next warm start is the
-    final mean shifted one step along time, ``roll(mu, -1, axis=0)``, with the
-    mid-range action appended.
-
-    CAP uncertainty u_{n,t} (``planner.uncertainty``), chosen to cost no extra
-    forward passes (evaluating all E members at every particle's state would
-    multiply the rollout cost by E):
-
-    * ``cost_std`` (default): u_{n,t} = the largest predicted std of the step cost
-      over the candidate's P particles (so across members, each on its own
-      particles), in cost units. kappa is then dimensionless and kappa * u is an
-      upper confidence margin on the predicted cost, of the same scale as the
-      cost limit; the norms below mix EV counts and prices into a cost and make
-      kappa0 = 19 dwarf any cost limit (README, "Planner");
-    * ``max_std_norm``: u_{n,t} = max over the candidate's P particles
-      (so across members, each on its own particles) of the Euclidean norm of the
-      predicted std vector ``std`` [D] (obs-delta, reward and cost dims, in the
-      model's output units). This is the CAP paper's "largest predicted-std norm
-      across members", with each member evaluated on its own particles' states;
-    * ``disagreement``: u_{n,t} = Euclidean norm over S of the standard deviation
-      across members of each member's mean sampled next observation over its
-      P/E particles of the candidate (member disagreement on their own
-      particles; includes sampling noise shrunk by sqrt(P/E)).
-
-    ``mode == "ccem"`` or ``"unconstrained"`` skips u entirely (kappa is ignored);
-    ``"unconstrained"`` also treats every candidate as feasible.
+    ``(action[A], next_warm_start[H,A], PlanDiagnostics)``; the algorithm is
+    ``cem_plan``'s, the rollouts and the CAP uncertainty ``rollout``'s.
 
     Model noise: ``step_fn(model, obs, act, key)`` samples internally; the planner
     passes it the same H step keys in every CEM iteration of a plan. With
     ``mean_step_fn(model, obs[E,M,S], act[E,M,A])`` (the same output, noise-free:
     predicted means and their std) the planner samples itself,
-    ``sample = mean + std * eps`` with eps [H, E, M, D] drawn once per plan, and
+    ``sample = mean + std * eps`` with eps [H, E, M, S+2] drawn once per plan, and
     evaluates the first step once per (member, candidate) instead of once per
     particle, since all particles of a candidate start at ``obs`` with the same
     action. Either way the model noise is common to the CEM iterations of a plan
@@ -204,183 +417,46 @@ def make_planner(
     the same as on one device (JAX's partitionable threefry), so the sharded
     plan equals the single-device plan up to float reassociation.
 
-    Static settings are checked here, in plain Python: an impossible one raises
-    ``ValueError`` naming it.
+    The config section has checked its own settings; the factory checks the
+    arguments that do not come from it (``num_members``, the price bounds, the
+    mesh) and raises ``ValueError`` naming the first impossible one.
     """
+    cfg = planner_cfg
     lower_np = np.asarray(price_lower, dtype=np.float64)
     upper_np = np.asarray(price_upper, dtype=np.float64)
-    _check_settings(planner_cfg, lower_np, upper_np, num_members)
-    cfg = planner_cfg
-    num_candidates, horizon, num_elites = cfg.popsize, cfg.horizon, cfg.num_elites
-    particles_per_member = cfg.particles // num_members
-    action_dim = lower_np.size
-    scale = cost_scale(cfg.gamma, horizon)
-    use_penalty = cfg.mode == "cap"
-    # 0 = auto: unrolled on accelerators (fewer kernel launches: 5.7 -> 4.9 ms per plan on an H100), rolled on CPU
-    scan_unroll = cfg.scan_unroll or (horizon if jax.default_backend() != "cpu" else 1)
-    constrained = cfg.mode != "unconstrained"
-
-    population_axis = None
+    _check_arguments(cfg.particles, lower_np, upper_np, num_members)
+    shard = no_sharding
     if mesh is not None:
-        population_axis = mesh.axis_names[0]
         # sharding constraints need Auto axes (jax.make_mesh makes Explicit ones by default)
         mesh = jax.sharding.Mesh(mesh.devices, mesh.axis_names,
                                  axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
-        devices_on_axis = mesh.shape[population_axis]
-        if num_candidates % devices_on_axis:
-            raise ValueError(f"planner.popsize ({num_candidates}) must be divisible by the {devices_on_axis} "
-                             f"devices of mesh axis '{population_axis}'")
-
-    def shard(x: jax.Array, axis: int) -> jax.Array:
-        """Constrain ``x`` to be split along ``axis`` over the population mesh axis (no-op without a mesh)."""
-        if mesh is None:
-            return x
-        spec = [None] * x.ndim
-        spec[axis] = population_axis
-        return jax.lax.with_sharding_constraint(
-            x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
-
+        devices_on_axis = mesh.shape[mesh.axis_names[0]]
+        if cfg.popsize % devices_on_axis:
+            raise ValueError(f"planner.popsize ({cfg.popsize}) must be divisible by the {devices_on_axis} "
+                             f"devices of mesh axis '{mesh.axis_names[0]}'")
+        shard = functools.partial(shard_population, mesh=mesh)
     lower = jnp.asarray(lower_np, dtype=jnp.float32)  # [A]
     upper = jnp.asarray(upper_np, dtype=jnp.float32)  # [A]
-    mid = (lower + upper) / 2.0  # [A]
-
-    def uncertainty(out, num_cand: int) -> jax.Array:
-        """Per-candidate uncertainty u [N] of one model step (see ``make_planner``)."""
-        if cfg.uncertainty == "cost_std":
-            cost_std = out.std[..., -1]  # [E, M]
-            return cost_std.reshape(num_members, num_cand, particles_per_member).max(axis=(0, 2))
-        if cfg.uncertainty == "max_std_norm":
-            squared_norm = jnp.sum(jnp.square(out.std), axis=-1)  # [E, M]
-            return jnp.sqrt(squared_norm.reshape(num_members, num_cand, particles_per_member).max(axis=(0, 2)))
-        state_dim = out.next_obs.shape[-1]
-        member_means = out.next_obs.reshape(num_members, num_cand, particles_per_member, state_dim).mean(axis=2)
-        return jnp.linalg.norm(member_means.std(axis=0), axis=-1)  # [N]
-
-    def expand(x: jax.Array, num_cand: int) -> jax.Array:
-        """[E, N, ...] per (member, candidate) -> [E, M, ...] with each row repeated for the member's P/E particles."""
-        expanded = jnp.broadcast_to(x[:, :, None], (x.shape[0], num_cand, particles_per_member) + x.shape[2:])
-        return expanded.reshape((x.shape[0], num_cand * particles_per_member) + x.shape[2:])
-
-    def add_noise(out, noise: jax.Array):
-        """Sample = predicted mean + std * eps for the obs-delta, reward and cost outputs (std applied once)."""
-        state_dim = out.next_obs.shape[-1]
-        sample = out.std * noise  # [E, M, D]
-        return out._replace(next_obs=out.next_obs + sample[..., :state_dim],
-                            reward=out.reward + sample[..., state_dim], cost=out.cost + sample[..., state_dim + 1])
-
-    def draw_noise(key: jax.Array, num_cand: int, state_dim: int):
-        """Model noise of one plan, reused by every CEM iteration (common random numbers).
-
-        With ``mean_step_fn``: eps [H, E, M, D] standard normals; otherwise the H step keys of ``step_fn``.
-        """
-        if mean_step_fn is None:
-            return jax.random.split(key, horizon)
-        shape = (horizon, num_members, num_cand * particles_per_member, state_dim + 2)
-        return shard(jax.random.normal(key, shape, jnp.float32), 2)
-
-    def rollout(model: Any, obs: jax.Array, actions: jax.Array, kappa: jax.Array, noise: jax.Array) -> CandidateValues:
-        """Roll N candidate sequences out through the ensemble and score them (step 3 of ``make_planner``)."""
-        num_cand = actions.shape[0]
-        chex.assert_shape(actions, (num_cand, horizon, action_dim))  # [N, H, A]
-        state_dim = obs.shape[-1]
-        chex.assert_shape(obs, (state_dim,))  # [S]
-        samples_per_member = num_cand * particles_per_member  # M
-
-        def advance(state, action, step_noise):
-            """One model step of every particle: state [E, M, S], action [N, A] -> step output [E, M]."""
-            action = shard(expand(jnp.broadcast_to(action, (num_members,) + action.shape), num_cand), 1)  # [E, M, A]
-            if mean_step_fn is None:
-                return step_fn(model, state, action, step_noise)
-            return add_noise(mean_step_fn(model, state, action), step_noise)
-
-        if mean_step_fn is None:
-            state = shard(jnp.broadcast_to(obs, (num_members, samples_per_member, state_dim)), 1)  # [E, M, S]
-            first = advance(state, actions[:, 0], noise[0])
-        else:
-            # every particle of a candidate starts at obs with the same action: one forward pass per
-            # (member, candidate), then P/E noisy samples from it
-            first_mean = mean_step_fn(model, jnp.broadcast_to(obs, (num_members, num_cand, state_dim)),
-                                      jnp.broadcast_to(actions[:, 0], (num_members, num_cand, action_dim)))
-            first = add_noise(jax.tree.map(lambda x: expand(x, num_cand), first_mean), noise[0])
-
-        def accumulate(carry, out):
-            _, reward_sum, cost_sum, uncertainty_sum = carry
-            next_state = shard(jnp.clip(out.next_obs, -cfg.state_clip, cfg.state_clip), 1)  # [E, M, S]
-            if use_penalty:
-                uncertainty_sum = uncertainty_sum + uncertainty(out, num_cand)
-            return next_state, reward_sum + out.reward, cost_sum + out.cost, uncertainty_sum
-
-        def one_step(carry, inputs):
-            action, step_noise = inputs  # [N, A]
-            return accumulate(carry, advance(carry[0], action, step_noise)), None
-
-        zeros_em = jnp.zeros((num_members, samples_per_member), jnp.float32)
-        carry = accumulate((None, zeros_em, zeros_em, jnp.zeros((num_cand,), jnp.float32)), first)
-        later_actions = jnp.swapaxes(actions[:, 1:], 0, 1)  # [H-1, N, A]
-        (_, reward_sum, cost_sum, uncertainty_sum), _ = jax.lax.scan(one_step, carry, (later_actions, noise[1:]),
-                                                                   unroll=scan_unroll)
-
-        def particle_mean(x):  # [E, M] -> [N]
-            return x.reshape(num_members, num_cand, particles_per_member).mean(axis=(0, 2))
-
-        reward = particle_mean(reward_sum)
-        penalty = kappa * uncertainty_sum * scale if use_penalty else jnp.zeros((num_cand,), jnp.float32)
-        cost = particle_mean(cost_sum) * scale + penalty
-        reward = jnp.where(jnp.isfinite(reward), reward, cfg.nan_reward)
-        cost = jnp.where(jnp.isfinite(cost), cost, cfg.nan_cost)
-        return CandidateValues(reward=reward, cost=cost, penalty=penalty)
-
-    def evaluate(key: jax.Array, model: Any, obs: jax.Array, actions: jax.Array, kappa: jax.Array) -> CandidateValues:
-        """Predicted reward, penalised cost and penalty of candidates actions [N, H, A] (pure)."""
-        return rollout(model, obs, actions, kappa, draw_noise(key, actions.shape[0], obs.shape[-1]))
+    particles_per_member = cfg.particles // num_members
+    # 0 = auto: unrolled on accelerators (fewer kernel launches: 5.7 -> 4.9 ms per plan on an H100), rolled on CPU
+    scan_unroll = cfg.scan_unroll or (cfg.horizon if jax.default_backend() != "cpu" else 1)
+    rollout_fn = functools.partial(
+        rollout, step_fn=step_fn, mean_step_fn=mean_step_fn, num_members=num_members,
+        particles_per_member=particles_per_member, state_clip=cfg.state_clip,
+        uncertainty=cfg.uncertainty if cfg.mode == "cap" else None, scale=cost_scale(cfg.gamma, cfg.horizon),
+        nan_reward=cfg.nan_reward, nan_cost=cfg.nan_cost, scan_unroll=scan_unroll, shard=shard)
+    noise_fn = functools.partial(draw_model_noise, horizon=cfg.horizon, num_members=num_members,
+                                 particles_per_member=particles_per_member, planner_samples=mean_step_fn is not None,
+                                 shard=shard)
+    plan_settings = dict(
+        rollout_fn=rollout_fn, noise_fn=noise_fn, lower=lower, upper=upper, num_candidates=cfg.popsize,
+        num_elites=cfg.num_elites, iterations=cfg.iterations, min_variance=cfg.min_variance,
+        truncation_sigma=cfg.truncation_sigma, smoothing=cfg.smoothing,
+        cost_limit=cfg.cost_limit if cfg.mode != "unconstrained" else None, shard=shard)
 
     def plan_fn(key: jax.Array, model: Any, obs: jax.Array, warm_start: jax.Array, kappa: jax.Array):
-        """One constrained CEM plan (see ``make_planner``); pure, jit-compatible."""
-        chex.assert_shape(warm_start, (horizon, action_dim))  # [H, A]
-        mean = jnp.clip(warm_start.astype(jnp.float32), lower, upper)  # [H, A]
-        var = jnp.broadcast_to(jnp.square(upper - lower) / 16.0, (horizon, action_dim))  # [H, A]
-        key, noise_key = jax.random.split(key)
-        model_noise = draw_noise(noise_key, num_candidates, obs.shape[-1])
-        zero = jnp.zeros((), jnp.float32)
-        diag0 = PlanDiagnostics(zero, zero, zero, jnp.zeros((), jnp.int32), zero)
-
-        def keep_going(carry):
-            iteration, _, var, _, _ = carry
-            return (iteration < cfg.iterations) & (jnp.max(var) >= cfg.min_variance)
-
-        def cem_iteration(carry):
-            iteration, mean, var, key, _ = carry
-            key, sample_key = jax.random.split(key)
-            capped_var = jnp.minimum(jnp.minimum(jnp.square((mean - lower) / 2.0),
-                                                 jnp.square((upper - mean) / 2.0)), var)  # [H, A]
-            draws = jax.random.truncated_normal(sample_key, -cfg.truncation_sigma, cfg.truncation_sigma,
-                                                (num_candidates, horizon, action_dim), jnp.float32)
-            candidates = jnp.clip(mean + jnp.sqrt(capped_var) * shard(draws, 0), lower, upper)  # [N, H, A]
-            values = rollout(model, obs, candidates, kappa, model_noise)
-            if constrained:
-                feasible = values.cost <= cfg.cost_limit  # [N]
-            else:
-                feasible = jnp.ones((num_candidates,), bool)
-            enough_feasible = jnp.sum(feasible) >= num_elites
-            score = jnp.where(enough_feasible, jnp.where(feasible, values.reward, -jnp.inf), -values.cost)
-            _, elite_index = jax.lax.top_k(score, num_elites)  # [K]
-            elites = candidates[elite_index]  # [K, H, A]
-            mean = cfg.smoothing * mean + (1.0 - cfg.smoothing) * elites.mean(axis=0)
-            var = cfg.smoothing * var + (1.0 - cfg.smoothing) * elites.var(axis=0)
-            diag = PlanDiagnostics(
-                feasible_fraction=jnp.mean(feasible.astype(jnp.float32)),
-                elite_reward=jnp.mean(values.reward[elite_index]),
-                elite_cost=jnp.mean(values.cost[elite_index]),
-                iterations=iteration + 1,
-                uncertainty_penalty=jnp.mean(values.penalty),
-            )
-            return iteration + 1, mean, var, key, diag
-
-        init = (jnp.zeros((), jnp.int32), mean, var, key, diag0)
-        _, mean, _, _, diag = jax.lax.while_loop(keep_going, cem_iteration, init)
-        action = jnp.clip(mean[0], lower, upper)  # [A]
-        next_warm_start = jnp.roll(mean, -1, axis=0).at[-1].set(mid)  # [H, A]
-        return action, next_warm_start, diag
+        """One constrained CEM plan with this planner's settings (``cem_plan``); pure, jit-compatible."""
+        return cem_plan(key, model, obs, warm_start, kappa, **plan_settings)
 
     plan_jit = jax.jit(plan_fn)
 
@@ -389,13 +465,14 @@ def make_planner(
         return plan_jit(key, model, jnp.asarray(obs, jnp.float32), jnp.asarray(warm_start, jnp.float32),
                         jnp.asarray(kappa, jnp.float32))
 
-    def initial_warm_start() -> jax.Array:
-        """Mid-range prices at every step of the horizon, [H, A]."""
-        return jnp.broadcast_to(mid, (horizon, action_dim))
+    def evaluate(key: jax.Array, model: Any, obs: jax.Array, actions: jax.Array, kappa: jax.Array) -> CandidateValues:
+        """Predicted reward, penalised cost and penalty of candidates actions [N, H, A] (pure)."""
+        return rollout_fn(model, obs, actions, kappa, noise_fn(key, actions.shape[0], obs.shape[-1]))
 
-    return Planner(plan=plan, plan_fn=plan_fn, plan_jit=plan_jit, evaluate=evaluate,
-                   initial_warm_start=initial_warm_start, price_lower=lower, price_upper=upper,
-                   horizon=horizon, mode=cfg.mode)
+    mid = (lower + upper) / 2.0  # [A]
+    return Planner(plan=plan, plan_fn=plan_fn, evaluate=evaluate,
+                   initial_warm_start=lambda: jnp.broadcast_to(mid, (cfg.horizon, lower.size)),
+                   price_lower=lower, price_upper=upper, horizon=cfg.horizon, mode=cfg.mode)
 
 
 def make_model_planner(cfg, dyn, mesh: Optional[jax.sharding.Mesh] = None) -> Planner:

@@ -113,15 +113,15 @@ def generalized_cost(
     money_weight: float,
     value_of_time: float,
 ) -> np.ndarray:
-    """Generalized cost [N, K] of each station for each EV; inf where the EV cannot reach it.
+    """Generalized cost [V, K] of each station for each EV; inf where the EV cannot reach it.
 
     C_k = w p_k (E_need + E_travel,k) + (1 - w) VOT (T_travel,k + W_k): the EV
     buys back its travel energy at the station. Station k is unreachable when
     the battery energy (capacity x start SOC) is below E_travel,k.
-    Shapes: N EVs, K stations; posted_price, wait_h [K]; energy_need, battery [N];
-    travel_energy, travel_time [N, K].
+    Shapes: V EVs, K stations; posted_price, wait_h [K]; energy_need, battery [V];
+    travel_energy, travel_time [V, K].
     """
-    energy = np.asarray(energy_need_kwh, dtype=float)[:, None] + travel_energy_kwh  # [N, K]
+    energy = np.asarray(energy_need_kwh, dtype=float)[:, None] + travel_energy_kwh  # [V, K]
     cost = money_weight * np.asarray(posted_price)[None, :] * energy + (1.0 - money_weight) * value_of_time * (
         travel_time_h + np.asarray(wait_h)[None, :]
     )
@@ -130,12 +130,12 @@ def generalized_cost(
 
 
 def choose_stations(cost: np.ndarray, choice: str, temperature: float, gumbel_noise: np.ndarray | None = None) -> np.ndarray:
-    """Station index [N] each EV picks, -1 when no station is reachable (all costs inf).
+    """Station index [V] each EV picks, -1 when no station is reachable (all costs inf).
 
     ``argmin``: the cheapest station. ``logit``: P(k) proportional to
     exp(-C_k / temperature) over reachable stations, sampled by the Gumbel-max
     trick argmax(-C_k / temperature + g_k) with the given standard Gumbel
-    noise [N, K]. With the noise held fixed, raising one station's cost can
+    noise [V, K]. With the noise held fixed, raising one station's cost can
     only move EVs away from it (monotone response in both modes).
     """
     cost = np.asarray(cost, dtype=float)

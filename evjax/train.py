@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,8 +22,11 @@ import jax
 import numpy as np
 
 from evjax import checkpoint, replay
-from evjax.cli import UserError, config_from_args, make_parser, run
-from evjax.config import Config, save as save_config, to_dict
+from evjax.cli import config_from_args, entry_point, make_parser
+from evjax.config import Config, load as load_config, save as save_config, to_dict
+from evjax.errors import ConfigError, UserError
+
+CONFIG_FILE = "config.yaml"  # the resolved config, written before anything else of a run
 
 
 def episode_seed(cfg: Config, epoch: int) -> int:
@@ -75,10 +79,16 @@ class Trainer:
         self.log = MetricsLog(self.run_dir) if metrics else None
 
     def resume(self) -> int:
-        """Load "latest"; return the first epoch still to run."""
-        self.state = checkpoint.restore(self.run_dir, "latest", self.state)
-        self.parts.agent.restore(self.state["agent"])
-        done = int(self.state["epoch"])
+        """Load "latest" (if the run got that far; else start afresh); return the first epoch still to run.
+
+        Metrics rows of epochs after the checkpoint are dropped: those epochs run
+        again and give the same rows.
+        """
+        done = -1
+        if checkpoint.exists(self.run_dir, "latest"):
+            self.state = checkpoint.restore(self.run_dir, "latest", self.state)
+            self.parts.agent.restore(self.state["agent"])
+            done = int(self.state["epoch"])
         self.log.load(up_to_epoch=done)
         return done + 1
 
@@ -177,50 +187,94 @@ def _config_differences(a: Config, b: Config) -> list[str]:
     return [f"{s}.{k}" for s in da for k in da[s] if da[s][k] != db[s][k]]
 
 
+def _saved_config(run_dir: Path) -> Config:
+    """The config a run saved in ``run_dir``: its "latest" checkpoint's, else the ``config.yaml`` written at its start.
+
+    A run killed before its first checkpoint has only the latter.
+    """
+    if checkpoint.exists(run_dir, "latest"):
+        return checkpoint.restore_meta(run_dir, "latest")[1]
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise UserError(f"{run_dir / 'checkpoints' / 'latest'}: no checkpoint found, and no {CONFIG_FILE} "
+                        "of a started run")
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise UserError(f"{path}: saved config unusable ({exc})") from None
+
+
 def resolve_run(args, cfg: Config) -> tuple[Path, Config]:
-    """The run directory and config; on ``--resume`` the checkpoint's config rules."""
+    """The run directory and config; on ``--resume`` the run's saved config rules."""
     if args.resume:
         if args.run_dir is None:
             raise UserError("--resume needs --run-dir")
         run_dir = Path(args.run_dir)
-        _, stored = checkpoint.restore_meta(run_dir, "latest")
+        stored = _saved_config(run_dir)
         if args.config is not None or args.overrides:
             differing = _config_differences(stored, cfg)
             if differing:
-                raise UserError(f"{run_dir}: config key '{differing[0]}' differs from the checkpoint's "
+                raise UserError(f"{run_dir}: config key '{differing[0]}' differs from the run's saved config "
                                 f"({len(differing)} key(s) differ); resume without --config/--set or start a new run")
         return run_dir, stored
     if args.run_dir is not None:
         run_dir = Path(args.run_dir)
-        if checkpoint.exists(run_dir, "latest"):
+        if checkpoint.exists(run_dir, "latest") or (run_dir / CONFIG_FILE).is_file():
             raise UserError(f"{run_dir}: already holds a run; pass --resume to continue it or choose another --run-dir")
     else:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = Path(cfg.training.run_root) / stamp
+        suffix = 1
+        while run_dir.exists():
+            run_dir = Path(cfg.training.run_root) / f"{stamp}-{suffix}"
+            suffix += 1
         print(f"run directory: {run_dir}", file=sys.stderr)
     return run_dir, cfg
 
 
+def start(cfg: Config, run_dir: Path) -> Trainer:
+    """Create ``run_dir`` holding ``config.yaml`` first, so that a run killed at any later moment can resume.
+
+    A config whose environment cannot be built (say, a feeder whose power flow
+    diverges) raises its ``ConfigError`` with the directory removed again.
+    """
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / CONFIG_FILE)
+    try:
+        return Trainer(cfg, run_dir)
+    except (ConfigError, UserError):
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        else:
+            (run_dir / CONFIG_FILE).unlink(missing_ok=True)
+        raise
+
+
+@entry_point("evjax.train")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser("evjax.train", "Train the CAP pricing agent (SPEC 11).")
     parser.add_argument("--run-dir", metavar="DIR", help="where checkpoints and metrics go (default: runs/<timestamp>)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its latest checkpoint")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --run-dir from its latest checkpoint (from epoch 0 if it has none)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
     run_dir, cfg = resolve_run(args, cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    trainer = Trainer(cfg, run_dir)
-    start = trainer.resume() if args.resume else 0
+    if args.resume:
+        trainer = Trainer(cfg, run_dir)
+        first_epoch = trainer.resume()
+    else:
+        trainer = start(cfg, run_dir)
+        first_epoch = 0
     wall = time.perf_counter()
-    rows = trainer.train(start, progress=not args.no_progress)
+    rows = trainer.train(first_epoch, progress=not args.no_progress)
     if rows:
         last = rows[-1]
-        print(f"trained epochs {start}..{last['epoch']} in {time.perf_counter() - wall:.1f} s; last reward "
+        print(f"trained epochs {first_epoch}..{last['epoch']} in {time.perf_counter() - wall:.1f} s; last reward "
               f"{last['reward']:.3f}, cost {last['cost']:.3f}, kappa {last['kappa_next']:.3f}; run dir {run_dir}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(run(main, prog="evjax.train"))
+    sys.exit(main())

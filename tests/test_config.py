@@ -1,7 +1,13 @@
+import dataclasses
+import math
 import subprocess
 import sys
+import types
+import typing
+from pathlib import Path
 
 import pytest
+import yaml
 
 from evjax import config as C
 from tests.conftest import ROOT
@@ -109,3 +115,174 @@ def test_command_line_errors_are_one_line_exit_2(module, args, needle, subproces
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr
+
+
+# --------------------------------------------- every bad value of every key, through every entry point
+
+def _type_bad_values(tp):
+    """Values of the wrong type (or out of a Literal) for a field declared as ``tp``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return _type_bad_values(next(a for a in args if a is not type(None)))
+    if origin is typing.Literal:
+        return ["bogus", 1]
+    if origin is tuple:
+        return [5, "abc"]
+    if origin is dict:
+        return [5, [1.0]]
+    return {bool: [1, "maybe"], int: ["abc", 1.5, True], float: ["abc", True, math.nan, math.inf, 10**400],
+            str: [1, [1]], typing.Any: []}[tp]
+
+
+def _with_first_element(container, element):
+    """``container`` (list or mapping) with its first element replaced."""
+    if isinstance(container, dict):
+        first = next(iter(container))
+        return {**container, first: element}
+    return [element, *list(container)[1:]]
+
+
+BASES = {("demand", "origin_weights"): [1.0] * 13}  # a valid value where the default is None
+
+
+def _generated_cases():
+    """(section, field, bad value) for every field: wrong types, then values breaking each of its rules."""
+    cases = []
+    defaults = C.Config()
+    for section in dataclasses.fields(C.Config):
+        cls = typing.get_type_hints(C.Config)[section.name]
+        hints = typing.get_type_hints(cls)
+        for field in dataclasses.fields(cls):
+            default = BASES.get((section.name, field.name), getattr(getattr(defaults, section.name), field.name))
+            values = list(_type_bad_values(hints[field.name]))
+            origin, args = typing.get_origin(hints[field.name]), typing.get_args(hints[field.name])
+            if origin in (typing.Union, types.UnionType):
+                inner = next(a for a in args if a is not type(None))
+                origin, args = typing.get_origin(inner), typing.get_args(inner)
+            if origin in (tuple, dict) and default:
+                element_type = args[0] if origin is tuple else args[1]
+                values += [_with_first_element(default, v) for v in _type_bad_values(element_type)]
+            for rule in C.field_rules(section.name, field.name):
+                if rule.elementwise:
+                    values += [_with_first_element(default, v) for v in rule.examples]
+                else:
+                    values += list(rule.examples)
+            cases += [(section.name, field.name, value) for value in values]
+    return cases
+
+
+# rules spanning fields or sections: (overrides, key the error must name)
+CROSS_CASES = [
+    (["grid.load_multiplier=[]"], "grid.load_multiplier"),
+    (["grid.load_multiplier=[1.0]"], "grid.load_multiplier"),
+    (["grid.monitored_lines=[27, 9]"], "grid.monitored_lines"),
+    (["grid.station_buses=[31, 13]"], "grid.monitored_lines"),  # the first key that no longer fits
+    (["roads.edges=[[1, 99, 1.0, u]]"], "roads.edges[0]"),
+    (["roads.edges=[[1, 4, 1.0]]"], "roads.edges[0]"),
+    (["roads.station_nodes=[1, 2, 99]"], "roads.station_nodes"),
+    (["roads.free_speed_kmh={u: 70.0, m: 50.0}"], "roads.free_speed_kmh"),
+    (["roads.num_nodes=2"], "roads.edges"),
+    (["demand.origin_weights=[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]"], "demand.origin_weights"),
+    (["demand.origin_weights=[1.0, 1.0]"], "demand.origin_weights"),
+    (["demand.figures_dir=/nonexistent/figures"], "demand.figures_dir"),
+    (["env.price_lower=[1.5, 1.3, 1.2]"], "env.price_lower"),
+    (["env.initial_prices=[2.0, 1.4, 1.25]"], "env.initial_prices"),
+    (["env.price_upper=[1.4, 1.5]"], "env.price_upper"),
+    (["env.episode_steps=13"], "grid.load_multiplier"),
+    (["model.weight_decays=[0.1]"], "model.weight_decays"),
+    (["model.num_elites=6"], "model.num_elites"),
+    (["model.min_logvar_init=1.0"], "model.min_logvar_init"),
+    (["planner.num_elites=600"], "planner.num_elites"),
+    (["planner.nan_cost=1.0"], "planner.nan_cost"),
+    (["planner.particles=31"], "planner.particles"),
+    (["model.holdout_fraction=0.2", "model.num_elites=4"], "planner.particles"),  # plans over the 4 elites
+    (["evaluation.methods=[ccem, ccem]"], "evaluation.methods"),
+    (["evaluation.oracle_horizon=13"], "evaluation.oracle_horizon"),
+]
+
+
+def _as_override(section: str, name: str, value) -> str:
+    plain = list(value) if isinstance(value, tuple) else value
+    text = yaml.safe_dump(plain, default_flow_style=True).strip()
+    text = text[:-3].strip() if text.endswith("...") else text
+    assert yaml.safe_dump(yaml.safe_load(text)) == yaml.safe_dump(plain), (text, plain)  # --set reads back the value
+    return f"{section}.{name}={text}"
+
+
+def test_generated_cases_cover_every_key():
+    covered = {(s, f) for s, f, _ in _generated_cases()}
+    every = {(s.name, f.name) for s in dataclasses.fields(C.Config)
+             for f in dataclasses.fields(typing.get_type_hints(C.Config)[s.name])}
+    assert covered == every
+
+
+@pytest.fixture
+def no_training(monkeypatch, tmp_path):
+    """train.main in a scratch directory, failing the test loudly if a config is accepted."""
+    from evjax import train
+
+    def accepted(*args, **kwargs):
+        raise AssertionError("config accepted")
+
+    monkeypatch.setattr(train, "Trainer", accepted)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _check_one_line_exit_2(main, argv, key, capsys, scratch):
+    status = main(argv)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert status == 2, (argv, err)
+    assert len(lines) == 1 and f"'{key}" in lines[0] and "Traceback" not in err, (argv, err)
+    assert list(scratch.iterdir()) == [], (argv, list(scratch.iterdir()))  # no run directory behind
+
+
+def test_every_bad_value_of_every_key_is_one_line_exit_2(no_training, capsys):
+    """Each generated case through ``evjax.train``'s main, in this process: exit 2, one line naming the key."""
+    from evjax import evaluate, train
+
+    for section, name, value in _generated_cases():
+        override = _as_override(section, name, value)
+        _check_one_line_exit_2(train.main, ["--set", override], f"{section}.{name}", capsys, no_training)
+        if section == "evaluation":
+            _check_one_line_exit_2(evaluate.main, ["--run-dir", "run", "--set", override], f"{section}.{name}",
+                                   capsys, no_training)
+    for overrides, key in CROSS_CASES:
+        argv = [arg for override in overrides for arg in ("--set", override)]
+        _check_one_line_exit_2(train.main, argv, key, capsys, no_training)
+
+
+def test_dataclasses_replace_checks_the_section():
+    with pytest.raises(C.ConfigError, match=r"planner\.horizon"):
+        dataclasses.replace(C.PlannerConfig(), horizon=0)
+    with pytest.raises(C.ConfigError, match=r"model\.num_elites"):
+        dataclasses.replace(C.ModelConfig(), num_elites=6)
+    with pytest.raises(C.ConfigError, match=r"planner\.particles"):
+        dataclasses.replace(C.Config(), model=C.ModelConfig(ensemble_size=4, num_elites=4))
+    assert C.PlannerConfig(popsize=100).popsize == 100 and C.ModelConfig(hidden_sizes=[8] * 4).hidden_sizes == (8,) * 4
+
+
+def _console_script(name: str) -> str:
+    path = Path(sys.executable).with_name(name)
+    if not path.is_file():
+        pytest.skip(f"console script {name} not installed beside {sys.executable}")
+    return str(path)
+
+
+@pytest.mark.parametrize("entry, args, key", [
+    ("evjax.train", ["--set", "planner.popsize=0"], "planner.popsize"),
+    ("evjax.evaluate", ["--run-dir", "run", "--set", "evaluation.days=0"], "evaluation.days"),
+    ("evjax.data.calibrate", ["--source", "absent", "--out", "figures"], "absent"),
+])
+@pytest.mark.parametrize("how", ["python -m", "console script"])
+def test_entry_points_report_one_line_exit_2(entry, args, key, how, subprocess_env, tmp_path):
+    script = {"evjax.train": "evjax-train", "evjax.evaluate": "evjax-evaluate",
+              "evjax.data.calibrate": "evjax-calibrate"}[entry]
+    command = [sys.executable, "-m", entry] if how == "python -m" else [_console_script(script)]
+    proc = subprocess.run(command + args, capture_output=True, text=True, env=subprocess_env, cwd=tmp_path,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and key in lines[0] and "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -43,7 +43,7 @@ def test_unreadable_file_is_named(tmp_path):
 
 
 def test_calibrate_cli_missing_folder_exits_2(tmp_path, capsys):
-    assert calibrate.run(calibrate.main, ["--source", str(tmp_path / "absent")], prog="calibrate") == 2
+    assert calibrate.main(["--source", str(tmp_path / "absent")]) == 2
     assert "absent" in capsys.readouterr().err
 
 
@@ -97,6 +97,13 @@ def test_bad_day_and_split_are_errors():
 
 
 def test_missing_figures_dir_names_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="demand.figures_dir"):
+        load(None, [f"demand.figures_dir={tmp_path}"])  # the folder lacks the figure files
+
+
+def test_unreadable_figures_name_the_key(tmp_path):
+    for name in ("profiles.npz", "ev_attributes.npz", "summary.json"):
+        (tmp_path / name).write_text("garbage")
     cfg = load(None, [f"demand.figures_dir={tmp_path}"])
     with pytest.raises(ConfigError, match="demand.figures_dir"):
         scenarios.make_scenario(cfg)

@@ -11,7 +11,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 from evjax.config import ModelConfig
-from evjax.dynamics import ModelState, bucket_rows, gaussian_nll, make_dynamics, soft_bound_logvar, swish_via_tanh
+from evjax import dynamics
+from evjax.dynamics import (Layout, ModelState, adam_step, bucket_rows, ensemble_loss, fit_padded, fit_settings,
+                            gaussian_nll, make_dynamics, masked_moments, member_nll, pad_transitions,
+                            soft_bound_logvar, swish_via_tanh)
 
 OBS_DIM, ACTION_DIM = 3, 2
 SMALL = dict(hidden_sizes=(32, 32), weight_decays=(1e-5, 1e-5, 1e-5), batch_size=32, learning_rate=3e-3)
@@ -19,6 +22,11 @@ SMALL = dict(hidden_sizes=(32, 32), weight_decays=(1e-5, 1e-5, 1e-5), batch_size
 
 def small_config(**overrides) -> ModelConfig:
     return ModelConfig(**{**SMALL, **overrides})
+
+
+def layout_of(cfg: ModelConfig, obs_dim: int = OBS_DIM, action_dim: int = ACTION_DIM) -> Layout:
+    return Layout(obs_dim=obs_dim, action_dim=action_dim, num_members=cfg.ensemble_size,
+                  hidden_sizes=cfg.hidden_sizes, binary_cost=cfg.binary_cost)
 
 
 def transitions(num_rows: int, seed: int = 0):
@@ -68,7 +76,8 @@ def test_loss_is_member_nll_plus_weight_decay_plus_bound_term():
     params = dyn.init(jax.random.key(0)).params
     x = jax.random.normal(jax.random.key(1), (5, 8, OBS_DIM + ACTION_DIM))
     y = jax.random.normal(jax.random.key(2), (5, 8, OBS_DIM + 2))
-    loss, nll = dyn.loss(params, x, y, jnp.ones((5, 8)))
+    loss, nll = ensemble_loss(params, x, y, jnp.ones((5, 8)), layout=layout_of(cfg), weight_decays=cfg.weight_decays,
+                              logvar_bound_weight=cfg.logvar_bound_weight)
     chex.assert_shape(nll, (5,))  # [E]
     weights = [np.asarray(params[name]["w"]) for name in ("hidden_0", "hidden_1", "head")]
     decay = sum(wd * 0.5 * np.sum(w.astype(np.float64) ** 2) for wd, w in zip(cfg.weight_decays, weights))
@@ -153,9 +162,16 @@ def test_shapes_of_state_and_predictions(fitted):
 
 
 def test_train_step_traces_once():
-    dyn = make_dynamics(small_config(), OBS_DIM, ACTION_DIM)
+    cfg = small_config()
+    dyn = make_dynamics(cfg, OBS_DIM, ACTION_DIM)
     state = dyn.init(jax.random.key(0))
-    train_step = jax.jit(chex.assert_max_traces(dyn.train_step, n=1))
+    optimizer = fit_settings(cfg, dyn.layout)["optimizer"]
+
+    def step(params, opt_state, x, y, weight):
+        return adam_step(params, opt_state, x, y, weight, optimizer=optimizer, layout=dyn.layout,
+                         weight_decays=cfg.weight_decays, logvar_bound_weight=cfg.logvar_bound_weight)
+
+    train_step = jax.jit(chex.assert_max_traces(step, n=1))
     params, opt_state = state.params, state.opt_state
     losses = []
     for seed in range(3):
@@ -167,16 +183,78 @@ def test_train_step_traces_once():
 
 
 def test_refits_in_one_bucket_trace_once():
-    dyn = make_dynamics(small_config(epochs=2), OBS_DIM, ACTION_DIM)
+    cfg = small_config(epochs=2)
+    dyn = make_dynamics(cfg, OBS_DIM, ACTION_DIM)
     assert [bucket_rows(n, 128) for n in (12, 128, 129, 300, 600)] == [128, 128, 256, 512, 1024]
-    fit_padded = jax.jit(chex.assert_max_traces(dyn.fit_padded, n=1))
+    settings = fit_settings(cfg, dyn.layout)
+
+    def fit_bucket(key, state, inputs, targets, num_rows):
+        return fit_padded(key, state, inputs, targets, num_rows, **settings)
+
+    fit = jax.jit(chex.assert_max_traces(fit_bucket, n=1))
     state = dyn.init(jax.random.key(0))
     for num_rows in (70, 100, 128):  # bucket 128 at batch 32
-        inputs, targets, n = dyn.prepare(*transitions(num_rows))
+        inputs, targets, n = pad_transitions(*transitions(num_rows), layout=dyn.layout, batch_size=cfg.batch_size)
         assert inputs.shape == (128, OBS_DIM + ACTION_DIM)
-        state, metrics = fit_padded(jax.random.key(num_rows), state, inputs, targets, n)
+        state, metrics = fit(jax.random.key(num_rows), state, inputs, targets, n)
         assert int(metrics["num_train"]) == num_rows
         np.testing.assert_allclose(state.norm_mean, np.concatenate(transitions(num_rows)[:2], 1).mean(0), atol=1e-5)
+
+
+def test_step_traces_once(fitted):
+    """The planner's hot path: new observations, actions, keys and states of the same shapes reuse one trace."""
+    dyn, state, _ = fitted
+    def bound_step(state, obs, act, key, matmul_dtype="float32", mean_only=False):
+        return dynamics.step(state, obs, act, key, layout=dyn.layout, matmul_dtype=matmul_dtype, mean_only=mean_only)
+
+    step = jax.jit(chex.assert_max_traces(bound_step, n=1), static_argnames=("matmul_dtype", "mean_only"))
+    for seed in range(3):
+        obs = jax.random.normal(jax.random.key(seed), (5, 7, OBS_DIM))
+        act = np.full((5, 7, ACTION_DIM), 0.1 * seed, np.float32)  # numpy arrays share the trace
+        moved = state.replace(norm_mean=state.norm_mean + seed)
+        out = step(moved, obs, act, jax.random.key(seed + 10), matmul_dtype="bfloat16")
+        chex.assert_shape(out.next_obs, (5, 7, OBS_DIM))
+    reference = dyn.step(moved, obs, act, jax.random.key(12), matmul_dtype="bfloat16")
+    chex.assert_trees_all_close(out, reference)  # the bundle's step is the same function
+
+
+def test_member_nll_of_a_logistic_cost_head_is_gaussian_nll_plus_hand_computed_bce():
+    """A member whose weights are all zero outputs its head bias: means (0.5, -1, logit 0.8), raw log-variances 0.
+
+    S = 1, so the heads are delta (Gaussian), reward (Gaussian) and cost (logistic, label 1 then 0; a padding
+    row of weight 0 plays no part). With soft bounds 0.5 and -10 the bounded log-variance is
+    lv = -10 + softplus(0.5 - softplus(0.5) + 10).
+    """
+    cfg = small_config(binary_cost=True)
+    layout = layout_of(cfg, obs_dim=1, action_dim=1)
+    params = dynamics.init_params(jax.random.key(0), layout=layout, init_truncation=2.0, max_logvar_init=0.5,
+                                  min_logvar_init=-10.0)
+    member = jax.tree.map(lambda leaf: jnp.zeros_like(leaf[0]), params)
+    member["head"]["b"] = jnp.array([0.5, -1.0, 0.8, 0.0, 0.0])  # means (delta, reward, cost logit), 2 raw lv
+    member["max_logvar"], member["min_logvar"] = jnp.full(2, 0.5), jnp.full(2, -10.0)
+    x = jnp.zeros((3, 2))
+    y = jnp.array([[1.0, 0.0, 1.0], [0.0, -1.0, 0.0], [5.0, 5.0, 1.0]])
+    weight = jnp.array([1.0, 1.0, 0.0])
+    softplus = lambda v: math.log1p(math.exp(v))
+    lv = -10.0 + softplus(0.5 - softplus(0.5) + 10.0)
+    delta = ((0.5 - 1.0) ** 2 * math.exp(-lv) + lv + (0.5 - 0.0) ** 2 * math.exp(-lv) + lv) / 2
+    reward = ((-1.0 - 0.0) ** 2 * math.exp(-lv) + lv + (-1.0 + 1.0) ** 2 * math.exp(-lv) + lv) / 2
+    sigmoid = 1.0 / (1.0 + math.exp(-0.8))
+    bce = (-math.log(sigmoid) - math.log(1.0 - sigmoid)) / 2
+    got = float(member_nll(member, x, y, weight, layout=layout))
+    assert got == pytest.approx(delta + reward + bce, rel=1e-5)
+
+
+def test_masked_moments_hand_values():
+    """Rows 0 and 1 count, row 2 is padding: mean (2, 2); std (1, 0), the zero std floored to 1."""
+    values = jnp.array([[1.0, 2.0], [3.0, 2.0], [100.0, -100.0]])
+    mean, std = masked_moments(values, jnp.array([1.0, 1.0, 0.0]), std_floor=1e-12)
+    np.testing.assert_allclose(mean, [2.0, 2.0])
+    np.testing.assert_allclose(std, [1.0, 1.0])
+    _, std = masked_moments(values, jnp.array([1.0, 0.0, 1.0]), std_floor=1e-12)  # (1, 100) and (2, -100)
+    np.testing.assert_allclose(std, [49.5, 51.0])
+    _, std = masked_moments(values, jnp.array([1.0, 0.0, 1.0]), std_floor=50.0)
+    np.testing.assert_allclose(std, [1.0, 51.0])
 
 
 def test_same_key_gives_same_params():

@@ -3,6 +3,7 @@
 import dataclasses
 import functools
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -15,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from evjax.config import PlannerConfig
+from evjax.config import ConfigError, PlannerConfig
+from evjax import planner as cem
 from evjax.planner import cost_scale, make_planner
 
 LOWER = (1.1, 1.3, 1.2)
@@ -223,14 +225,101 @@ def test_early_stop_when_variance_collapses():
 
 
 def test_plan_traces_once():
-    planner = make_planner(SMALL, LOWER, UPPER, MEMBERS, bowl_step)
+    model_steps_traced = []
+
+    def counting_step(model, obs, act, key):
+        model_steps_traced.append(obs.shape)  # runs only while a plan is traced
+        return bowl_step(model, obs, act, key)
+
+    planner = make_planner(SMALL, LOWER, UPPER, MEMBERS, counting_step)
     traced = jax.jit(chex.assert_max_traces(planner.plan_fn, n=1))
     model = {"target": jnp.asarray(TARGET, jnp.float32)}
     for seed in range(3):
         warm = planner.initial_warm_start() + 0.01 * seed
         traced(jax.random.key(seed), model, jnp.full(STATE_DIM, float(seed)), warm, jnp.float32(seed))
-        planner.plan(jax.random.key(seed), model, np.full(STATE_DIM, seed), np.asarray(warm), seed)
-    assert planner.plan_jit._cache_size() == 1  # python ints, numpy arrays and jax arrays share one trace
+    traced_by_one_plan = len(model_steps_traced)
+    for seed, kappa in enumerate((0, 0.5, jnp.float32(2.0))):  # python ints, floats, numpy and jax arrays
+        warm = planner.initial_warm_start() + 0.01 * seed
+        planner.plan(jax.random.key(seed), model, np.full(STATE_DIM, seed), np.asarray(warm), kappa)
+        planner.plan(jax.random.key(seed), model, jnp.full(STATE_DIM, seed), warm, kappa)
+    assert len(model_steps_traced) == 2 * traced_by_one_plan  # ``plan`` traced once: first step and horizon scan
+
+
+# ------------------------------------------------- the pieces of a CEM iteration, on their own
+
+def test_capped_variance_hand_values():
+    """v = min(sigma^2, ((mu - lb) / 2)^2, ((ub - mu) / 2)^2) on bounds [1, 2]."""
+    mean = jnp.array([[1.5, 1.1, 1.9, 1.0]])
+    var = jnp.array([[0.01, 0.01, 1.0, 0.5]])
+    got = cem.capped_variance(mean, var, lower=jnp.float32(1.0), upper=jnp.float32(2.0))
+    np.testing.assert_allclose(got, [[0.01, 0.0025, 0.0025, 0.0]], rtol=1e-5, atol=1e-9)
+
+
+def test_sample_candidates_stay_within_the_truncated_spread_and_bounds():
+    """Mean 1.5 and variance 0.01 on [1, 2] truncated at 1 sigma: every sample within 1.5 +- 0.1; a mean on a
+    bound has no spread left (its capped variance is 0)."""
+    mean = jnp.array([[1.5, 1.0]])
+    var = jnp.array([[0.01, 0.01]])
+    samples = cem.sample_candidates(jax.random.key(0), mean, var, lower=jnp.float32(1.0), upper=jnp.float32(2.0),
+                                    num_candidates=4000, truncation_sigma=1.0)
+    chex.assert_shape(samples, (4000, 1, 2))  # [N, H, A]
+    first, second = np.asarray(samples[:, 0, 0]), np.asarray(samples[:, 0, 1])
+    assert first.min() >= 1.4 - 1e-6 and first.max() <= 1.6 + 1e-6
+    # a normal truncated at +-1 sigma has std sqrt(1 - 2 phi(1) / (2 Phi(1) - 1)) = 0.5396 sigma
+    assert np.std(first) == pytest.approx(0.5396 * 0.1, rel=0.05) and np.mean(first) == pytest.approx(1.5, abs=3e-3)
+    np.testing.assert_array_equal(second, 1.0)
+
+
+# six hand-made candidates: (reward, cost); limit 1.0 makes 0, 2 and 4 feasible
+REWARD = jnp.array([5.0, 9.0, 7.0, 8.0, 6.0, 1.0])
+COST = jnp.array([0.5, 3.0, 0.2, 2.0, 1.0, 1.5])
+
+
+def test_refit_takes_the_best_rewarded_feasible_candidates():
+    """3 feasible (0, 2, 4), 2 elites: the feasible ones with rewards 7 and 6, not the infeasible 9 and 8."""
+    index = cem.elite_indices(REWARD, COST, COST <= 1.0, num_elites=2)
+    np.testing.assert_array_equal(index, [2, 4])
+
+
+def test_refit_with_too_few_feasible_takes_the_lowest_costs():
+    """Limit 0.3: only candidate 2 is feasible, fewer than 2 elites, so the two lowest costs (0.2 and 0.5)."""
+    index = cem.elite_indices(REWARD, COST, COST <= 0.3, num_elites=2)
+    np.testing.assert_array_equal(index, [2, 0])
+
+
+def test_host_side_cem_uses_the_same_elite_rule():
+    """The oracle's numpy CEM ranks by ``elite_scores`` too: a stable sort of the scores gives the same elites."""
+    reward, cost = np.asarray(REWARD, np.float64), np.asarray(COST, np.float64)
+    for limit, expected in ((1.0, [2, 4]), (0.3, [2, 0])):
+        score = cem.elite_scores(reward, cost, cost <= limit, num_elites=2, xp=np)
+        np.testing.assert_array_equal(np.argsort(-score, kind="stable")[:2], expected)
+
+
+def test_refit_smooths_mean_and_variance_toward_the_elites():
+    """Elites 1 and 3 at every step: elite mean 2, variance 1; smoothing 0.25 keeps a quarter of the old (0, 4)."""
+    elites = jnp.stack([jnp.full((2, 1), 1.0), jnp.full((2, 1), 3.0)])  # [J, H, A]
+    mean, var = cem.refit(jnp.zeros((2, 1)), jnp.full((2, 1), 4.0), elites, smoothing=0.25)
+    np.testing.assert_allclose(mean, 1.5)
+    np.testing.assert_allclose(var, 0.25 * 4.0 + 0.75 * 1.0)
+
+
+def test_candidate_uncertainty_hand_values():
+    """E = 2 members, N = 2 candidates, P/E = 2 particles each; M = 4 samples per member, S = 1.
+
+    cost_std: largest cost std over a candidate's 4 particles; max_std_norm: largest norm of the
+    (delta, reward, cost) std vector; disagreement: std over the members of their particle-mean obs.
+    """
+    cost_std = jnp.array([[0.1, 0.4, 0.2, 0.3], [0.5, 0.0, 0.1, 0.9]])  # [E, M]
+    std = jnp.stack([jnp.zeros_like(cost_std), jnp.zeros_like(cost_std), cost_std], axis=-1)  # [E, M, S+2]
+    std = std.at[0, 0, 0].set(3.0).at[0, 0, 1].set(4.0)  # member 0, candidate 0, particle 0: norm sqrt(9+16+0.01)
+    next_obs = jnp.array([[1.0, 3.0, 0.0, 0.0], [5.0, 7.0, 0.0, 2.0]])[..., None]  # [E, M, S]
+    out = StepOut(next_obs, jnp.zeros((2, 4)), jnp.zeros((2, 4)), std)
+    sizes = dict(num_members=2, num_candidates=2, particles_per_member=2)
+    np.testing.assert_allclose(cem.candidate_uncertainty(out, kind="cost_std", **sizes), [0.5, 0.9], rtol=1e-6)
+    np.testing.assert_allclose(cem.candidate_uncertainty(out, kind="max_std_norm", **sizes),
+                               [math.sqrt(25.01), 0.9], rtol=1e-6)
+    # candidate 0: member means 2 and 6 -> std 2; candidate 1: means 0 and 1 -> std 0.5
+    np.testing.assert_allclose(cem.candidate_uncertainty(out, kind="disagreement", **sizes), [2.0, 0.5], rtol=1e-6)
 
 
 class TestJitAgreement(chex.TestCase):
@@ -267,17 +356,24 @@ class TestJitAgreement(chex.TestCase):
 
 
 @pytest.mark.parametrize("change, name", [
-    ({"particles": 7}, "planner.particles"),
     ({"num_elites": 300}, "planner.num_elites"),
     ({"horizon": 0}, "planner.horizon"),
     ({"mode": "greedy"}, "planner.mode"),
     ({"uncertainty": "entropy"}, "planner.uncertainty"),
     ({"smoothing": 1.5}, "planner.smoothing"),
     ({"nan_cost": 0.1, "cost_limit": 0.5}, "planner.nan_cost"),
+    ({"gamma": 0.0}, "planner.gamma"),
 ])
-def test_factory_rejects_impossible_settings(change, name):
-    cfg = dataclasses.replace(SMALL, **change)
-    with pytest.raises(ValueError, match=name):
+def test_impossible_settings_fail_when_the_config_is_built(change, name):
+    """The section checks its own fields on construction, so no factory ever sees these values."""
+    with pytest.raises(ConfigError, match=name):
+        dataclasses.replace(SMALL, **change)
+
+
+def test_factory_rejects_particles_not_divisible_by_its_members():
+    """particles (7) against num_members (5), an argument the config does not know."""
+    cfg = dataclasses.replace(SMALL, particles=7)
+    with pytest.raises(ValueError, match="planner.particles"):
         make_planner(cfg, LOWER, UPPER, MEMBERS, bowl_step)
 
 
@@ -302,7 +398,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
     sharded = make_planner(cfg, LOWER, UPPER, MEMBERS, step, mesh=mesh)
     a1, w1, d1 = single.plan(*args, single.initial_warm_start(), 0.5)
     a2, w2, d2 = sharded.plan(*args, sharded.initial_warm_start(), 0.5)
-    hlo = sharded.plan_jit.lower(*args, sharded.initial_warm_start(), jnp.float32(0.5)).compile().as_text()
+    hlo = jax.jit(sharded.plan_fn).lower(*args, sharded.initial_warm_start(), jnp.float32(0.5)).compile().as_text()
     print(json.dumps({"a1": np.asarray(a1).tolist(), "a2": np.asarray(a2).tolist(),
                       "w1": np.asarray(w1).tolist(), "w2": np.asarray(w2).tolist(),
                       "r1": float(d1.elite_reward), "r2": float(d2.elite_reward),

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from evjax.metrics import WALL_TIME_COLUMNS
 from tests.conftest import ROOT
 
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
-WALL_TIME = {"plan_ms", "epoch_seconds"}
 
 
 def _train(run_dir, *extra, env=None, check=True):
@@ -26,7 +26,7 @@ def _train(run_dir, *extra, env=None, check=True):
 
 def _rows(run_dir):
     with open(Path(run_dir) / "metrics.csv") as f:
-        return [{k: v for k, v in row.items() if k not in WALL_TIME} for row in csv.DictReader(f)]
+        return [{k: v for k, v in row.items() if k not in WALL_TIME_COLUMNS} for row in csv.DictReader(f)]
 
 
 @pytest.fixture(scope="module")
@@ -67,23 +67,6 @@ def test_kappa_follows_the_episode_cost(trained):
         updates, opt_state = optimizer.update(gradient, opt_state, kappa)
         kappa = jnp.maximum(optax.apply_updates(kappa, updates), 0.0)
         assert float(row["kappa_next"]) == pytest.approx(float(kappa), abs=1e-4)
-
-
-def test_killed_run_resumes_to_the_same_metrics(trained, tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    run_dir = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "evjax.train", "--config", SMOKE, "--run-dir", str(run_dir), "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + 300
-    latest = run_dir / "checkpoints" / "latest"
-    while time.time() < deadline and proc.poll() is None:
-        if latest.is_dir() and any(p.name.isdigit() for p in latest.iterdir()):
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    _train(run_dir, "--resume", env=env)
-    assert _rows(run_dir) == _rows(trained)
 
 
 def test_resume_errors_name_the_problem(trained, tmp_path):
@@ -147,3 +130,45 @@ def test_evaluate_runs_every_method_on_the_same_days(trained):
     # the same days for every method
     days = {m: sorted({r["date"] for r in steps if r["method"] == m}) for m in table}
     assert len({tuple(d) for d in days.values()}) == 1
+
+
+def _wait_for(proc, condition, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_killed_run_resumes_to_the_same_metrics(trained, tmp_path):
+    """SIGKILL during start-up (config written, nothing built), while epoch 0 runs and compiles, just after
+    its metrics row is written, then once more after a checkpoint; each time ``--resume``, which is killed in
+    turn. The per-epoch metrics must equal the uninterrupted run's."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    run_dir = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "evjax.train", "--config", SMOKE, "--run-dir", str(run_dir), "--no-progress"]
+    latest = run_dir / "checkpoints" / "latest"
+
+    def checkpoints():
+        return {p.name for p in latest.iterdir() if p.name.isdigit()} if latest.is_dir() else set()
+
+    moments = [
+        ("start-up", lambda: (run_dir / "config.yaml").is_file()),
+        ("compilation", lambda: (run_dir / "tensorboard").is_dir()),
+        ("first metrics row", lambda: (run_dir / "metrics.csv").is_file()),
+        ("after a checkpoint", lambda: checkpoints() - before),
+    ]
+    for index, (moment, reached) in enumerate(moments):
+        args = cmd if index == 0 else cmd + ["--resume"]
+        before = checkpoints()
+        log = tmp_path / f"stderr_{index}.txt"
+        with log.open("w") as stderr:
+            proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+            assert _wait_for(proc, reached), f"{moment}: {log.read_text()[-2000:]}"
+            if moment == "compilation":
+                time.sleep(2.0)  # into epoch 0: environment steps and the first model fit's compilation
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    _train(run_dir, "--resume", env=env)
+    assert _rows(run_dir) == _rows(trained)

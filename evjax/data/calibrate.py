@@ -27,10 +27,9 @@ from typing import Sequence
 
 import numpy as np
 
-from evjax.cli import ArgumentParser, UserError, run
-
-FIGURES_DIR = Path(__file__).resolve().parent / "figures"
-ATTRIBUTE_COLUMNS = ("capacity_kwh", "start_soc", "target_soc", "duration_h", "laxity_h")
+from evjax.cli import ArgumentParser, entry_point
+from evjax.data import ATTRIBUTE_COLUMNS, FIGURES_DIR
+from evjax.errors import UserError
 MAX_CAPACITY_KWH = 200.0  # SPEC 6: larger estimated capacities are not passenger EVs
 RESAMPLE_ROWS = 4096
 RESAMPLE_SEED = 20240501
@@ -80,7 +79,7 @@ def _read_excel(path: Path):
 
 
 def clean_sessions(path: Path) -> tuple[np.ndarray, dict[str, int]]:
-    """Cleaned session attributes [K, 5] (ATTRIBUTE_COLUMNS) and rows dropped per rule, in order."""
+    """Cleaned session attributes [Q, 5] (ATTRIBUTE_COLUMNS) and rows dropped per rule, in order."""
     frame = _read_excel(path)
     cols = find_columns(frame, SESSION_COLUMNS, path)
     data = {k: frame[c].to_numpy(dtype=float) for k, c in cols.items()}
@@ -194,6 +193,7 @@ def calibrate(source: Path, out: Path) -> dict:
     return summary
 
 
+@entry_point("evjax.data.calibrate")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(prog="evjax.data.calibrate", description=__doc__.splitlines()[0])
     parser.add_argument("--source", required=True, help="folder with usable_data.xlsx, EV_data1.xlsx, CSs_load.xlsx")
@@ -210,4 +210,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run(main, prog="evjax.data.calibrate"))
+    sys.exit(main())

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from evjax.config import Config, ConfigError
-from evjax.data.calibrate import ATTRIBUTE_COLUMNS, FIGURES_DIR
+from evjax.config import Config
+from evjax.data import ATTRIBUTE_COLUMNS, FIGURES_DIR
+from evjax.errors import ConfigError
 
 QUARTERS_PER_DAY = 96
 SPLITS = ("train", "test")
@@ -45,16 +46,10 @@ class Scenario:
     def num_evs(self) -> int:
         return int(self.arrival_step.size)
 
-    def arrivals_per_step(self, num_steps: int, num_nodes: int) -> np.ndarray:
-        """Counts [episode_steps, num_nodes]; column j is road node j + 1."""
-        counts = np.zeros((num_steps, num_nodes), dtype=np.int64)
-        np.add.at(counts, (self.arrival_step, self.origin_node - 1), 1)
-        return counts
-
 
 @dataclasses.dataclass(frozen=True)
 class Figures:
-    """The calibrated data: dates [D], quarter-hour power [D, 96] (kW), attribute table [K, 5], summary."""
+    """The calibrated data: dates [D], quarter-hour power [D, 96] (kW), attribute table [Q, 5], summary."""
 
     dates: np.ndarray
     power_kw: np.ndarray
@@ -89,11 +84,11 @@ def split_days(num_days: int, test_every: int, split: str) -> np.ndarray:
 
 
 def window_quarters(cfg: Config) -> np.ndarray:
-    """Quarter-hour columns [episode_steps, q] covered by each step (wrapping past midnight)."""
-    per_step = cfg.env.dt_hours * 4.0
-    if abs(per_step - round(per_step)) > 1e-9:
-        raise ConfigError(f"config key 'env.dt_hours': {cfg.env.dt_hours} h is not a multiple of the data's 15 min")
-    per_step = int(round(per_step))
+    """Quarter-hour columns [episode_steps, q] covered by each step (wrapping past midnight).
+
+    ``env.dt_hours`` is a multiple of 15 min (checked by the config).
+    """
+    per_step = int(round(cfg.env.dt_hours * 4.0))
     start = int(round(cfg.env.start_hour * 4.0))
     steps = np.arange(cfg.env.episode_steps)[:, None] * per_step + np.arange(per_step)[None, :]
     return (start + steps) % QUARTERS_PER_DAY
@@ -107,12 +102,6 @@ def window_power(cfg: Config, figures: Figures) -> np.ndarray:
 def num_days(cfg: Config, split: str) -> int:
     figures = load_figures(cfg.demand.figures_dir)
     return int(split_days(len(figures.dates), cfg.demand.test_every, split).size)
-
-
-def service_time_stats(cfg: Config) -> tuple[float, float]:
-    """Mean service time (h) and its squared coefficient of variation from the cleaned sessions."""
-    summary = load_figures(cfg.demand.figures_dir).summary
-    return float(summary["service_time_mean_h"]), float(summary["service_time_scv"])
 
 
 def arrival_rates(cfg: Config, figures: Figures) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Carbon intensity of the power drawn at each bus, in JAX (twin of ``evjax/carbon.py``), kg CO2/MWh.
 
 Pure JAX on one solved power flow (vmap over a batch); float64 under the
-twin's ``jax.enable_x64`` context. Shapes: B buses, L lines in service, G
+twin's ``jax.enable_x64`` context. Shapes: U buses, L lines in service, G
 sources, K stations.
 """
 
@@ -16,7 +16,7 @@ def proportional_sharing(
     from_bus: np.ndarray, to_bus: np.ndarray, p_from_mw: jax.Array, p_to_mw: jax.Array, source_bus: np.ndarray,
     source_p_mw: jax.Array, source_intensity: jax.Array, *, num_buses: int, max_depth: int,
 ) -> jax.Array:
-    """Bus intensities [B] by proportional sharing along the solved branch flows, as ``carbon.proportional_sharing``.
+    """Bus intensities [U] by proportional sharing along the solved branch flows, as ``carbon.proportional_sharing``.
 
     A branch delivers -p_to to its to bus when p_from > 0 and p_to < 0, -p_from
     to its from bus in the opposite case, nothing otherwise; losses stay with
@@ -40,9 +40,9 @@ def proportional_sharing(
     into_to = jnp.where(forward, -p_to_mw, 0.0)  # [L] delivered to the to bus
     into_from = jnp.where(backward, -p_from_mw, 0.0)  # [L] delivered to the from bus
     injection = jnp.maximum(source_p_mw, 0.0)  # [G]
-    emitted = jnp.zeros(num_buses).at[np.asarray(source_bus)].add(injection * source_intensity)  # [B]
+    emitted = jnp.zeros(num_buses).at[np.asarray(source_bus)].add(injection * source_intensity)  # [U]
     power = (jnp.zeros(num_buses).at[np.asarray(source_bus)].add(injection)
-             .at[to_bus].add(into_to).at[from_bus].add(into_from))  # [B]
+             .at[to_bus].add(into_to).at[from_bus].add(into_from))  # [U]
 
     def relax(_, intensity):
         arriving = (jnp.zeros(num_buses).at[to_bus].add(into_to * intensity[from_bus])
@@ -56,7 +56,7 @@ def fixed_shares(
     dg_p_mw: jax.Array, grid_p_mw: jax.Array, station_dg_shares: jax.Array, dg_intensity: jax.Array,
     grid_intensity: jax.Array, *, num_buses: int, station_buses: np.ndarray,
 ) -> jax.Array:
-    """Bus intensities [B] of the source's rule (``carbon.fixed_shares``): system mix everywhere, fixed DG shares at stations."""
+    """Bus intensities [U] of the source's rule (``carbon.fixed_shares``): system mix everywhere, fixed DG shares at stations."""
     dg, grid_p = jnp.maximum(dg_p_mw, 0.0), jnp.maximum(grid_p_mw, 0.0)
     total = dg + grid_p
     share = jnp.where(total > 0.0, dg / jnp.where(total > 0.0, total, 1.0), 0.0)

@@ -331,7 +331,7 @@ def solve_grid(params: EnvParams, station_ev_mw: jax.Array, multiplier: jax.Arra
 class CarbonResult(struct.PyTreeNode):
     """Carbon intensities (kg CO2/MWh) of one power flow and its EV energy (twin of ``evjax.env.CarbonResult``)."""
 
-    bus_intensity: jax.Array  # [B]
+    bus_intensity: jax.Array  # [U]
     station_intensity: jax.Array  # [K]
     system_intensity: jax.Array
     ev_intensity: jax.Array
@@ -534,7 +534,7 @@ def step(key: chex.PRNGKey, state: EnvState, action: jax.Array, params: EnvParam
     meaningless. ``key`` draws the logit choice's Gumbel noise (unused with
     argmin). ``info`` holds the host's physical quantities (every key of the
     host's ``info`` except the calendar fields) plus ``station_choice`` [V]
-    (the station each EV chose this step, -1 otherwise) and ``vm_pu`` [B].
+    (the station each EV chose this step, -1 otherwise) and ``vm_pu`` [U].
     On an ended episode the state is returned unchanged with reward and cost 0.
     """
     s = params.settings

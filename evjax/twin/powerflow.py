@@ -47,10 +47,10 @@ class Network:
     yf: jax.Array  # [L, n] complex128
     yt: jax.Array  # [L, n] complex128
     base_kv: jax.Array  # [n]
-    base_p_mw: jax.Array  # [B] non-EV active load per bus at multiplier 1
-    base_q_mvar: jax.Array  # [B] non-EV reactive load per bus at multiplier 1
-    gen_p_mw: jax.Array  # [B] static generator active power per bus
-    gen_q_mvar: jax.Array  # [B]
+    base_p_mw: jax.Array  # [U] non-EV active load per bus at multiplier 1
+    base_q_mvar: jax.Array  # [U] non-EV reactive load per bus at multiplier 1
+    gen_p_mw: jax.Array  # [U] static generator active power per bus
+    gen_q_mvar: jax.Array  # [U]
     sgen_p_mw: jax.Array  # [G]
     v_start: jax.Array  # [n] complex128 start voltage (the host's reset solution)
     line_ratings_ka: jax.Array  # [K]
@@ -59,7 +59,7 @@ class Network:
     pq: tuple = struct.field(pytree_node=False)  # PQ buses (ppc indices)
     line_from: tuple = struct.field(pytree_node=False)  # [L] ppc from bus
     line_to: tuple = struct.field(pytree_node=False)  # [L] ppc to bus
-    bus_to_ppci: tuple = struct.field(pytree_node=False)  # [B]
+    bus_to_ppci: tuple = struct.field(pytree_node=False)  # [U]
     station_bus: tuple = struct.field(pytree_node=False)  # [K] pandapower bus of each station's EV load
     ext_grid_bus: int = struct.field(pytree_node=False)
     sgen_bus: tuple = struct.field(pytree_node=False)  # [G] pandapower bus of each static generator
@@ -74,7 +74,7 @@ class PowerFlow(NamedTuple):
     converged: jax.Array  # [] bool
     iterations: jax.Array  # [] int
     voltage: jax.Array  # [n] complex p.u. (ppc order)
-    vm_pu: jax.Array  # [B]
+    vm_pu: jax.Array  # [U]
     min_voltage_pu: jax.Array  # []
     line_current_ka: jax.Array  # [L] max of from/to end current
     line_loading: jax.Array  # [K] monitored lines, current / rating
@@ -82,7 +82,7 @@ class PowerFlow(NamedTuple):
     p_to_mw: jax.Array  # [L]
     ext_grid_p_mw: jax.Array  # []
     sgen_p_mw: jax.Array  # [G]
-    load_p_mw: jax.Array  # [B] total active load per bus (non-EV and EV)
+    load_p_mw: jax.Array  # [U] total active load per bus (non-EV and EV)
 
 
 def network_from_feeder(feeder: host_grid.FeederGrid) -> Network:
@@ -134,7 +134,7 @@ def network_from_feeder(feeder: host_grid.FeederGrid) -> Network:
 
 
 def bus_loads_mw(network: Network, station_ev_mw: jax.Array, multiplier: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Active and reactive load per pandapower bus [B]: non-EV base x multiplier plus EV power at the station buses."""
+    """Active and reactive load per pandapower bus [U]: non-EV base x multiplier plus EV power at the station buses."""
     station = np.asarray(network.station_bus)
     p = (network.base_p_mw * multiplier).at[station].add(station_ev_mw)
     return p, network.base_q_mvar * multiplier
