@@ -2,9 +2,34 @@ import os
 import subprocess
 from pathlib import Path
 
+import dataclasses
+
+import numpy as np
 import pytest
 
+from evjax.config import Config
+from evjax.data.scenarios import Scenario
+
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULT = Config()
+
+
+def hand_scenario(arrival_step, origin, capacity, start_soc, target_soc, duration_h=2.0, laxity_h=1.0) -> Scenario:
+    """A hand-made day: EV attributes given as scalars (broadcast) or per-EV sequences."""
+    n = len(arrival_step)
+    full = lambda x: np.broadcast_to(np.asarray(x, dtype=float), (n,)).copy()  # noqa: E731
+    return Scenario(
+        split="train", day=0, date="hand", seed=0,
+        arrival_step=np.asarray(arrival_step, dtype=np.int64), origin_node=np.asarray(origin, dtype=np.int64),
+        capacity_kwh=full(capacity), start_soc=full(start_soc), target_soc=full(target_soc),
+        duration_h=full(duration_h), laxity_h=full(laxity_h), load_profile=np.ones(DEFAULT.env.episode_steps),
+    )
+
+
+def with_config(**sections) -> Config:
+    """The default config with some fields of some sections replaced: ``with_config(stations={"chargers": ...})``."""
+    return dataclasses.replace(DEFAULT, **{name: dataclasses.replace(getattr(DEFAULT, name), **fields)
+                                           for name, fields in sections.items()})
 
 
 def _paper_data_candidates() -> list[Path]:

@@ -11,28 +11,12 @@ from gymnasium.utils.env_checker import check_env
 
 import evjax  # noqa: F401  (registers evjax/EVPricing-v0)
 from evjax.config import Config
-from evjax.data.scenarios import Scenario
 from evjax import env as env_module
 from evjax.env import PRESENT, UNSERVED, CarbonResult, EVPricingEnv
+from tests.conftest import hand_scenario, with_config
 
 CFG = Config()
 MID = (np.array(CFG.env.price_lower) + np.array(CFG.env.price_upper)) / 2.0
-
-
-def hand_scenario(arrival_step, origin, capacity, start_soc, target_soc, duration_h=2.0, laxity_h=1.0):
-    n = len(arrival_step)
-    full = lambda x: np.broadcast_to(np.asarray(x, dtype=float), (n,)).copy()  # noqa: E731
-    return Scenario(
-        split="train", day=0, date="hand", seed=0,
-        arrival_step=np.asarray(arrival_step, dtype=np.int64), origin_node=np.asarray(origin, dtype=np.int64),
-        capacity_kwh=full(capacity), start_soc=full(start_soc), target_soc=full(target_soc),
-        duration_h=full(duration_h), laxity_h=full(laxity_h), load_profile=np.ones(CFG.env.episode_steps),
-    )
-
-
-def with_config(**sections):
-    return dataclasses.replace(CFG, **{name: dataclasses.replace(getattr(CFG, name), **fields)
-                                       for name, fields in sections.items()})
 
 
 @pytest.fixture(scope="module")

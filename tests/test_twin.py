@@ -1,6 +1,5 @@
 """The JAX twin against the host environment, pandapower and hand values (SPEC 14)."""
 
-import dataclasses
 import logging
 
 import chex
@@ -14,32 +13,17 @@ from evjax import roads
 from evjax import stations as host_stations
 from evjax import twin
 from evjax.config import Config
-from evjax.data.scenarios import Scenario, make_scenario
+from evjax.data.scenarios import make_scenario
 from evjax.env import EVPricingEnv
 from evjax.grid import FeederGrid
 from evjax.twin import agreement, powerflow
 from evjax.twin import carbon as twin_carbon
 from evjax.twin import stations as twin_stations
+from tests.conftest import hand_scenario, with_config
 
 CFG = Config()
 MID = (np.array(CFG.env.price_lower) + np.array(CFG.env.price_upper)) / 2.0
 logging.getLogger("pandapower").setLevel(logging.ERROR)
-
-
-def with_config(**sections):
-    return dataclasses.replace(CFG, **{name: dataclasses.replace(getattr(CFG, name), **fields)
-                                       for name, fields in sections.items()})
-
-
-def hand_scenario(arrival_step, origin, capacity, start_soc, target_soc, duration_h, laxity_h):
-    n = len(arrival_step)
-    full = lambda x: np.broadcast_to(np.asarray(x, dtype=float), (n,)).copy()  # noqa: E731
-    return Scenario(
-        split="train", day=0, date="hand", seed=0,
-        arrival_step=np.asarray(arrival_step, dtype=np.int64), origin_node=np.asarray(origin, dtype=np.int64),
-        capacity_kwh=full(capacity), start_soc=full(start_soc), target_soc=full(target_soc),
-        duration_h=full(duration_h), laxity_h=full(laxity_h), load_profile=np.ones(CFG.env.episode_steps),
-    )
 
 
 def assert_agrees(episodes):
