@@ -45,6 +45,7 @@ import networkx as nx
 import numpy as np
 from flax import struct
 
+from evjax import env as host_env
 from evjax import grid as host_grid
 from evjax import roads
 from evjax import stations as host_stations
@@ -272,7 +273,7 @@ def scenario_arrays(scenario: Scenario, cfg: Config, max_evs: int,
     travel = travel if travel is not None else roads.travel_tables(cfg.roads, num_steps)
     order = np.argsort(scenario.arrival_step, kind="stable")
     dt = cfg.env.dt_hours
-    need = scenario.capacity_kwh * (scenario.target_soc - scenario.start_soc)
+    need = host_env.energy_need(scenario)
     mean_service_h, service_scv = host_stations.service_time_stats(
         need, scenario.duration_h + scenario.laxity_h, cfg.stations.charger_kw, dt)
     deadline = scenario.arrival_step * dt + scenario.duration_h + scenario.laxity_h

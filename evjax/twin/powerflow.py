@@ -88,12 +88,14 @@ class PowerFlow(NamedTuple):
 def network_from_feeder(feeder: host_grid.FeederGrid) -> Network:
     """Copy the host feeder's admittances, loads and start voltage into a ``Network``.
 
-    Host side, not jittable; call under ``jax.enable_x64(True)``. Raises
-    ``NotImplementedError`` for a feeder with PV buses (this one has none).
+    Host side, not jittable; call under ``jax.enable_x64(True)``. The feeder is a
+    slack bus and PQ buses (``grid.build_network`` adds the DG as a PQ static
+    generator), which the sweep and the Newton step below assume; a feeder with
+    voltage-controlled (PV) buses is rejected with ``ValueError``.
     """
     arrays = feeder.network_arrays()
     if arrays.pv.size:
-        raise NotImplementedError("the JAX power flow handles a slack and PQ buses only")
+        raise ValueError(f"the twin's power flow needs a slack and PQ buses; the feeder has PV buses {arrays.pv.tolist()}")
     ref, pq = int(arrays.ref[0]), np.asarray(arrays.pq, dtype=np.int64)
     y_pq = arrays.ybus[np.ix_(pq, pq)]
     z_pq = np.linalg.inv(y_pq)
