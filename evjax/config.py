@@ -211,6 +211,11 @@ class PlannerConfig(Section):
     matmul_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # input dtype of the ensemble matmuls (f32 accumulation)
     scan_unroll: int = 0  # horizon-scan unroll factor; 0 = auto (full on GPU/TPU, none on CPU)
     mode: Literal["cap", "ccem", "unconstrained"] = "cap"  # cap: cost + kappa*u; ccem: cost limit, no penalty; unconstrained: rewards only
+    cost_model: Literal["learned", "observation"] = "learned"  # step cost: the model's cost output, or the env's formula on the predicted obs (kappa then counts predicted stds of margin)
+    margin_std: Literal["disagreement", "predicted"] = "disagreement"  # std of the CAP margin with cost_model observation: member disagreement or each particle's predicted std
+    stop_at_episode_end: bool = False  # horizon steps after the episode's end count nothing (needs env.time_features)
+    kappa_per_constraint: bool = False  # one kappa for the line and one for the carbon margin (needs cost_model observation)
+    permissible_constraint_costs: tuple[float, ...] = _tuple(0.05, 0.05)  # C_perm of the line and carbon kappa (kappa_per_constraint)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,6 +226,7 @@ class TrainingConfig(Section):
     epochs: int = 50  # episodes of training
     model_train_freq: int = 12  # refit the model on all data every this many steps
     best_cost_threshold: float = 0.2  # "best" checkpoint only among episodes with cost <= this (SPEC: 3.6, README)
+    best_selection: Literal["paired", "reward"] = "paired"  # rank episodes for "best" by reward minus a fixed-price episode's on the same day and seed, or by raw reward
     run_root: str = "runs"  # parent of timestamped run directories
 
 
@@ -403,6 +409,7 @@ FIELD_RULES: dict[str, dict[str, Rule | tuple[Rule, ...]]] = {
         "kappa_init": NON_NEGATIVE,
         "kappa_lr": POSITIVE,
         "permissible_episode_cost": NON_NEGATIVE,
+        "permissible_constraint_costs": each(NON_NEGATIVE),
         "state_clip": POSITIVE,
         "scan_unroll": NON_NEGATIVE,
     },
@@ -486,6 +493,11 @@ def _check_planner(planner: PlannerConfig) -> None:
     if planner.nan_cost <= planner.cost_limit:
         _fail("planner.nan_cost", f"{planner.nan_cost} must exceed planner.cost_limit ({planner.cost_limit}) so "
               "that a non-finite rollout is never feasible")
+    if len(planner.permissible_constraint_costs) != 2:
+        _fail("planner.permissible_constraint_costs", f"needs two values (line, carbon), got "
+              f"{len(planner.permissible_constraint_costs)}")
+    if planner.kappa_per_constraint and planner.cost_model != "observation":
+        _fail("planner.kappa_per_constraint", "needs planner.cost_model observation (the margins are per quantity)")
 
 
 def _check_evaluation(evaluation: EvaluationConfig) -> None:
@@ -590,6 +602,11 @@ def validate(cfg: Config) -> None:
         if cfg.economics.user_value_cny_per_kwh <= max(cfg.env.price_upper):
             _fail("economics.user_value_cny_per_kwh", f"must exceed every price bound ({max(cfg.env.price_upper)}): "
                   f"drivers charge at any posted price, got {cfg.economics.user_value_cny_per_kwh}")
+    if cfg.planner.stop_at_episode_end and not cfg.env.time_features:
+        _fail("planner.stop_at_episode_end", "needs env.time_features (the step is read from the observation)")
+    if cfg.planner.cost_model == "observation" and cfg.grid.voltage_cost:
+        _fail("planner.cost_model", "observation cannot price the voltage term (grid.voltage_cost): "
+              "the voltage is not observed; use learned")
     if cfg.evaluation.oracle_horizon > steps:
         _fail("evaluation.oracle_horizon", f"exceeds env.episode_steps ({steps})")
 

@@ -23,7 +23,7 @@ from evjax import checkpoint
 from evjax.cli import entry_point, make_parser
 from evjax.config import Config, EvaluationConfig, load
 from evjax.errors import ConfigError, UserError
-from evjax.methods import BY_NAME
+from evjax.methods import BY_NAME, method_kappa
 
 
 class FixedPolicy:
@@ -145,7 +145,8 @@ def make_policies(cfg: Config, parts, model, trained_kappa: float) -> dict:
             if planner_cfg.mode not in planners:
                 planners[planner_cfg.mode] = make_model_planner(dataclasses.replace(cfg, planner=planner_cfg),
                                                                 parts.dynamics)
-            policies[method] = PlannerPolicy(Agent(planner_cfg, planners[planner_cfg.mode]), model)
+            kappa = method_kappa(BY_NAME[method], cfg.evaluation.fixed_kappa, trained_kappa)
+            policies[method] = PlannerPolicy(Agent(planner_cfg, planners[planner_cfg.mode], kappa=kappa), model)
     return policies
 
 
@@ -313,7 +314,7 @@ def evaluate(run_dir: Path, evaluation: EvaluationConfig | None = None, split: s
     day_ids = np.unique(np.linspace(0, available - 1, count).round().astype(int))
     parts = trainer.parts
     model = parts.dynamics.select_elites(trainer.state["model"])
-    trained_kappa = float(parts.agent.kappa)
+    trained_kappa = parts.agent.kappa
     policies = make_policies(cfg, parts, model, trained_kappa)
     per_method: dict[str, list[dict]] = {}
     bar = tqdm(total=len(policies) * len(day_ids), desc="evaluate", unit="episode", disable=not progress,
@@ -330,7 +331,7 @@ def evaluate(run_dir: Path, evaluation: EvaluationConfig | None = None, split: s
     out = run_dir / ("eval" if which == "best" else f"eval_{which}")
     out.mkdir(parents=True, exist_ok=True)
     summaries = [summarise(m, rows, cfg) for m, rows in per_method.items()]
-    header = (f"Checkpoint '{kind}' (epoch {epoch}, kappa {trained_kappa:.3f}); {len(day_ids)} {cfg.evaluation.split} "
+    header = (f"Checkpoint '{kind}' (epoch {epoch}, kappa {np.array2string(trained_kappa, precision=3)}); {len(day_ids)} {cfg.evaluation.split} "
               f"day(s), seeds {cfg.evaluation.seed}..{cfg.evaluation.seed + len(day_ids) - 1}. {note}").strip()
     write_tables(out, summaries, cfg, header)
     write_steps(out, per_method)
@@ -339,6 +340,7 @@ def evaluate(run_dir: Path, evaluation: EvaluationConfig | None = None, split: s
 
         plotting.evaluation_plots(out, per_method, cfg)
         plotting.training_curves(run_dir / "metrics.csv", out / "training_curves.png", cfg)
+        plotting.cost_calibration(run_dir / "calibration.csv", out / "cost_calibration.png")
     return summaries
 
 

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Regenerate the README's "Results": safety while learning (4 planner variants x 3 training seeds), the held-out
+# evaluation of the trained agent of each seed on 30 test days, and the ablations (one training seed each).
+#
+#   bash benchmarks/reproduce_results.sh OUT [JOBS]
+#
+# JOBS runs train at the same time (default 2). On 2 CPU cores the whole job takes many hours (each default
+# training ~15 min idle); on a GPU machine with 16 cores, JOBS=18, it takes a few minutes. Results go to OUT:
+# safety_while_learning.{csv,json,png}, runs/<variant>-seed<k>/ with eval/ for the trained agents, and
+# ablations.{csv,md} (benchmarks/ablations.py). Then copy the CSV, JSON, PNGs and metrics.md files you cite
+# into docs/results/.
+set -euo pipefail
+out=${1:?usage: reproduce_results.sh OUT [JOBS]}
+jobs=${2:-2}
+days=${EVJAX_EVAL_DAYS:-30}
+mkdir -p "$out"
+
+# safety while learning and the ablation runs, all trained at once
+python benchmarks/safety_while_learning.py --out "$out" --jobs "$jobs" &
+safety=$!
+python benchmarks/ablations.py train --out "$out" --jobs "$jobs" &
+ablations=$!
+wait $safety
+wait $ablations
+
+# the trained agent of each seed against every baseline, on the same held-out days and seeds
+for seed in 0 1 2; do
+  python -m evjax.evaluate --run-dir "$out/runs/cap_adaptive-seed$seed" --days "$days" --no-progress \
+    > "$out/runs/cap_adaptive-seed$seed.eval.log" 2>&1 &
+done
+python benchmarks/ablations.py evaluate --out "$out" --days "$days" --jobs "$jobs"
+wait
+python benchmarks/ablations.py report --out "$out"
+python benchmarks/agent_targets.py --out "$out" > "$out/agent_targets.md"
+cat "$out/agent_targets.md"
