@@ -27,9 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from safety_while_learning import train_one  # noqa: E402
 
 ABLATIONS = {  # name -> (what changes, overrides of the default config)
-    "learned_cost": ("step cost = the model's cost output, CAP u = its largest std (cost_std)",
+    "learned_cost": ("step cost = the model's cost output, CAP u = its largest std (kappa0 19, lr 0.01, limit 6)",
                      ["planner.cost_model=learned", "planner.cost_limit=6.0", "planner.kappa_init=19.0",
-                      "planner.kappa_lr=0.01"]),
+                      "planner.kappa_lr=0.01", "evaluation.fixed_kappa=19.0"]),
+    "disagreement_margin": ("CAP margin in member-disagreement stds instead of predicted stds",
+                            ["planner.margin_std=disagreement"]),
     "kappa_per_constraint": ("one kappa for the lines and one for carbon", ["planner.kappa_per_constraint=true"]),
     "full_horizon": ("horizon steps after the episode's end count", ["planner.stop_at_episode_end=false"]),
     "horizon_6": ("planning horizon 6 steps", ["planner.horizon=6"]),
