@@ -201,8 +201,8 @@ class PlannerConfig(Section):
     gamma: float = 0.99  # discount for the predicted cost
     cost_limit: float = 0.1  # feasible if the scaled predicted cost + CAP margin over the horizon <= this (README, "Safety")
     uncertainty: Literal["cost_std", "max_std_norm", "disagreement"] = "cost_std"  # CAP uncertainty u (planner.py)
-    kappa_init: float = 1.0  # kappa0, initial CAP multiplier (stds of margin with cost_model observation; the source's 19 was for its norm u)
-    kappa_lr: float = 0.1  # Adam step size of kappa (kappa moves about this much per episode)
+    kappa_init: float = 0.5  # kappa0, initial CAP multiplier (stds of margin with cost_model observation; the source's 19 was for its norm u)
+    kappa_lr: float = 0.05  # Adam step size of kappa (kappa moves about this much per episode)
     learn_kappa: bool = True  # adapt kappa after every episode
     permissible_episode_cost: float = 0.1  # C_perm in the kappa update (README, "Calibration")
     state_clip: float = 2500.0  # predicted states are clipped to +-this
@@ -212,7 +212,7 @@ class PlannerConfig(Section):
     scan_unroll: int = 0  # horizon-scan unroll factor; 0 = auto (full on GPU/TPU, none on CPU)
     mode: Literal["cap", "ccem", "unconstrained"] = "cap"  # cap: cost + kappa*u; ccem: cost limit, no penalty; unconstrained: rewards only
     cost_model: Literal["learned", "observation"] = "observation"  # step cost: the model's cost output, or the env's formula on the predicted obs (kappa then counts predicted stds of margin)
-    margin_std: Literal["disagreement", "predicted"] = "predicted"  # std of the CAP margin with cost_model observation: member disagreement or each particle's predicted std
+    margin_std: Literal["disagreement", "predicted"] = "disagreement"  # std of the CAP margin with cost_model observation: member disagreement or each particle's predicted std
     stop_at_episode_end: bool = True  # horizon steps after the episode's end count nothing (needs env.time_features)
     kappa_per_constraint: bool = False  # one kappa for the line and one for the carbon margin (needs cost_model observation)
     permissible_constraint_costs: tuple[float, ...] = _tuple(0.05, 0.05)  # C_perm of the line and carbon kappa (kappa_per_constraint)
@@ -237,7 +237,7 @@ class EvaluationConfig(Section):
     split: Literal["train", "test"] = "test"  # days to evaluate on
     days: int = 5  # number of days
     seed: int = 1000  # seed of the evaluation episodes
-    fixed_kappa: float = 1.0  # kappa of the "CAP with fixed kappa" baseline (planner.kappa_init's scale)
+    fixed_kappa: float = 0.5  # kappa of the "CAP with fixed kappa" baseline (planner.kappa_init's scale)
     oracle_popsize: int = 24  # candidates per iteration of the simulator-planning oracle
     oracle_iterations: int = 2  # its CEM iterations
     oracle_horizon: int = 3  # its planning horizon (steps)
