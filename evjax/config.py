@@ -235,12 +235,18 @@ class EvaluationConfig(Section):
     """Held-out evaluation and baselines (SPEC 11 and 12)."""
 
     split: Literal["train", "test"] = "test"  # days to evaluate on
-    days: int = 5  # number of days
-    seed: int = 1000  # seed of the evaluation episodes
+    days: int = 30  # number of days, spread evenly over the split; 0 = every day of the split
+    seed: int = 1000  # seed of the evaluation episodes (day i gets seed + i)
     fixed_kappa: float = 0.5  # kappa of the "CAP with fixed kappa" baseline (planner.kappa_init's scale)
-    oracle_popsize: int = 24  # candidates per iteration of the simulator-planning oracle
-    oracle_iterations: int = 2  # its CEM iterations
-    oracle_horizon: int = 3  # its planning horizon (steps)
+    reference: str = "oracle"  # method the paired per-day differences of the table are taken against
+    baseline_simulator: Literal["twin", "host"] = "twin"  # where fixed_mid, fixed_upper and random run (twin: all days in one vmapped call)
+    oracle: Literal["twin", "host"] = "twin"  # twin: the planner's CEM on the JAX twin, jitted; host: snapshot CEM on the host env
+    oracle_popsize: int = 500  # candidates per CEM iteration of the twin oracle (horizon: the rest of the episode)
+    oracle_iterations: int = 5  # CEM iterations of the twin oracle
+    oracle_cost_limit: float = 1e-12  # an oracle candidate is feasible if its summed true step cost is at most this
+    host_oracle_popsize: int = 24  # candidates per iteration of the host snapshot oracle
+    host_oracle_iterations: int = 2  # its CEM iterations
+    host_oracle_horizon: int = 3  # its planning horizon (steps)
     methods: tuple[str, ...] = _tuple(*EVALUATION_METHODS)  # methods to compare (SPEC 12)
 
 
@@ -421,12 +427,16 @@ FIELD_RULES: dict[str, dict[str, Rule | tuple[Rule, ...]]] = {
         "run_root": Rule(lambda v: v != "", "not be empty", ("",)),
     },
     "evaluation": {
-        "days": POSITIVE,
+        "days": NON_NEGATIVE,
         "seed": SEED,
         "fixed_kappa": NON_NEGATIVE,
+        "reference": Rule(lambda v: v in EVALUATION_METHODS, f"be one of {list(EVALUATION_METHODS)}", ("greedy",)),
         "oracle_popsize": at_least(2),
         "oracle_iterations": POSITIVE,
-        "oracle_horizon": POSITIVE,
+        "oracle_cost_limit": NON_NEGATIVE,
+        "host_oracle_popsize": at_least(2),
+        "host_oracle_iterations": POSITIVE,
+        "host_oracle_horizon": POSITIVE,
         "methods": (NON_EMPTY, each(Rule(lambda v: v in EVALUATION_METHODS, f"be one of {list(EVALUATION_METHODS)}",
                                          ("greedy",)))),
     },
@@ -504,6 +514,9 @@ def _check_evaluation(evaluation: EvaluationConfig) -> None:
     repeated = sorted({m for m in evaluation.methods if evaluation.methods.count(m) > 1})
     if repeated:
         _fail("evaluation.methods", f"method(s) {repeated} listed more than once")
+    if evaluation.reference not in evaluation.methods:
+        _fail("evaluation.reference", f"method {evaluation.reference!r} is not among evaluation.methods "
+              f"{list(evaluation.methods)}: the paired differences need it evaluated on the same days")
 
 
 SECTION_CHECKS: dict[str, tuple[Callable[[Any], None], ...]] = {  # rules spanning several fields of one section
@@ -607,8 +620,8 @@ def validate(cfg: Config) -> None:
     if cfg.planner.cost_model == "observation" and cfg.grid.voltage_cost:
         _fail("planner.cost_model", "observation cannot price the voltage term (grid.voltage_cost): "
               "the voltage is not observed; use learned")
-    if cfg.evaluation.oracle_horizon > steps:
-        _fail("evaluation.oracle_horizon", f"exceeds env.episode_steps ({steps})")
+    if cfg.evaluation.host_oracle_horizon > steps:
+        _fail("evaluation.host_oracle_horizon", f"exceeds env.episode_steps ({steps})")
 
 
 # ------------------------------------------------------------- type checking

@@ -84,6 +84,37 @@ def _read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def welfare_vs_violations(png: Path, summaries: list[dict], cfg: Config) -> Path:
+    """Every run on welfare against the share of steps with any violation, with 95 % intervals.
+
+    Left: each run's own per-day mean (welfare interval over days); right: the
+    paired per-day difference to ``evaluation.reference``, both axes with intervals.
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for s in summaries:
+        label = f"{s['method']} ({s['simulator']})"
+        axes[0].errorbar(s["steps_any_violation_pct"], s["welfare_cny"], yerr=_finite(s["welfare_ci95"]),
+                         marker="o", capsize=3, ls="none", label=label)
+        axes[1].errorbar(s["violation_diff_pct"], s["welfare_diff_cny"], xerr=_finite(s["violation_diff_ci95"]),
+                         yerr=_finite(s["welfare_diff_ci95"]), marker="o", capsize=3, ls="none", label=label)
+    axes[0].set_xlabel("steps with any violation (%)")
+    axes[0].set_ylabel("welfare per episode (CNY)")
+    axes[1].set_xlabel(f"violation steps minus {cfg.evaluation.reference} (percentage points)")
+    axes[1].set_ylabel(f"welfare minus {cfg.evaluation.reference} (CNY per episode)")
+    axes[1].axhline(0.0, color="k", lw=0.8)
+    axes[1].axvline(0.0, color="k", lw=0.8)
+    axes[1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{summaries[0]['days']} day(s); bars: 95 % t-intervals over days", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+    return png
+
+
+def _finite(ci: float) -> float:
+    return 0.0 if not np.isfinite(ci) else ci
+
+
 def training_curves(metrics_csv: Path, png: Path, cfg: Config) -> Path | None:
     """Per epoch: episode reward and its paired score, cost (with the permissible cost), kappa, model errors."""
     rows = _read_csv(metrics_csv)

@@ -202,7 +202,8 @@ CROSS_CASES = [
     (["planner.particles=31"], "planner.particles"),
     (["model.holdout_fraction=0.2", "model.num_elites=4"], "planner.particles"),  # plans over the 4 elites
     (["evaluation.methods=[ccem, ccem]"], "evaluation.methods"),
-    (["evaluation.oracle_horizon=13"], "evaluation.oracle_horizon"),
+    (["evaluation.host_oracle_horizon=13"], "evaluation.host_oracle_horizon"),
+    (["evaluation.methods=[fixed_mid, random]"], "evaluation.reference"),
 ]
 
 
@@ -277,7 +278,7 @@ def _console_script(name: str) -> str:
 
 @pytest.mark.parametrize("entry, args, key", [
     ("evjax.train", ["--set", "planner.popsize=0"], "planner.popsize"),
-    ("evjax.evaluate", ["--run-dir", "run", "--set", "evaluation.days=0"], "evaluation.days"),
+    ("evjax.evaluate", ["--run-dir", "run", "--set", "evaluation.days=-1"], "evaluation.days"),
     ("evjax.data.calibrate", ["--source", "absent", "--out", "figures"], "absent"),
 ])
 @pytest.mark.parametrize("how", ["python -m", "console script"])
