@@ -245,6 +245,42 @@ def test_plan_traces_once():
     assert len(model_steps_traced) == 2 * traced_by_one_plan  # ``plan`` traced once: first step and horizon scan
 
 
+@pytest.mark.parametrize("path", ["step_fn", "mean_step_fn"])
+def test_plan_batch_equals_single_plans(path):
+    """B plans in one call (different keys, states, warm starts and kappas) equal B single plans.
+
+    The model's std grows with the state's first entry, so the plans differ in
+    their noise, penalty and feasible set, and the calm first plan stops early
+    (variance collapsed) while the batch's other plans run on.
+    """
+    def uncertain_step(model, obs, act, key=None):
+        out = bowl_step(model, obs, act, None, cost_fn=lambda a: jnp.maximum(0.0, a[..., 0] - 1.25))
+        std = jnp.broadcast_to(0.01 * jnp.square(obs[..., :1]), out.std.shape)  # [E, M, S+2]
+        if key is not None:
+            eps = jax.random.normal(key, std.shape)
+            out = out._replace(next_obs=out.next_obs + std[..., :STATE_DIM] * eps[..., :STATE_DIM],
+                               reward=out.reward + std[..., STATE_DIM] * eps[..., STATE_DIM])
+        return out._replace(std=std)
+
+    kwargs = {"mean_step_fn": uncertain_step} if path == "mean_step_fn" else {}
+    cfg = dataclasses.replace(SMALL, cost_limit=0.2, min_variance=1e-3)
+    planner = make_planner(cfg, LOWER, UPPER, MEMBERS, uncertain_step, **kwargs)
+    model = {"target": jnp.asarray(TARGET, jnp.float32)}
+    batch = 3
+    keys = jax.random.split(jax.random.key(7), batch)
+    obs = jnp.array([0.0, 2.0, 5.0])[:, None] * jnp.ones((batch, STATE_DIM))  # [B, S]
+    warm = planner.initial_warm_start() + jnp.linspace(-0.05, 0.05, batch)[:, None, None]  # [B, H, A]
+    kappa = jnp.array([0.0, 0.5, 2.0])  # [B]
+    batched = planner.plan_batch(keys, model, obs, warm, kappa)
+    chex.assert_shape(batched[0], (batch, 3))  # [B, A]
+    chex.assert_shape(batched[1], (batch, cfg.horizon, 3))  # [B, H, A]
+    assert int(batched[2].iterations[0]) < cfg.iterations == int(batched[2].iterations[2])
+    for b in range(batch):
+        single = planner.plan(keys[b], model, obs[b], warm[b], kappa[b])
+        for got, want in zip(jax.tree.leaves(batched), jax.tree.leaves(single)):
+            np.testing.assert_allclose(got[b], want, rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------- the pieces of a CEM iteration, on their own
 
 def test_capped_variance_hand_values():
