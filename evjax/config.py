@@ -210,6 +210,7 @@ class PlannerConfig(Section):
     nan_cost: float = 1e6  # cost given to a non-finite rollout
     matmul_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # input dtype of the ensemble matmuls (f32 accumulation)
     scan_unroll: int = 0  # horizon-scan unroll factor; 0 = auto (full on GPU/TPU, none on CPU)
+    kernel: Literal["xla", "pallas"] = "xla"  # ensemble forward in planning: XLA ops, or one fused Pallas kernel (GPU only)
     mode: Literal["cap", "ccem", "unconstrained"] = "cap"  # cap: cost + kappa*u; ccem: cost limit, no penalty; unconstrained: rewards only
 
 

@@ -493,12 +493,17 @@ def make_planner(
 def make_model_planner(cfg, dyn, mesh: Optional[jax.sharding.Mesh] = None) -> Planner:
     """The planner of ``cfg`` (an ``evjax.config.Config``) over the ensemble ``dyn`` (``make_dynamics``).
 
-    Binds ``dyn.step`` with ``planner.matmul_dtype`` both as ``step_fn`` and, with
-    ``mean_only=True``, as ``mean_step_fn``; plans over ``dyn.num_planning_members``
-    members, so pass ``dyn.select_elites(model)`` when the model has a holdout.
+    Binds ``dyn.step`` with ``planner.matmul_dtype`` and ``planner.kernel`` both as
+    ``step_fn`` and, with ``mean_only=True``, as ``mean_step_fn``; plans over
+    ``dyn.num_planning_members`` members, so pass ``dyn.select_elites(model)`` when
+    the model has a holdout. ``planner.kernel: pallas`` needs a GPU backend
+    (``ValueError`` otherwise: on CPU the kernel only runs in interpret mode, for tests).
     """
-    matmul_dtype = cfg.planner.matmul_dtype
-    step_fn = functools.partial(dyn.step, matmul_dtype=matmul_dtype)
-    mean_step_fn = functools.partial(dyn.step, key=None, matmul_dtype=matmul_dtype, mean_only=True)
+    matmul_dtype, kernel = cfg.planner.matmul_dtype, cfg.planner.kernel
+    if kernel == "pallas" and jax.default_backend() != "gpu":
+        raise ValueError(f"planner.kernel 'pallas' needs a GPU backend, this one is {jax.default_backend()!r}: "
+                         f"use planner.kernel 'xla'")
+    step_fn = functools.partial(dyn.step, matmul_dtype=matmul_dtype, kernel=kernel)
+    mean_step_fn = functools.partial(dyn.step, key=None, matmul_dtype=matmul_dtype, mean_only=True, kernel=kernel)
     return make_planner(cfg.planner, cfg.env.price_lower, cfg.env.price_upper, dyn.num_planning_members,
                         step_fn, mean_step_fn=mean_step_fn, mesh=mesh)
