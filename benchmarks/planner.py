@@ -10,9 +10,11 @@ ceiling of one batched matmul of the hidden-layer shape [E, N*P/E, 256] x
 float32 accumulation, interleaved with the timed plans so that load from other
 processes hits plans and ceilings alike. ``--breakdown`` also times the pieces
 of one plan; ``--sampled-steps`` plans through ``dyn.step`` with its own noise
-instead of the planner's mean-step path.
+instead of the planner's mean-step path. ``--batch B`` times ``planner.plan_batch``
+over B different observations and keys instead (one compiled call plans for B
+environments) and also reports plans per second.
 
-    python benchmarks/planner.py [--json] [--matmul-dtype bfloat16|float32] [--repeats 10]
+    python benchmarks/planner.py [--json] [--matmul-dtype bfloat16|float32] [--repeats 10] [--batch B]
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sampled-steps", action="store_true",
                         help="plan through dyn.step with its own noise (no mean_step_fn: no shared first step, "
                              "noise drawn at every step)")
+    parser.add_argument("--batch", type=int, default=0,
+                        help="time planner.plan_batch over B environments (0: single plans)")
     args = parser.parse_args(argv)
 
     cfg = Config()
@@ -72,11 +76,17 @@ def main(argv=None) -> int:
     else:
         planner = make_model_planner(cfg, dyn)
 
-    obs = jnp.asarray(np.random.default_rng(0).normal(size=obs_dim), jnp.float32)
-    warm = planner.initial_warm_start()
-    kappa = jnp.float32(pcfg.kappa_init)
+    batch = args.batch
+    obs = jnp.asarray(np.random.default_rng(0).normal(size=(batch or 1, obs_dim)), jnp.float32)  # [B, S]
+    warm = jnp.broadcast_to(planner.initial_warm_start(), (batch or 1,) + planner.initial_warm_start().shape)
+    kappa = jnp.full((batch or 1,), pcfg.kappa_init, jnp.float32)  # [B]
+    if batch:
+        plan_fn, make_key = jax.vmap(planner.plan_fn, in_axes=(0, None, 0, 0, 0)), functools.partial(
+            jax.random.split, num=batch)
+    else:
+        plan_fn, make_key, obs, warm, kappa = planner.plan_fn, lambda key: key, obs[0], warm[0], kappa[0]
     start = time.perf_counter()
-    compiled = jax.jit(planner.plan_fn).lower(jax.random.key(0), model, obs, warm, kappa).compile()
+    compiled = jax.jit(plan_fn).lower(make_key(jax.random.key(0)), model, obs, warm, kappa).compile()
     compile_seconds = time.perf_counter() - start
 
     rows = pcfg.popsize * pcfg.particles // dyn.ensemble_size
@@ -84,7 +94,7 @@ def main(argv=None) -> int:
     chains = {name: make_matmul_chain(dyn.ensemble_size, rows, width, dtype)
               for name, dtype in (("f32", jnp.float32), ("bf16", jnp.bfloat16))}
     # plans and ceiling measurements interleaved, so that load from other processes hits both alike
-    keys = iter(jax.random.split(jax.random.key(1), args.repeats + 1))
+    keys = iter([make_key(key) for key in jax.random.split(jax.random.key(1), args.repeats + 1)])
     plan = lambda: compiled(next(keys), model, obs, warm, kappa)  # noqa: E731
     jax.block_until_ready(plan())
     for run, _ in chains.values():
@@ -94,24 +104,25 @@ def main(argv=None) -> int:
         seconds.append(seconds_of(plan))
         for name, (run, _) in chains.items():
             ceiling_seconds[name].append(min(seconds_of(run) for _ in range(3)))
-    _, _, diag = compiled(jax.random.key(2), model, obs, warm, kappa)
+    _, _, diag = compiled(make_key(jax.random.key(2)), model, obs, warm, kappa)
 
     layer_sizes = [obs_dim + action_dim, *cfg.model.hidden_sizes, 2 * (obs_dim + 2)]
     # forward rows actually evaluated: with mean_step_fn the first step runs once per (member, candidate)
     first_step_rows = pcfg.popsize * (pcfg.particles if args.sampled_steps else dyn.ensemble_size)
     rows_per_iteration = first_step_rows + pcfg.popsize * pcfg.particles * (pcfg.horizon - 1)
-    gflop = forward_flops(layer_sizes) * rows_per_iteration * int(diag.iterations) / 1e9
+    gflop = forward_flops(layer_sizes) * rows_per_iteration * int(jnp.sum(diag.iterations)) / 1e9  # per call
     median = statistics.median(seconds)
     achieved = gflop / median
     ceiling_f32, ceiling_bf16 = (chains[name][1] / statistics.median(ceiling_seconds[name]) / 1e9
                                  for name in ("f32", "bf16"))
     ceiling = ceiling_bf16 if matmul_dtype == "bfloat16" else ceiling_f32
+    plans = batch or 1
     result = {
-        "plan_seconds_median": median,
-        "plan_seconds_min": min(seconds),
-        "plan_seconds_max": max(seconds),
+        "plan_seconds_median": median / plans,
+        "plan_seconds_min": min(seconds) / plans,
+        "plan_seconds_max": max(seconds) / plans,
         "compile_seconds": compile_seconds,
-        "gflop_per_plan": gflop,
+        "gflop_per_plan": gflop / plans,
         "achieved_gflops": achieved,
         "ceiling_gflops_f32": ceiling_f32,
         "ceiling_gflops_bf16": ceiling_bf16,
@@ -121,14 +132,22 @@ def main(argv=None) -> int:
         "step_path": "sampled" if args.sampled_steps else "mean + planner noise",
         "load_average_1min": os.getloadavg()[0],
     }
+    if batch:
+        result.update({"batch": batch, "call_seconds_median": median,
+                       "plans_per_second_median": batch / median, "plans_per_second_min": batch / max(seconds),
+                       "plans_per_second_max": batch / min(seconds)})
     if args.breakdown:
-        result.update(breakdown(dyn, model, planner, step_fn, obs, matmul_dtype, pcfg, args.repeats))
+        result.update(breakdown(dyn, model, planner, step_fn, obs.reshape(-1, obs_dim)[0], matmul_dtype, pcfg,
+                                args.repeats))
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"plan: median {median:.3f} s (min {min(seconds):.3f}, max {max(seconds):.3f}) over {args.repeats}, "
-              f"compile {compile_seconds:.1f} s, matmul {matmul_dtype}")
-        print(f"forward passes: {gflop:.1f} GFLOP/plan -> {achieved:.0f} GFLOP/s achieved")
+        if batch:
+            print(f"plan_batch B={batch}: median {median:.3f} s per call = {batch / median:.2f} plans/s "
+                  f"({batch / max(seconds):.2f}-{batch / min(seconds):.2f}) over {args.repeats} calls")
+        print(f"plan: median {median / plans:.3f} s (min {min(seconds) / plans:.3f}, max {max(seconds) / plans:.3f}) "
+              f"over {args.repeats}, compile {compile_seconds:.1f} s, matmul {matmul_dtype}")
+        print(f"forward passes: {gflop / plans:.1f} GFLOP/plan -> {achieved:.0f} GFLOP/s achieved")
         print(f"ceiling (batched matmul [{dyn.ensemble_size},{rows},{width}]x[{width},{width}]): "
               f"f32 {ceiling_f32:.0f} GFLOP/s, bf16-in/f32-acc {ceiling_bf16:.0f} GFLOP/s; "
               f"ratio to {matmul_dtype} ceiling {achieved / ceiling:.2f}")

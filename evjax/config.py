@@ -210,6 +210,7 @@ class PlannerConfig(Section):
     nan_cost: float = 1e6  # cost given to a non-finite rollout
     matmul_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # input dtype of the ensemble matmuls (f32 accumulation)
     scan_unroll: int = 0  # horizon-scan unroll factor; 0 = auto (full on GPU/TPU, none on CPU)
+    kernel: Literal["xla", "pallas"] = "xla"  # ensemble forward in planning: XLA ops, or one fused Pallas kernel (GPU only)
     mode: Literal["cap", "ccem", "unconstrained"] = "cap"  # cap: cost + kappa*u; ccem: cost limit, no penalty; unconstrained: rewards only
     cost_model: Literal["learned", "observation"] = "observation"  # step cost: the model's cost output, or the env's formula on the predicted obs (kappa then counts predicted stds of margin)
     margin_std: Literal["disagreement", "predicted"] = "disagreement"  # std of the CAP margin with cost_model observation: member disagreement or each particle's predicted std

@@ -75,6 +75,7 @@ class Planner(NamedTuple):
 
     plan: Callable[..., tuple[jax.Array, jax.Array, PlanDiagnostics]]  # jitted; see ``make_planner``
     plan_fn: Callable[..., tuple[jax.Array, jax.Array, PlanDiagnostics]]  # the same, not jitted (``cem_plan`` bound)
+    plan_batch: Callable[..., tuple[jax.Array, jax.Array, PlanDiagnostics]]  # jitted B plans, one model; see ``make_planner``
     evaluate: Callable[..., CandidateValues]  # (key, model, obs[S], actions[N,H,A], kappa) -> values, pure
     initial_warm_start: Callable[[], jax.Array]  # () -> [H, A] mid-range prices
     price_lower: jax.Array  # [A]
@@ -453,6 +454,11 @@ def make_planner(
     ``plan(key, model, obs[S], warm_start[H,A], kappa)`` returns
     ``(action[A], next_warm_start[H,A], PlanDiagnostics)``; the algorithm is
     ``cem_plan``'s, the rollouts and the CAP uncertainty ``rollout``'s.
+    ``plan_batch(keys[B], model, obs[B,S], warm_starts[B,H,A], kappa[B])`` runs B
+    such plans (B environments, one shared model) as one compiled program, the
+    ``vmap`` of ``plan_fn``: ``(action[B,A], next_warm_start[B,H,A], PlanDiagnostics[B])``,
+    each row equal to its single plan (a batched ``while_loop`` runs until every
+    plan has stopped and leaves the stopped ones unchanged). It compiles once per B.
 
     Model noise: ``step_fn(model, obs, act, key)`` samples internally; the planner
     passes it the same H step keys in every CEM iteration of a plan. With
@@ -524,12 +530,21 @@ def make_planner(
         return plan_jit(key, model, jnp.asarray(obs, jnp.float32), jnp.asarray(warm_start, jnp.float32),
                         jnp.asarray(kappa, jnp.float32))
 
+    plan_batch_jit = jax.jit(jax.vmap(plan_fn, in_axes=(0, None, 0, 0, 0)))
+
+    def plan_batch(keys, model, obs, warm_starts, kappa):
+        """Jitted ``vmap`` of ``plan_fn`` over keys [B], obs [B, S], warm starts [B, H, A] and kappa [B] or a scalar (model shared)."""
+        obs = jnp.asarray(obs, jnp.float32)
+        chex.assert_rank(obs, 2)  # [B, S]
+        kappa = jnp.broadcast_to(jnp.asarray(kappa, jnp.float32), obs.shape[:1])  # [B]
+        return plan_batch_jit(keys, model, obs, jnp.asarray(warm_starts, jnp.float32), kappa)
+
     def evaluate(key: jax.Array, model: Any, obs: jax.Array, actions: jax.Array, kappa: jax.Array) -> CandidateValues:
         """Predicted reward, penalised cost and penalty of candidates actions [N, H, A] (pure)."""
         return rollout_fn(model, obs, actions, kappa, noise_fn(key, actions.shape[0], obs.shape[-1]))
 
     mid = (lower + upper) / 2.0  # [A]
-    return Planner(plan=plan, plan_fn=plan_fn, evaluate=evaluate,
+    return Planner(plan=plan, plan_fn=plan_fn, plan_batch=plan_batch, evaluate=evaluate,
                    initial_warm_start=lambda: jnp.broadcast_to(mid, (cfg.horizon, lower.size)),
                    price_lower=lower, price_upper=upper, horizon=cfg.horizon, mode=cfg.mode)
 
@@ -572,16 +587,21 @@ def make_cost_fn(cfg) -> Optional[Callable]:
 def make_model_planner(cfg, dyn, mesh: Optional[jax.sharding.Mesh] = None) -> Planner:
     """The planner of ``cfg`` (an ``evjax.config.Config``) over the ensemble ``dyn`` (``make_dynamics``).
 
-    Binds ``dyn.step`` with ``planner.matmul_dtype`` both as ``step_fn`` and, with
-    ``mean_only=True``, as ``mean_step_fn``; plans over ``dyn.num_planning_members``
-    members, so pass ``dyn.select_elites(model)`` when the model has a holdout.
+    Binds ``dyn.step`` with ``planner.matmul_dtype`` and ``planner.kernel`` both as
+    ``step_fn`` and, with ``mean_only=True``, as ``mean_step_fn``; plans over
+    ``dyn.num_planning_members`` members, so pass ``dyn.select_elites(model)`` when
+    the model has a holdout. ``planner.kernel: pallas`` needs a GPU backend
+    (``ValueError`` otherwise: on CPU the kernel only runs in interpret mode, for tests).
     With ``planner.cost_model: observation`` the step cost is ``observation_cost``
     on the observation layout of ``cfg``; with ``planner.stop_at_episode_end`` the
     horizon steps after the episode's end weigh 0 (``episode_step_weights``).
     """
-    matmul_dtype = cfg.planner.matmul_dtype
-    step_fn = functools.partial(dyn.step, matmul_dtype=matmul_dtype)
-    mean_step_fn = functools.partial(dyn.step, key=None, matmul_dtype=matmul_dtype, mean_only=True)
+    matmul_dtype, kernel = cfg.planner.matmul_dtype, cfg.planner.kernel
+    if kernel == "pallas" and jax.default_backend() != "gpu":
+        raise ValueError(f"planner.kernel 'pallas' needs a GPU backend, this one is {jax.default_backend()!r}: "
+                         f"use planner.kernel 'xla'")
+    step_fn = functools.partial(dyn.step, matmul_dtype=matmul_dtype, kernel=kernel)
+    mean_step_fn = functools.partial(dyn.step, key=None, matmul_dtype=matmul_dtype, mean_only=True, kernel=kernel)
     cost_fn, step_weights_fn = make_cost_fn(cfg), None
     if cfg.planner.stop_at_episode_end:
         step_weights_fn = functools.partial(episode_step_weights, horizon=cfg.planner.horizon,

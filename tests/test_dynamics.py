@@ -339,6 +339,47 @@ def test_step_fast_path_matches_predict(fitted, binary_cost):
         assert np.all(np.asarray(got.std[..., -1]) == 0.0) and np.all((got.cost > 0.0) & (got.cost < 1.0))
 
 
+@pytest.mark.parametrize("binary_cost", [False, True])
+def test_fused_kernel_matches_the_xla_step(fitted, binary_cost):
+    """The Pallas kernel (interpret mode on CPU) gives ``step``'s outputs: bfloat16 and float32, padded shapes.
+
+    Hidden widths 24 and 40 and 37 samples per member are no powers of two and
+    no multiple of the tile, so the kernel's zero padding is exercised everywhere.
+    """
+    dyn = make_dynamics(small_config(hidden_sizes=(24, 40), weight_decays=(0.0,) * 3, binary_cost=binary_cost),
+                        OBS_DIM, ACTION_DIM)
+    fresh = dyn.init(jax.random.key(5))
+    keys = iter(jax.random.split(jax.random.key(6), 16))
+    params = jax.tree.map(lambda leaf: leaf + 0.3 * jax.random.normal(next(keys), leaf.shape), fresh.params)
+    _, fitted_state, _ = fitted
+    state = fresh.replace(params=params, norm_mean=fitted_state.norm_mean, norm_std=fitted_state.norm_std,
+                          target_mean=fitted_state.target_mean, target_std=fitted_state.target_std)
+    obs, act, *_ = transitions(5 * 37, seed=17)
+    obs, act = obs.reshape(5, 37, OBS_DIM), act.reshape(5, 37, ACTION_DIM)
+    scale = np.asarray(state.target_std)  # [S+2]
+    for dtype in ("float32", "bfloat16"):
+        key = jax.random.key(8)
+        want = dyn.step(state, obs, act, key, matmul_dtype=dtype)
+        got = dyn.step(state, obs, act, key, matmul_dtype=dtype, kernel="pallas")
+        for name, g, w, unit in zip(got._fields, got, want, (scale[:OBS_DIM], scale[OBS_DIM], scale[-1], scale)):
+            g, w = np.asarray(g), np.asarray(w)
+            if dtype == "float32":
+                np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=name)
+            else:  # the same bfloat16 roundings up to accumulation order: far below a target std
+                assert np.max(np.abs(g - w) / unit) < 5e-3, name
+    with pytest.raises(ValueError, match="kernel"):
+        dyn.step(state, obs, act, None, kernel="triton")
+
+
+def test_fused_kernel_rejects_a_tile_that_is_no_power_of_two():
+    from evjax import fused_mlp
+
+    params = {"head": {"w": jnp.ones((1, 4, 2)), "b": jnp.zeros((1, 2))}}
+    with pytest.raises(ValueError, match="tile"):
+        fused_mlp.ensemble_head(params, jnp.ones((1, 8, 4)), jnp.float32, layer_names=("head",),
+                                activation=swish_via_tanh, tile=48, interpret=True)
+
+
 def test_bfloat16_step_close_to_float32(fitted):
     dyn, state, _ = fitted
     obs, act, *_ = transitions(5 * 40, seed=11)

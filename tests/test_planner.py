@@ -245,6 +245,42 @@ def test_plan_traces_once():
     assert len(model_steps_traced) == 2 * traced_by_one_plan  # ``plan`` traced once: first step and horizon scan
 
 
+@pytest.mark.parametrize("path", ["step_fn", "mean_step_fn"])
+def test_plan_batch_equals_single_plans(path):
+    """B plans in one call (different keys, states, warm starts and kappas) equal B single plans.
+
+    The model's std grows with the state's first entry, so the plans differ in
+    their noise, penalty and feasible set, and the calm first plan stops early
+    (variance collapsed) while the batch's other plans run on.
+    """
+    def uncertain_step(model, obs, act, key=None):
+        out = bowl_step(model, obs, act, None, cost_fn=lambda a: jnp.maximum(0.0, a[..., 0] - 1.25))
+        std = jnp.broadcast_to(0.01 * jnp.square(obs[..., :1]), out.std.shape)  # [E, M, S+2]
+        if key is not None:
+            eps = jax.random.normal(key, std.shape)
+            out = out._replace(next_obs=out.next_obs + std[..., :STATE_DIM] * eps[..., :STATE_DIM],
+                               reward=out.reward + std[..., STATE_DIM] * eps[..., STATE_DIM])
+        return out._replace(std=std)
+
+    kwargs = {"mean_step_fn": uncertain_step} if path == "mean_step_fn" else {}
+    cfg = dataclasses.replace(SMALL, cost_limit=0.2, min_variance=1e-3)
+    planner = make_planner(cfg, LOWER, UPPER, MEMBERS, uncertain_step, **kwargs)
+    model = {"target": jnp.asarray(TARGET, jnp.float32)}
+    batch = 3
+    keys = jax.random.split(jax.random.key(7), batch)
+    obs = jnp.array([0.0, 2.0, 5.0])[:, None] * jnp.ones((batch, STATE_DIM))  # [B, S]
+    warm = planner.initial_warm_start() + jnp.linspace(-0.05, 0.05, batch)[:, None, None]  # [B, H, A]
+    kappa = jnp.array([0.0, 0.5, 2.0])  # [B]
+    batched = planner.plan_batch(keys, model, obs, warm, kappa)
+    chex.assert_shape(batched[0], (batch, 3))  # [B, A]
+    chex.assert_shape(batched[1], (batch, cfg.horizon, 3))  # [B, H, A]
+    assert int(batched[2].iterations[0]) < cfg.iterations == int(batched[2].iterations[2])
+    for b in range(batch):
+        single = planner.plan(keys[b], model, obs[b], warm[b], kappa[b])
+        for got, want in zip(jax.tree.leaves(batched), jax.tree.leaves(single)):
+            np.testing.assert_allclose(got[b], want, rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------- the pieces of a CEM iteration, on their own
 
 def test_capped_variance_hand_values():
@@ -517,3 +553,39 @@ def test_bfloat16_plan_matches_float32_plan(fitted_ensemble):
     assert abs(float(diag16.elite_reward) - float(diag32.elite_reward)) <= 0.01 * abs(float(diag32.elite_reward))
     price_range = np.asarray(cfg.env.price_upper) - np.asarray(cfg.env.price_lower)
     assert np.all(np.abs(np.asarray(action16) - np.asarray(action32)) <= 0.02 * price_range)
+
+
+def test_pallas_kernel_plans_like_the_xla_path():
+    """Batched plans through the fused Pallas kernel (interpret mode on CPU) match the XLA path's.
+
+    A small random ensemble (2 x 32 hidden units) and population keep interpret
+    mode quick; ``make_model_planner`` refuses the kernel off the GPU.
+    """
+    from evjax.config import Config, ModelConfig
+    from evjax.dynamics import make_dynamics
+    from evjax.planner import make_model_planner
+
+    cfg = Config()
+    dyn = make_dynamics(ModelConfig(hidden_sizes=(32, 32), weight_decays=(0.0,) * 3), cfg.obs_dim, cfg.action_dim)
+    fresh = dyn.init(jax.random.key(0))
+    keys = iter(jax.random.split(jax.random.key(1), 16))
+    model = fresh.replace(params=jax.tree.map(lambda leaf: leaf + 0.3 * jax.random.normal(next(keys), leaf.shape),
+                                              fresh.params))
+    planner_cfg = dataclasses.replace(SMALL, popsize=40, num_elites=8, particles=5, iterations=2, cost_limit=0.5)
+    batch = 2
+    obs = jax.random.normal(jax.random.key(2), (batch, cfg.obs_dim))  # [B, S]
+    results = {}
+    for kernel in ("xla", "pallas"):
+        step = functools.partial(dyn.step, matmul_dtype="bfloat16", kernel=kernel)
+        planner = make_planner(planner_cfg, cfg.env.price_lower, cfg.env.price_upper, dyn.num_planning_members,
+                               step, mean_step_fn=functools.partial(step, key=None, mean_only=True))
+        warm = jnp.broadcast_to(planner.initial_warm_start(), (batch, planner_cfg.horizon, cfg.action_dim))
+        results[kernel] = planner.plan_batch(jax.random.split(jax.random.key(3), batch), model, obs, warm, 1.0)
+    price_range = np.asarray(cfg.env.price_upper) - np.asarray(cfg.env.price_lower)
+    (action_xla, warm_xla, diag_xla), (action_pallas, warm_pallas, diag_pallas) = results["xla"], results["pallas"]
+    assert np.all(np.abs(np.asarray(action_pallas) - np.asarray(action_xla)) <= 0.02 * price_range)
+    assert np.all(np.abs(np.asarray(warm_pallas) - np.asarray(warm_xla)) <= 0.02 * price_range)
+    np.testing.assert_allclose(diag_pallas.elite_reward, diag_xla.elite_reward, rtol=0.01)
+    pallas_cfg = dataclasses.replace(cfg, planner=dataclasses.replace(cfg.planner, kernel="pallas"))
+    with pytest.raises(ValueError, match="planner.kernel"):
+        make_model_planner(pallas_cfg, dyn)

@@ -1,0 +1,171 @@
+"""The planner on a GPU, XLA path and fused Pallas kernel side by side: one plan and batched plans.
+
+At the paper's settings with a freshly initialised ensemble (as ``planner.py``):
+
+1. the kernel alone on one model step's shape [E, N*P/E] for each (tile, warps)
+   of a small sweep, against the XLA step (max difference, in target stds) and
+   its time; the fastest tile that compiles is used below;
+2. seconds per plan (``plan_fn``) and plans per second of ``plan_batch`` at
+   B = 64 and 256, for ``planner.kernel`` xla and pallas, interleaved with the
+   ceiling of a chain of batched bf16 matmuls of the hidden layers' shape
+   [E, N*P/E*B, 256] x [E, 256, 256] measured in the same run.
+
+Prints one JSON line per measurement as it goes (so a timeout keeps what was
+done) and a summary line last. About 2-3 minutes on an H100/H200.
+
+    python benchmarks/gpu_planner.py [--repeats 20] [--batches 64,256] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from common import make_matmul_chain
+from evjax import fused_mlp
+from evjax.config import Config
+from evjax.dynamics import make_dynamics
+from evjax.planner import make_model_planner
+
+SWEEP = ((32, 4), (64, 4), (64, 8), (128, 8))  # (tile, num_warps)
+
+
+def emit(record: dict) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def blocked_seconds(fn, repeats: int) -> list[float]:
+    jax.block_until_ready(fn())
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def spread(seconds: list[float]) -> dict:
+    return {"median": statistics.median(seconds), "min": min(seconds), "max": max(seconds)}
+
+
+def sweep_kernel(dyn, model, rows: int, repeats: int) -> tuple[int, int] | None:
+    """Time the kernel alone on [E, rows] per (tile, warps); return the fastest that matches the XLA step."""
+    members = dyn.num_planning_members
+    obs = jax.random.normal(jax.random.key(1), (members, rows, dyn.obs_dim))
+    act = jax.random.uniform(jax.random.key(2), (members, rows, dyn.action_dim))
+    xla_step = jax.jit(functools.partial(dyn.step, key=None, matmul_dtype="bfloat16", mean_only=True))
+    want = xla_step(model, obs, act)
+    xla_seconds = spread(blocked_seconds(lambda: xla_step(model, obs, act), repeats))
+    emit({"what": "model_step", "kernel": "xla", "rows_per_member": rows, "seconds": xla_seconds})
+    best = None
+    for tile, warps in SWEEP:
+        fused_mlp.DEFAULT_TILE, fused_mlp.DEFAULT_NUM_WARPS = tile, warps
+        step = jax.jit(functools.partial(dyn.step, key=None, matmul_dtype="bfloat16", mean_only=True,
+                                         kernel="pallas"))
+        try:
+            got = step(model, obs, act)
+            error = max(float(jnp.max(jnp.abs(g - w))) for g, w in zip(got, want))
+            seconds = spread(blocked_seconds(lambda: step(model, obs, act), repeats))
+        except Exception as exc:  # a tile Triton cannot compile: report it and go on
+            emit({"what": "model_step", "kernel": "pallas", "tile": tile, "num_warps": warps,
+                  "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+            continue
+        emit({"what": "model_step", "kernel": "pallas", "tile": tile, "num_warps": warps,
+              "rows_per_member": rows, "seconds": seconds, "max_abs_diff_vs_xla": error})
+        if error < 5e-2 and (best is None or seconds["median"] < best[0]):
+            best = (seconds["median"], tile, warps)
+    return None if best is None else best[1:]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--batches", default="64,256", help="comma-separated batch sizes for plan_batch")
+    parser.add_argument("--quick", action="store_true", help="skip the tile sweep (use the module defaults)")
+    args = parser.parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",") if b]
+    started = time.perf_counter()
+
+    cfg = Config()
+    pcfg = cfg.planner
+    dyn = make_dynamics(cfg.model, cfg.obs_dim, cfg.action_dim)
+    model = dyn.init(jax.random.key(0))
+    rows = pcfg.popsize * pcfg.particles // dyn.num_planning_members
+    device = jax.devices()[0].device_kind
+    emit({"what": "device", "device": device, "backend": jax.default_backend(), "jax": jax.__version__})
+
+    best = None if args.quick else sweep_kernel(dyn, model, rows, args.repeats)
+    if best is not None:
+        fused_mlp.DEFAULT_TILE, fused_mlp.DEFAULT_NUM_WARPS = best
+    tile = (fused_mlp.DEFAULT_TILE, fused_mlp.DEFAULT_NUM_WARPS)
+    emit({"what": "kernel_choice", "tile": tile[0], "num_warps": tile[1], "swept": best is not None})
+
+    summary = {"device": device, "jax": jax.__version__, "tile": tile[0], "num_warps": tile[1]}
+    ceilings = {}
+    for batch in [1] + batches:
+        run, flops = make_matmul_chain(dyn.num_planning_members, rows * batch, cfg.model.hidden_sizes[0],
+                                       jnp.bfloat16)
+        ceilings[batch] = (run, flops)
+    for kernel in ("xla", "pallas"):
+        kernel_cfg = dataclasses.replace(cfg, planner=dataclasses.replace(pcfg, kernel=kernel))
+        try:
+            planner = make_model_planner(kernel_cfg, dyn)
+        except ValueError as exc:
+            emit({"what": "plan", "kernel": kernel, "error": str(exc)})
+            continue
+        for batch in [1] + batches:
+            obs = jnp.asarray(np.random.default_rng(batch).normal(size=(batch, cfg.obs_dim)), jnp.float32)
+            warm = jnp.broadcast_to(planner.initial_warm_start(), (batch, pcfg.horizon, cfg.action_dim))
+            kappa = jnp.full((batch,), pcfg.kappa_init, jnp.float32)
+            if batch == 1:
+                fn, make_key, args_ = planner.plan_fn, (lambda key: key), (obs[0], warm[0], kappa[0])
+            else:
+                fn = jax.vmap(planner.plan_fn, in_axes=(0, None, 0, 0, 0))
+                make_key, args_ = functools.partial(jax.random.split, num=batch), (obs, warm, kappa)
+            try:
+                start = time.perf_counter()
+                compiled = jax.jit(fn).lower(make_key(jax.random.key(0)), model, *args_).compile()
+                compile_seconds = time.perf_counter() - start
+                keys = [make_key(k) for k in jax.random.split(jax.random.key(1), args.repeats + 1)]
+                key_iter = iter(keys)
+                run, flops = ceilings[batch]
+                jax.block_until_ready(compiled(next(key_iter), model, *args_))
+                jax.block_until_ready(run())
+                seconds, ceiling_seconds = [], []
+                for _ in range(args.repeats):
+                    start = time.perf_counter()
+                    jax.block_until_ready(compiled(next(key_iter), model, *args_))
+                    seconds.append(time.perf_counter() - start)
+                    ceiling_seconds.append(min(blocked_seconds(run, 2)))
+            except Exception as exc:
+                emit({"what": "plan", "kernel": kernel, "batch": batch,
+                      "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+                traceback.print_exc(file=sys.stderr)
+                continue
+            median = statistics.median(seconds)
+            record = {"what": "plan", "kernel": kernel, "batch": batch, "compile_seconds": compile_seconds,
+                      "call_seconds": spread(seconds), "plan_ms_median": 1e3 * median / batch,
+                      "plans_per_second_median": batch / median,
+                      "plans_per_second_range": [batch / max(seconds), batch / min(seconds)],
+                      "ceiling_bf16_gflops": flops / statistics.median(ceiling_seconds) / 1e9,
+                      "ceiling_shape": [dyn.num_planning_members, rows * batch, cfg.model.hidden_sizes[0]]}
+            emit(record)
+            summary[f"{kernel}_b{batch}"] = {"plan_ms": record["plan_ms_median"],
+                                             "plans_per_second": record["plans_per_second_median"]}
+    summary["wall_seconds"] = time.perf_counter() - started
+    emit({"what": "summary", **summary})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
