@@ -214,7 +214,7 @@ class PlannerConfig(Section):
     mode: Literal["cap", "ccem", "unconstrained"] = "cap"  # cap: cost + kappa*u; ccem: cost limit, no penalty; unconstrained: rewards only
     cost_model: Literal["learned", "observation"] = "observation"  # step cost: the model's cost output, or the env's formula on the predicted obs (kappa then counts predicted stds of margin)
     margin_std: Literal["disagreement", "predicted"] = "disagreement"  # std of the CAP margin with cost_model observation: member disagreement or each particle's predicted std
-    stop_at_episode_end: bool = True  # horizon steps after the episode's end count nothing (needs env.time_features)
+    stop_at_episode_end: bool = True  # horizon steps after the episode's end count nothing (read from the time feature; without env.time_features it has no effect)
     kappa_per_constraint: bool = False  # one kappa for the line and one for the carbon margin (needs cost_model observation)
     permissible_constraint_costs: tuple[float, ...] = _tuple(0.05, 0.05)  # C_perm of the line and carbon kappa (kappa_per_constraint)
 
@@ -616,11 +616,6 @@ def validate(cfg: Config) -> None:
         if cfg.economics.user_value_cny_per_kwh <= max(cfg.env.price_upper):
             _fail("economics.user_value_cny_per_kwh", f"must exceed every price bound ({max(cfg.env.price_upper)}): "
                   f"drivers charge at any posted price, got {cfg.economics.user_value_cny_per_kwh}")
-    if cfg.planner.stop_at_episode_end and not cfg.env.time_features:
-        _fail("planner.stop_at_episode_end", "needs env.time_features (the step is read from the observation)")
-    if cfg.planner.cost_model == "observation" and cfg.grid.voltage_cost:
-        _fail("planner.cost_model", "observation cannot price the voltage term (grid.voltage_cost): "
-              "the voltage is not observed; use learned")
     if cfg.evaluation.host_oracle_horizon > steps:
         _fail("evaluation.host_oracle_horizon", f"exceeds env.episode_steps ({steps})")
 

@@ -603,7 +603,7 @@ def make_model_planner(cfg, dyn, mesh: Optional[jax.sharding.Mesh] = None) -> Pl
     step_fn = functools.partial(dyn.step, matmul_dtype=matmul_dtype, kernel=kernel)
     mean_step_fn = functools.partial(dyn.step, key=None, matmul_dtype=matmul_dtype, mean_only=True, kernel=kernel)
     cost_fn, step_weights_fn = make_cost_fn(cfg), None
-    if cfg.planner.stop_at_episode_end:
+    if cfg.planner.stop_at_episode_end and cfg.env.time_features:
         step_weights_fn = functools.partial(episode_step_weights, horizon=cfg.planner.horizon,
                                             episode_steps=cfg.env.episode_steps)
     return make_planner(cfg.planner, cfg.env.price_lower, cfg.env.price_upper, dyn.num_planning_members,

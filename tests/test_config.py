@@ -198,7 +198,6 @@ CROSS_CASES = [
     (["planner.num_elites=600"], "planner.num_elites"),
     (["planner.nan_cost=0.05"], "planner.nan_cost"),
     (["planner.kappa_per_constraint=true", "planner.cost_model=learned"], "planner.kappa_per_constraint"),
-    (["env.time_features=false"], "planner.stop_at_episode_end"),
     (["planner.particles=31"], "planner.particles"),
     (["model.holdout_fraction=0.2", "model.num_elites=4"], "planner.particles"),  # plans over the 4 elites
     (["evaluation.methods=[ccem, ccem]"], "evaluation.methods"),

@@ -518,8 +518,10 @@ def fitted_ensemble():
 
     cfg = Config()
     # a cost limit on this synthetic cost's scale (the default is calibrated for the environment's)
+    # the synthetic cost is the model's cost output (not a function of the synthetic observation)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, epochs=20),
-                              planner=dataclasses.replace(cfg.planner, cost_limit=2.5))
+                              planner=dataclasses.replace(cfg.planner, cost_limit=2.5, cost_model="learned",
+                                                          stop_at_episode_end=False))
     dyn = make_dynamics(cfg.model, cfg.obs_dim, cfg.action_dim)
     rng = np.random.default_rng(0)
     lower, upper = np.array(cfg.env.price_lower), np.array(cfg.env.price_upper)

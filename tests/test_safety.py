@@ -125,9 +125,7 @@ def test_kappa_per_constraint_follows_each_constraints_own_cost():
 
 
 @pytest.mark.parametrize("change, key", [
-    (dict(planner={"kappa_per_constraint": True}), "planner.kappa_per_constraint"),
-    (dict(planner={"stop_at_episode_end": True}, env={"time_features": False}), "planner.stop_at_episode_end"),
-    (dict(planner={"cost_model": "observation"}, grid={"voltage_cost": True}), "planner.cost_model"),
+    (dict(planner={"kappa_per_constraint": True, "cost_model": "learned"}), "planner.kappa_per_constraint"),
     (dict(planner={"permissible_constraint_costs": [0.1]}), "planner.permissible_constraint_costs"),
 ])
 def test_inconsistent_safety_settings_name_their_key(change, key, tmp_path):
@@ -140,8 +138,9 @@ def test_inconsistent_safety_settings_name_their_key(change, key, tmp_path):
 
 
 def test_cost_fn_follows_the_config_layout():
-    assert make_cost_fn(Config()) is None
-    cfg = dataclasses.replace(Config(), planner=dataclasses.replace(Config().planner, cost_model="observation"))
+    learned = dataclasses.replace(Config(), planner=dataclasses.replace(Config().planner, cost_model="learned"))
+    assert make_cost_fn(learned) is None
+    cfg = Config()
     obs = obs_vector([0.95, 0.8, 0.8], 850.0 + 85.0)
     assert float(make_cost_fn(cfg)(obs, np.zeros(9, np.float32), 0.0)) == pytest.approx(0.05 + 0.1, abs=1e-5)
 
