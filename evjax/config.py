@@ -239,6 +239,7 @@ class EvaluationConfig(Section):
     days: int = 30  # number of days, spread evenly over the split; 0 = every day of the split
     seed: int = 1000  # seed of the evaluation episodes (day i gets seed + i)
     fixed_kappa: float = 0.5  # kappa of the "CAP with fixed kappa" baseline (planner.kappa_init's scale)
+    batch_days: bool = True  # the planner methods plan all days of a step in one planner.plan_batch call (equal plans)
     reference: str = "oracle"  # method the paired per-day differences of the table are taken against
     baseline_simulator: Literal["twin", "host"] = "twin"  # where fixed_mid, fixed_upper and random run (twin: all days in one vmapped call)
     oracle: Literal["twin", "host"] = "twin"  # twin: the planner's CEM on the JAX twin, jitted; host: snapshot CEM on the host env

@@ -17,6 +17,7 @@ difference of welfare and of the violation-step share to ``evaluation.reference`
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import functools
@@ -316,6 +317,20 @@ SCALAR_INFO = ("carbon_intensity", "ev_carbon_intensity", "system_carbon_intensi
 STEP_FIELDS = ("method", "simulator", "day", "date", "step", *ARRAY_FIELDS, "ev_energy_kwh", *SCALAR_INFO, "unserved", "plan_ms")
 
 
+def step_row(env, info: dict, day: int, step: int, plan_ms: float) -> dict:
+    """The quantities the table and plots need from one host step."""
+    return {
+        "simulator": "host", "day": day, "date": env.scenario.date, "step": step,
+        "price": np.asarray(info["posted_price"], float),
+        "evs_present": np.asarray(info["evs_present"], float),
+        "line_loading": np.asarray(info["line_loading"], float),
+        "ev_energy_kwh": float(np.sum(info["station_energy_kwh"])),
+        **{key: float(info[key]) for key in SCALAR_INFO},
+        "unserved": int(info["unserved"]),
+        "plan_ms": plan_ms,
+    }
+
+
 def run_episode(env, policy, split: str, day: int, seed: int) -> list[dict]:
     """One evaluation episode on the host env; a row per step with the quantities the table and plots need."""
     obs, _ = env.reset(seed=seed, options={"split": split, "day": day})
@@ -326,19 +341,46 @@ def run_episode(env, policy, split: str, day: int, seed: int) -> list[dict]:
         action = policy.act(env, obs)
         plan_ms = 1000.0 * (time.perf_counter() - tic)
         obs, _, terminated, truncated, info = env.step(action)
-        rows.append({
-            "simulator": "host", "day": day, "date": env.scenario.date, "step": step,
-            "price": np.asarray(info["posted_price"], float),
-            "evs_present": np.asarray(info["evs_present"], float),
-            "line_loading": np.asarray(info["line_loading"], float),
-            "ev_energy_kwh": float(np.sum(info["station_energy_kwh"])),
-            **{key: float(info[key]) for key in SCALAR_INFO},
-            "unserved": int(info["unserved"]),
-            "plan_ms": plan_ms,
-        })
+        rows.append(step_row(env, info, day, step, plan_ms))
         if terminated or truncated:
             break
     return rows
+
+
+def run_planner_days(env, policy: "PlannerPolicy", split: str, day_ids, seeds) -> list[dict]:
+    """A planner method on all days at once: one host env copy per day, stepped in lockstep.
+
+    Each step plans every day still running in one call of ``planner.plan_batch``,
+    with each day's own key stream (the keys ``PlannerPolicy`` would draw for that
+    seed), warm start and the policy's kappa, so the plans equal the day-by-day
+    ones (``run_episode``). ``plan_ms`` is the batch's wall time over its days.
+    """
+    agent = policy.agent
+    envs = [copy.deepcopy(env) for _ in day_ids]
+    obs = np.stack([e.reset(seed=seed, options={"split": split, "day": int(day)})[0]
+                    for e, day, seed in zip(envs, day_ids, seeds)])
+    keys = [jax.random.key(seed) for seed in seeds]
+    warm = np.stack([np.asarray(agent.planner.initial_warm_start())] * len(envs))
+    kappa = np.broadcast_to(agent.kappa, (len(envs),) + agent.kappa.shape)
+    running = np.ones(len(envs), bool)
+    rows: list[list[dict]] = [[] for _ in envs]
+    for step in range(env.cfg.env.episode_steps):
+        plan_keys = []
+        for i in range(len(envs)):
+            keys[i], plan_key = jax.random.split(keys[i])
+            plan_keys.append(plan_key)
+        tic = time.perf_counter()
+        actions, next_warm, _ = agent.planner.plan_batch(jnp.stack(plan_keys), policy.model, obs, warm, kappa)
+        actions = np.asarray(actions, np.float64)  # blocks until the plans are done
+        plan_ms = 1000.0 * (time.perf_counter() - tic) / max(int(running.sum()), 1)
+        warm = np.asarray(next_warm)
+        for i in np.flatnonzero(running):
+            obs[i], _, terminated, truncated, info = envs[i].step(actions[i])
+            rows[i].append(step_row(envs[i], info, int(day_ids[i]), step, plan_ms))
+            running[i] = not (terminated or truncated)
+        if not running.any():
+            break
+    return [row for day_rows in rows for row in day_rows]
 
 
 def _interval(per_day: np.ndarray) -> float:
@@ -530,11 +572,15 @@ def run_methods(cfg: Config, host_policies: dict, env, day_ids, progress: bool =
             per_run[name] = twin_runs[method]
             continue
         policy = host_policies.get(method) or make_policies(cfg, None, None, 0.0, [method])[method]  # the check run
-        rows = []
-        for day, seed in zip(day_ids, seeds):
-            bar.set_postfix(method=method)
-            rows += [{"method": method, **r} for r in run_episode(env, policy, ev.split, int(day), seed)]
-            bar.update()
+        bar.set_postfix(method=method)
+        if isinstance(policy, PlannerPolicy) and ev.batch_days:
+            rows = [{"method": method, **r} for r in run_planner_days(env, policy, ev.split, day_ids, seeds)]
+            bar.update(len(day_ids))
+        else:
+            rows = []
+            for day, seed in zip(day_ids, seeds):
+                rows += [{"method": method, **r} for r in run_episode(env, policy, ev.split, int(day), seed)]
+                bar.update()
         per_run[name] = rows
     bar.close()
     return per_run, timings

@@ -533,10 +533,12 @@ def make_planner(
     plan_batch_jit = jax.jit(jax.vmap(plan_fn, in_axes=(0, None, 0, 0, 0)))
 
     def plan_batch(keys, model, obs, warm_starts, kappa):
-        """Jitted ``vmap`` of ``plan_fn`` over keys [B], obs [B, S], warm starts [B, H, A] and kappa [B] or a scalar (model shared)."""
+        """Jitted ``vmap`` of ``plan_fn`` over keys [B], obs [B, S], warm starts [B, H, A] and kappa [B], [B, 2] or a scalar (model shared)."""
         obs = jnp.asarray(obs, jnp.float32)
         chex.assert_rank(obs, 2)  # [B, S]
-        kappa = jnp.broadcast_to(jnp.asarray(kappa, jnp.float32), obs.shape[:1])  # [B]
+        kappa = jnp.asarray(kappa, jnp.float32)
+        if kappa.ndim == 0:
+            kappa = jnp.broadcast_to(kappa, obs.shape[:1])  # [B]; a batched kappa is [B] or [B, 2] (per constraint)
         return plan_batch_jit(keys, model, obs, jnp.asarray(warm_starts, jnp.float32), kappa)
 
     def evaluate(key: jax.Array, model: Any, obs: jax.Array, actions: jax.Array, kappa: jax.Array) -> CandidateValues:

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -168,3 +169,31 @@ def test_days_sharded_over_two_devices_equal_one_device(twin_evaluation, subproc
             np.testing.assert_allclose(price, r["price"], rtol=1e-6, atol=1e-7)
             assert welfare == pytest.approx(r["welfare"], rel=1e-9, abs=1e-9)
             assert cost == pytest.approx(r["cost"], rel=1e-9, abs=1e-12)
+
+
+def test_planner_days_in_lockstep_equal_day_by_day_episodes():
+    """``run_planner_days`` (one plan_batch per step over all days) gives the rows ``run_episode`` gives per day."""
+    from evjax.agent import Agent
+    from evjax.config import load
+    from evjax.dynamics import make_dynamics
+    from evjax.env import EVPricingEnv
+    from evjax.evaluate import PlannerPolicy, run_episode, run_planner_days
+    from evjax.planner import make_model_planner
+
+    cfg = load(None, ["model.ensemble_size=2", "model.num_elites=2", "model.hidden_sizes=[16]",
+                      "model.weight_decays=[0.0, 0.0]", "planner.particles=4", "planner.popsize=16",
+                      "planner.num_elites=4", "planner.horizon=3", "planner.iterations=2",
+                      "planner.matmul_dtype=float32", "planner.kappa_per_constraint=true"])
+    dyn = make_dynamics(cfg.model, cfg.obs_dim, cfg.action_dim)
+    model = dyn.init(jax.random.key(0))
+    planner = make_model_planner(cfg, dyn)
+    env = EVPricingEnv(cfg)
+    days, seeds = [0, 40, 80], [7, 8, 9]
+    policy = PlannerPolicy(Agent(cfg.planner, planner, kappa=[0.5, 2.0]), model)
+    batched = run_planner_days(env, policy, "test", days, seeds)
+    single = [r for day, seed in zip(days, seeds) for r in run_episode(env, policy, "test", day, seed)]
+    assert len(batched) == len(single) == 3 * cfg.env.episode_steps
+    for b, s in zip(batched, single):
+        assert (b["day"], b["step"]) == (s["day"], s["step"])
+        np.testing.assert_allclose(b["price"], s["price"], atol=1e-5)
+        assert b["welfare"] == pytest.approx(s["welfare"], rel=1e-6, abs=1e-6)
