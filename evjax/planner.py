@@ -30,6 +30,8 @@ import numpy as np
 
 from evjax.config import PlannerConfig
 
+CPU_TILE_ROWS = 600  # planner.tile_rows 0 (auto) on CPU: 5 tiles of the paper's 3000 samples per member
+
 
 class CandidateValues(NamedTuple):
     """Predicted value of each candidate action sequence, averaged over its particles."""
@@ -493,17 +495,21 @@ def make_planner(
 def make_model_planner(cfg, dyn, mesh: Optional[jax.sharding.Mesh] = None) -> Planner:
     """The planner of ``cfg`` (an ``evjax.config.Config``) over the ensemble ``dyn`` (``make_dynamics``).
 
-    Binds ``dyn.step`` with ``planner.matmul_dtype`` and ``planner.kernel`` both as
-    ``step_fn`` and, with ``mean_only=True``, as ``mean_step_fn``; plans over
-    ``dyn.num_planning_members`` members, so pass ``dyn.select_elites(model)`` when
-    the model has a holdout. ``planner.kernel: pallas`` needs a GPU backend
+    Binds ``dyn.step`` with ``planner.matmul_dtype``, ``planner.kernel`` and, on CPU,
+    ``planner.tile_rows`` both as ``step_fn`` and, with ``mean_only=True``, as
+    ``mean_step_fn``; plans over ``dyn.num_planning_members`` members, so pass
+    ``dyn.select_elites(model)`` when the model has a holdout. ``planner.kernel: pallas`` needs a GPU backend
     (``ValueError`` otherwise: on CPU the kernel only runs in interpret mode, for tests).
     """
     matmul_dtype, kernel = cfg.planner.matmul_dtype, cfg.planner.kernel
-    if kernel == "pallas" and jax.default_backend() != "gpu":
-        raise ValueError(f"planner.kernel 'pallas' needs a GPU backend, this one is {jax.default_backend()!r}: "
+    backend = jax.default_backend()
+    if kernel == "pallas" and backend != "gpu":
+        raise ValueError(f"planner.kernel 'pallas' needs a GPU backend, this one is {backend!r}: "
                          f"use planner.kernel 'xla'")
-    step_fn = functools.partial(dyn.step, matmul_dtype=matmul_dtype, kernel=kernel)
-    mean_step_fn = functools.partial(dyn.step, key=None, matmul_dtype=matmul_dtype, mean_only=True, kernel=kernel)
+    # tiles of the population kept in cache across the layers help XLA CPU only (README, "Benchmarks")
+    tile_rows = (cfg.planner.tile_rows or CPU_TILE_ROWS) if backend == "cpu" else 0
+    settings = dict(matmul_dtype=matmul_dtype, kernel=kernel, tile_rows=tile_rows)
+    step_fn = functools.partial(dyn.step, **settings)
+    mean_step_fn = functools.partial(dyn.step, key=None, mean_only=True, **settings)
     return make_planner(cfg.planner, cfg.env.price_lower, cfg.env.price_upper, dyn.num_planning_members,
                         step_fn, mean_step_fn=mean_step_fn, mesh=mesh)
