@@ -130,7 +130,7 @@ def main(argv=None) -> int:
             if batch == 1:
                 fn, make_key, args_ = planner.plan_fn, (lambda key: key), (obs[0], warm[0], kappa[0])
             else:
-                fn = jax.vmap(planner.plan_fn, in_axes=(0, None, 0, 0, 0))
+                fn = planner.plan_batch_fn  # vmapped on a GPU
                 make_key, args_ = functools.partial(jax.random.split, num=batch), (obs, warm, kappa)
             try:
                 start = time.perf_counter()

@@ -34,7 +34,7 @@ import numpy as np
 from common import make_matmul_chain, timed
 from evjax.config import Config
 from evjax.dynamics import make_dynamics
-from evjax.planner import CPU_TILE_ROWS, make_model_planner, make_planner
+from evjax.planner import CPU_TILE_ROWS, batch_plans, make_model_planner, make_planner
 
 
 def forward_flops(layer_sizes: list[int]) -> int:
@@ -62,6 +62,8 @@ def main(argv=None) -> int:
                         help="planner.tile_rows (default: the config's; 3000 or more runs the CPU forward untiled)")
     parser.add_argument("--batch", type=int, default=0,
                         help="time planner.plan_batch over B environments (0: single plans)")
+    parser.add_argument("--vmap", action="store_true",
+                        help="with --batch on CPU: vmap the plans instead of running them one after another")
     args = parser.parse_args(argv)
 
     cfg = Config()
@@ -86,8 +88,9 @@ def main(argv=None) -> int:
     warm = jnp.broadcast_to(planner.initial_warm_start(), (batch or 1,) + planner.initial_warm_start().shape)
     kappa = jnp.full((batch or 1,), pcfg.kappa_init, jnp.float32)  # [B]
     if batch:
-        plan_fn, make_key = jax.vmap(planner.plan_fn, in_axes=(0, None, 0, 0, 0)), functools.partial(
-            jax.random.split, num=batch)
+        plan_fn, make_key = planner.plan_batch_fn, functools.partial(jax.random.split, num=batch)
+        if args.vmap:
+            plan_fn = functools.partial(batch_plans, plan_fn=planner.plan_fn, sequential=False)
     else:
         plan_fn, make_key, obs, warm, kappa = planner.plan_fn, lambda key: key, obs[0], warm[0], kappa[0]
     start = time.perf_counter()
@@ -139,7 +142,8 @@ def main(argv=None) -> int:
         "load_average_1min": os.getloadavg()[0],
     }
     if batch:
-        result.update({"batch": batch, "call_seconds_median": median,
+        result.update({"batch": batch, "batch_mode": "vmap" if args.vmap or jax.default_backend() != "cpu"
+                       else "sequential", "call_seconds_median": median,
                        "plans_per_second_median": batch / median, "plans_per_second_min": batch / max(seconds),
                        "plans_per_second_max": batch / min(seconds)})
     if args.breakdown:
