@@ -28,7 +28,7 @@ from evjax.planner import Planner
 class AgentState(NamedTuple):
     """Everything the agent carries between steps and episodes; a pytree for checkpoints."""
 
-    kappa: jax.Array  # [] CAP multiplier (float32, >= 0)
+    kappa: jax.Array  # [] CAP multiplier, or [2] (line, carbon) with planner.kappa_per_constraint (float32, >= 0)
     kappa_opt_state: Any  # optax Adam state of kappa
     warm_start: jax.Array  # [H, A] next plan's initial mean
     fitted: jax.Array  # [] bool: the model has been fitted, so act by planning
@@ -39,12 +39,21 @@ def initial_kappa(planner_cfg: PlannerConfig) -> float:
     return planner_cfg.kappa_init if planner_cfg.mode == "cap" else 0.0
 
 
+def kappa_shape(planner_cfg: PlannerConfig) -> tuple[int, ...]:
+    """() for one kappa, (2,) for one per constraint (line, carbon)."""
+    return (2,) if planner_cfg.kappa_per_constraint else ()
+
+
 def planner_variant(planner_cfg: PlannerConfig, method: Method, fixed_kappa: float,
                     trained_kappa: float) -> PlannerConfig:
-    """The planner config of evaluation ``method``: its planner mode, kappa held fixed by its kappa rule."""
+    """The planner config of evaluation ``method``: its planner mode, kappa held fixed by its kappa rule.
+
+    With one kappa per constraint ``kappa_init`` holds their mean; pass the
+    method's kappa (``method_kappa``) to ``Agent`` to plan with both.
+    """
     if method.planner_mode is None:
         raise ValueError(f"method {method.name!r} does not plan on the model")
-    kappa = method_kappa(method, fixed_kappa, trained_kappa)
+    kappa = float(np.mean(method_kappa(method, fixed_kappa, trained_kappa)))
     return dataclasses.replace(planner_cfg, mode=method.planner_mode, learn_kappa=False, kappa_init=kappa)
 
 
@@ -57,21 +66,33 @@ class Agent:
     ``AgentState`` pytree for checkpoints.
     """
 
-    def __init__(self, planner_cfg: PlannerConfig, planner: Planner):
+    def __init__(self, planner_cfg: PlannerConfig, planner: Planner, kappa=None):
         if planner.mode != planner_cfg.mode:
             raise ValueError(f"planner.mode {planner_cfg.mode!r} does not match the planner's mode {planner.mode!r}")
         self.planner = planner
         self.learns_kappa = planner_cfg.learn_kappa and planner_cfg.mode == "cap"
+        self.per_constraint = planner_cfg.kappa_per_constraint
         self.permissible_episode_cost = planner_cfg.permissible_episode_cost
+        self.permissible_constraint_costs = np.asarray(planner_cfg.permissible_constraint_costs, np.float32)
         self._optimizer = optax.adam(planner_cfg.kappa_lr)
-        kappa = jnp.asarray(initial_kappa(planner_cfg), jnp.float32)
+        if kappa is None:
+            kappa = initial_kappa(planner_cfg)
+        kappa = jnp.broadcast_to(jnp.asarray(kappa, jnp.float32), kappa_shape(planner_cfg))
         self._state = AgentState(kappa=kappa, kappa_opt_state=self._optimizer.init(kappa),
                                  warm_start=planner.initial_warm_start(), fitted=jnp.asarray(False))
         self.last_diagnostics: Optional[dict] = None  # the last plan's diagnostics (None after a random action)
 
     @property
-    def kappa(self) -> float:
-        return float(self._state.kappa)
+    def kappa(self) -> np.ndarray:
+        """The current kappa: a 0-d array (``float(agent.kappa)`` works), or [2] (line, carbon) per constraint."""
+        return np.asarray(self._state.kappa, dtype=np.float64)
+
+    def kappa_log(self) -> dict:
+        """The kappa values by name, for metrics: ``kappa``, and with one per constraint ``kappa_line``, ``kappa_carbon``."""
+        kappa = self.kappa
+        if kappa.ndim == 0:
+            return {"kappa": float(kappa)}
+        return {"kappa": float(kappa.mean()), "kappa_line": float(kappa[0]), "kappa_carbon": float(kappa[1])}
 
     @property
     def fitted(self) -> bool:
@@ -99,15 +120,18 @@ class Agent:
                                                             self._state.kappa)
         self._state = self._state._replace(warm_start=warm_start)
         self.last_diagnostics = {name: float(value) for name, value in diagnostics._asdict().items()}
-        self.last_diagnostics["kappa"] = self.kappa
+        self.last_diagnostics.update(self.kappa_log())
         return np.asarray(action, dtype=np.float64)
 
-    def end_episode(self, episode_cost: float) -> float:
+    def end_episode(self, episode_cost: float, constraint_costs=None) -> np.ndarray:
         """Adapt kappa to the episode's true cost C and return the new kappa.
 
         One Adam step (lr ``kappa_lr``) on the loss -kappa * (C - C_perm), whose
         gradient -(C - C_perm) raises kappa after an episode costlier than the
         permissible C_perm and lowers it otherwise; kappa is then clipped at 0.
+        With one kappa per constraint, ``constraint_costs`` = (line, carbon)
+        episode costs, each kappa against its own permissible cost
+        (``planner.permissible_constraint_costs``).
         Without ``learn_kappa`` (or outside the CAP mode) kappa stays fixed.
         """
         episode_cost = float(episode_cost)
@@ -115,7 +139,15 @@ class Agent:
             raise ValueError(f"episode cost must be finite, got {episode_cost}")
         if not self.learns_kappa:
             return self.kappa
-        gradient = jnp.asarray(-(episode_cost - self.permissible_episode_cost), jnp.float32)
+        if self.per_constraint:
+            if constraint_costs is None:
+                raise ValueError("one kappa per constraint needs the episode's (line, carbon) costs")
+            costs = np.asarray(constraint_costs, np.float32)
+            if costs.shape != (2,) or not np.all(np.isfinite(costs)):
+                raise ValueError(f"constraint costs must be two finite numbers, got {constraint_costs}")
+            gradient = jnp.asarray(-(costs - self.permissible_constraint_costs), jnp.float32)
+        else:
+            gradient = jnp.asarray(-(episode_cost - self.permissible_episode_cost), jnp.float32)
         updates, opt_state = self._optimizer.update(gradient, self._state.kappa_opt_state, self._state.kappa)
         kappa = jnp.maximum(optax.apply_updates(self._state.kappa, updates), 0.0)
         self._state = self._state._replace(kappa=kappa, kappa_opt_state=opt_state)

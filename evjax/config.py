@@ -199,10 +199,10 @@ class PlannerConfig(Section):
     truncation_sigma: float = 3.0  # normal samples are truncated at +-this many sigma
     smoothing: float = 0.1  # new = smoothing * old + (1 - smoothing) * elite statistic
     gamma: float = 0.99  # discount for the predicted cost
-    cost_limit: float = 6.0  # feasible if scaled predicted cost + kappa * u over the horizon <= this (README, "Calibration")
+    cost_limit: float = 0.1  # feasible if the scaled predicted cost + CAP margin over the horizon <= this (README, "Safety")
     uncertainty: Literal["cost_std", "max_std_norm", "disagreement"] = "cost_std"  # CAP uncertainty u (planner.py)
-    kappa_init: float = 19.0  # kappa0, initial CAP multiplier
-    kappa_lr: float = 0.01  # Adam step size of kappa
+    kappa_init: float = 0.5  # kappa0, initial CAP multiplier (stds of margin with cost_model observation; the source's 19 was for its norm u)
+    kappa_lr: float = 0.05  # Adam step size of kappa (kappa moves about this much per episode)
     learn_kappa: bool = True  # adapt kappa after every episode
     permissible_episode_cost: float = 0.1  # C_perm in the kappa update (README, "Calibration")
     state_clip: float = 2500.0  # predicted states are clipped to +-this
@@ -213,6 +213,11 @@ class PlannerConfig(Section):
     kernel: Literal["xla", "pallas"] = "xla"  # ensemble forward in planning: XLA ops, or one fused Pallas kernel (GPU only)
     tile_rows: int = 0  # XLA forward on CPU: samples per member per tile, run one tile after another; 0 = auto (600), >= N*P/E untiled; unused on GPU/TPU
     mode: Literal["cap", "ccem", "unconstrained"] = "cap"  # cap: cost + kappa*u; ccem: cost limit, no penalty; unconstrained: rewards only
+    cost_model: Literal["learned", "observation"] = "observation"  # step cost: the model's cost output, or the env's formula on the predicted obs (kappa then counts predicted stds of margin)
+    margin_std: Literal["disagreement", "predicted"] = "disagreement"  # std of the CAP margin with cost_model observation: member disagreement or each particle's predicted std
+    stop_at_episode_end: bool = True  # horizon steps after the episode's end count nothing (needs env.time_features)
+    kappa_per_constraint: bool = False  # one kappa for the line and one for the carbon margin (needs cost_model observation)
+    permissible_constraint_costs: tuple[float, ...] = _tuple(0.05, 0.05)  # C_perm of the line and carbon kappa (kappa_per_constraint)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,6 +228,7 @@ class TrainingConfig(Section):
     epochs: int = 50  # episodes of training
     model_train_freq: int = 12  # refit the model on all data every this many steps
     best_cost_threshold: float = 0.2  # "best" checkpoint only among episodes with cost <= this (SPEC: 3.6, README)
+    best_selection: Literal["paired", "reward"] = "paired"  # rank episodes for "best" by reward minus a fixed-price episode's on the same day and seed, or by raw reward
     run_root: str = "runs"  # parent of timestamped run directories
 
 
@@ -231,12 +237,18 @@ class EvaluationConfig(Section):
     """Held-out evaluation and baselines (SPEC 11 and 12)."""
 
     split: Literal["train", "test"] = "test"  # days to evaluate on
-    days: int = 5  # number of days
-    seed: int = 1000  # seed of the evaluation episodes
-    fixed_kappa: float = 19.0  # kappa of the "CAP with fixed kappa" baseline
-    oracle_popsize: int = 24  # candidates per iteration of the simulator-planning oracle
-    oracle_iterations: int = 2  # its CEM iterations
-    oracle_horizon: int = 3  # its planning horizon (steps)
+    days: int = 30  # number of days, spread evenly over the split; 0 = every day of the split
+    seed: int = 1000  # seed of the evaluation episodes (day i gets seed + i)
+    fixed_kappa: float = 0.5  # kappa of the "CAP with fixed kappa" baseline (planner.kappa_init's scale)
+    reference: str = "oracle"  # method the paired per-day differences of the table are taken against
+    baseline_simulator: Literal["twin", "host"] = "twin"  # where fixed_mid, fixed_upper and random run (twin: all days in one vmapped call)
+    oracle: Literal["twin", "host"] = "twin"  # twin: the planner's CEM on the JAX twin, jitted; host: snapshot CEM on the host env
+    oracle_popsize: int = 500  # candidates per CEM iteration of the twin oracle (horizon: the rest of the episode)
+    oracle_iterations: int = 5  # CEM iterations of the twin oracle
+    oracle_cost_limit: float = 1e-12  # an oracle candidate is feasible if its summed true step cost is at most this
+    host_oracle_popsize: int = 24  # candidates per iteration of the host snapshot oracle
+    host_oracle_iterations: int = 2  # its CEM iterations
+    host_oracle_horizon: int = 3  # its planning horizon (steps)
     methods: tuple[str, ...] = _tuple(*EVALUATION_METHODS)  # methods to compare (SPEC 12)
 
 
@@ -405,6 +417,7 @@ FIELD_RULES: dict[str, dict[str, Rule | tuple[Rule, ...]]] = {
         "kappa_init": NON_NEGATIVE,
         "kappa_lr": POSITIVE,
         "permissible_episode_cost": NON_NEGATIVE,
+        "permissible_constraint_costs": each(NON_NEGATIVE),
         "state_clip": POSITIVE,
         "scan_unroll": NON_NEGATIVE,
         "tile_rows": NON_NEGATIVE,
@@ -417,12 +430,16 @@ FIELD_RULES: dict[str, dict[str, Rule | tuple[Rule, ...]]] = {
         "run_root": Rule(lambda v: v != "", "not be empty", ("",)),
     },
     "evaluation": {
-        "days": POSITIVE,
+        "days": NON_NEGATIVE,
         "seed": SEED,
         "fixed_kappa": NON_NEGATIVE,
+        "reference": Rule(lambda v: v in EVALUATION_METHODS, f"be one of {list(EVALUATION_METHODS)}", ("greedy",)),
         "oracle_popsize": at_least(2),
         "oracle_iterations": POSITIVE,
-        "oracle_horizon": POSITIVE,
+        "oracle_cost_limit": NON_NEGATIVE,
+        "host_oracle_popsize": at_least(2),
+        "host_oracle_iterations": POSITIVE,
+        "host_oracle_horizon": POSITIVE,
         "methods": (NON_EMPTY, each(Rule(lambda v: v in EVALUATION_METHODS, f"be one of {list(EVALUATION_METHODS)}",
                                          ("greedy",)))),
     },
@@ -489,12 +506,20 @@ def _check_planner(planner: PlannerConfig) -> None:
     if planner.nan_cost <= planner.cost_limit:
         _fail("planner.nan_cost", f"{planner.nan_cost} must exceed planner.cost_limit ({planner.cost_limit}) so "
               "that a non-finite rollout is never feasible")
+    if len(planner.permissible_constraint_costs) != 2:
+        _fail("planner.permissible_constraint_costs", f"needs two values (line, carbon), got "
+              f"{len(planner.permissible_constraint_costs)}")
+    if planner.kappa_per_constraint and planner.cost_model != "observation":
+        _fail("planner.kappa_per_constraint", "needs planner.cost_model observation (the margins are per quantity)")
 
 
 def _check_evaluation(evaluation: EvaluationConfig) -> None:
     repeated = sorted({m for m in evaluation.methods if evaluation.methods.count(m) > 1})
     if repeated:
         _fail("evaluation.methods", f"method(s) {repeated} listed more than once")
+    if evaluation.reference not in evaluation.methods:
+        _fail("evaluation.reference", f"method {evaluation.reference!r} is not among evaluation.methods "
+              f"{list(evaluation.methods)}: the paired differences need it evaluated on the same days")
 
 
 SECTION_CHECKS: dict[str, tuple[Callable[[Any], None], ...]] = {  # rules spanning several fields of one section
@@ -593,8 +618,13 @@ def validate(cfg: Config) -> None:
         if cfg.economics.user_value_cny_per_kwh <= max(cfg.env.price_upper):
             _fail("economics.user_value_cny_per_kwh", f"must exceed every price bound ({max(cfg.env.price_upper)}): "
                   f"drivers charge at any posted price, got {cfg.economics.user_value_cny_per_kwh}")
-    if cfg.evaluation.oracle_horizon > steps:
-        _fail("evaluation.oracle_horizon", f"exceeds env.episode_steps ({steps})")
+    if cfg.planner.stop_at_episode_end and not cfg.env.time_features:
+        _fail("planner.stop_at_episode_end", "needs env.time_features (the step is read from the observation)")
+    if cfg.planner.cost_model == "observation" and cfg.grid.voltage_cost:
+        _fail("planner.cost_model", "observation cannot price the voltage term (grid.voltage_cost): "
+              "the voltage is not observed; use learned")
+    if cfg.evaluation.host_oracle_horizon > steps:
+        _fail("evaluation.host_oracle_horizon", f"exceeds env.episode_steps ({steps})")
 
 
 # ------------------------------------------------------------- type checking

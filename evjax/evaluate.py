@@ -4,12 +4,22 @@ Host side, not jittable. Restores the "best" checkpoint (falling back to
 "latest" when no episode met the cost threshold, and saying so) from the
 checkpoint alone, runs every method on the same held-out days and seeds, and
 writes ``eval/metrics.csv``, ``eval/metrics.md``, ``eval/steps.csv`` and PNG plots.
+
+The learned planners always run on the host environment (the "real" system).
+The non-learned methods (fixed prices, random prices, ``evaluation.baseline_simulator``)
+and the oracle (``evaluation.oracle``) run by default on the JAX twin, every day
+in one jitted, vmapped call whose day axis is sharded over ``jax.devices()``
+(``run_on_twin``). Fixed mid-range prices then also run on the host, on the same
+days, as a second row, and the table states the largest per-day deviation
+between the two simulators. Each table row carries the paired per-day
+difference of welfare and of the violation-step share to ``evaluation.reference``.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -17,13 +27,14 @@ from pathlib import Path
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from evjax import checkpoint
 from evjax.cli import entry_point, make_parser
 from evjax.config import Config, EvaluationConfig, load
 from evjax.errors import ConfigError, UserError
-from evjax.methods import BY_NAME
+from evjax.methods import BY_NAME, method_kappa
 
 
 class FixedPolicy:
@@ -67,12 +78,13 @@ class PlannerPolicy:
 
 
 class OraclePolicy:
-    """Constrained CEM whose rollouts are copies of the real environment (snapshot/restore).
+    """Constrained CEM whose rollouts are copies of the host environment (snapshot/restore): ``evaluation.oracle: host``.
 
-    Each decision samples ``oracle_popsize`` price sequences over ``oracle_horizon``
-    steps for ``oracle_iterations`` iterations, simulates each on the true
+    A small-budget comparison for the twin oracle (``evjax.oracle``). Each
+    decision samples ``host_oracle_popsize`` price sequences over ``host_oracle_horizon``
+    steps for ``host_oracle_iterations`` iterations, simulates each on the true
     environment, and refits on its elites by the model planner's rule
-    (``planner.elite_scores``, feasible meaning zero constraint cost): the highest
+    (``planner.elite_scores``, feasible meaning cost <= ``evaluation.oracle_cost_limit``): the highest
     welfare among feasible sequences, or the lowest cost when too few are feasible.
     It sees the scenario's future arrivals, so it is an upper reference, not a
     deployable policy.
@@ -81,7 +93,9 @@ class OraclePolicy:
     def __init__(self, cfg: Config):
         ev = cfg.evaluation
         self.lower, self.upper = np.asarray(cfg.env.price_lower), np.asarray(cfg.env.price_upper)
-        self.horizon, self.popsize, self.iterations = ev.oracle_horizon, ev.oracle_popsize, ev.oracle_iterations
+        self.horizon, self.popsize, self.iterations = (ev.host_oracle_horizon, ev.host_oracle_popsize,
+                                                       ev.host_oracle_iterations)
+        self.cost_limit = ev.oracle_cost_limit
         self.num_elites = max(2, self.popsize // 5)
         self.rng = np.random.default_rng(0)
 
@@ -111,15 +125,15 @@ class OraclePolicy:
             candidates = np.clip(mean + std * noise, self.lower, self.upper)
             values = np.array([self._rollout(env, snapshot, c) for c in candidates])
             reward, cost = values[:, 0], values[:, 1]
-            score = elite_scores(reward, cost, cost <= 1e-12, num_elites=self.num_elites, xp=np)
+            score = elite_scores(reward, cost, cost <= self.cost_limit, num_elites=self.num_elites, xp=np)
             elites = candidates[np.argsort(-score, kind="stable")[: self.num_elites]]  # best first, ties by index
             mean, std = elites.mean(axis=0), elites.std(axis=0) + 1e-6
         env.restore(snapshot)
         return mean[0].astype(np.float32)
 
 
-def make_policies(cfg: Config, parts, model, trained_kappa: float) -> dict:
-    """The SPEC 12 methods named in ``evaluation.methods``, all on the same config and trained model.
+def make_policies(cfg: Config, parts, model, trained_kappa: float, methods: Sequence[str] | None = None) -> dict:
+    """Host policies of ``methods`` (default ``evaluation.methods``), all on the same config and trained model.
 
     The planner variants (the methods of ``evjax.methods.METHODS`` with a planner
     mode) keep kappa fixed during evaluation: 0 for CEM and CCEM,
@@ -131,7 +145,7 @@ def make_policies(cfg: Config, parts, model, trained_kappa: float) -> dict:
     lower, upper = np.asarray(cfg.env.price_lower), np.asarray(cfg.env.price_upper)
     planners = {}  # one compiled planner per mode; the CAP variants differ only in kappa
     policies = {}
-    for method in cfg.evaluation.methods:
+    for method in (cfg.evaluation.methods if methods is None else methods):
         if method == "fixed_mid":
             policies[method] = FixedPolicy((lower + upper) / 2)
         elif method == "fixed_upper":
@@ -145,21 +159,165 @@ def make_policies(cfg: Config, parts, model, trained_kappa: float) -> dict:
             if planner_cfg.mode not in planners:
                 planners[planner_cfg.mode] = make_model_planner(dataclasses.replace(cfg, planner=planner_cfg),
                                                                 parts.dynamics)
-            policies[method] = PlannerPolicy(Agent(planner_cfg, planners[planner_cfg.mode]), model)
+            kappa = method_kappa(BY_NAME[method], cfg.evaluation.fixed_kappa, trained_kappa)
+            policies[method] = PlannerPolicy(Agent(planner_cfg, planners[planner_cfg.mode], kappa=kappa), model)
     return policies
+
+
+TWIN_METHODS = ("fixed_mid", "fixed_upper", "random", "oracle")  # the methods that can run on the twin
+
+
+def method_simulator(method: str, evaluation: EvaluationConfig) -> str:
+    """Where ``method`` runs: "twin" or "host" (the learned planners always on the host)."""
+    if method == "oracle":
+        return evaluation.oracle
+    return evaluation.baseline_simulator if method in TWIN_METHODS else "host"
+
+
+def run_name(method: str, simulator: str, primary: str) -> str:
+    """Key of a method's rows: its name on its own simulator, ``method@simulator`` for the agreement copy."""
+    return method if simulator == primary else f"{method}@{simulator}"
+
+
+def evaluation_day_ids(cfg: Config) -> np.ndarray:
+    """Day indices of ``evaluation.split``: ``evaluation.days`` of them spread evenly, or all when it is 0."""
+    from evjax.data.scenarios import num_days
+
+    available = num_days(cfg, cfg.evaluation.split)
+    count = available if cfg.evaluation.days == 0 else min(cfg.evaluation.days, available)
+    return np.unique(np.linspace(0, available - 1, count).round().astype(int))
+
+
+def episode_scenario(cfg: Config, split: str, day: int, seed: int):
+    """The scenario the host env draws on ``reset(seed=seed, options={"split": split, "day": day})``.
+
+    Host side. The env seeds its generator with gymnasium's ``np_random(seed)``
+    and draws the scenario seed from it first; the twin gets the same EVs.
+    """
+    from gymnasium.utils import seeding
+
+    from evjax.data.scenarios import make_scenario
+
+    rng, _ = seeding.np_random(int(seed))
+    return make_scenario(cfg, split=split, day=int(day), seed=int(rng.integers(2**31 - 1)))
+
+
+def random_prices(cfg: Config, seed: int) -> np.ndarray:
+    """Prices [T, A] that ``RandomPolicy`` posts in an episode reset with ``seed`` (the same draws, in order)."""
+    policy = RandomPolicy(cfg.env.price_lower, cfg.env.price_upper)
+    policy.reset(seed)
+    return np.stack([policy.act(None, None) for _ in range(cfg.env.episode_steps)])
+
+
+def day_mesh() -> jax.sharding.Mesh:
+    """A one-axis mesh ("days") over every device (of every host under ``jax.distributed``)."""
+    return jax.sharding.Mesh(np.asarray(jax.devices()), ("days",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def shard_days(tree, mesh: jax.sharding.Mesh):
+    """Pad the leading day axis of every leaf to a multiple of the mesh size (repeating day 0) and shard it."""
+    size = mesh.shape["days"]
+    count = jax.tree.leaves(tree)[0].shape[0]
+    pad = -count % size
+
+    def put(leaf):
+        leaf = jnp.concatenate([leaf, jnp.repeat(leaf[:1], pad, axis=0)]) if pad else leaf
+        return jax.device_put(leaf, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("days")))
+
+    return jax.tree.map(put, tree)
+
+
+def _compiled_call(fn, *args):
+    """Compile ``fn`` for ``args`` (64-bit types on), then run it once; returns (outputs, compile s, run s)."""
+    with jax.enable_x64(True):
+        tic = time.perf_counter()
+        compiled = jax.jit(fn).lower(*args).compile()
+        toc = time.perf_counter()
+        outputs = jax.block_until_ready(compiled(*args))
+        return outputs, toc - tic, time.perf_counter() - toc
+
+
+def twin_rows(method: str, prices, info, active, scenarios, day_ids, plan_ms: float) -> list[dict]:
+    """The step rows of ``run_episode`` from a twin batch (arrays [D, T, ...]; steps after the episode's end dropped)."""
+    keys = ("posted_price", "evs_present", "line_loading", "station_energy_kwh", "unserved", *SCALAR_INFO)
+    info = {key: np.asarray(info[key], dtype=float) for key in keys}
+    active = np.asarray(active)
+    rows = []
+    for d, (day, scenario) in enumerate(zip(day_ids, scenarios)):
+        for t in np.flatnonzero(active[d]):
+            rows.append({
+                "method": method, "simulator": "twin", "day": int(day), "date": scenario.date, "step": int(t),
+                "price": info["posted_price"][d, t], "evs_present": info["evs_present"][d, t],
+                "line_loading": info["line_loading"][d, t],
+                "ev_energy_kwh": float(np.sum(info["station_energy_kwh"][d, t])),
+                **{key: float(info[key][d, t]) for key in SCALAR_INFO},
+                "unserved": int(info["unserved"][d, t]), "plan_ms": plan_ms,
+            })
+    return rows
+
+
+def run_on_twin(cfg: Config, methods: Sequence[str], day_ids: Sequence[int], seeds: Sequence[int], *,
+                env=None, mesh: jax.sharding.Mesh | None = None) -> tuple[dict[str, list[dict]], dict]:
+    """Non-learned ``methods`` (of ``TWIN_METHODS``) on the twin, every day of ``day_ids`` at once. Host side.
+
+    Day i is the scenario the host env draws for (day_ids[i], seeds[i])
+    (``episode_scenario``), and random prices are the host ``RandomPolicy``'s
+    draws for seeds[i], so the rows pair with host rows. Each method is one
+    jitted program vmapped over days, its day axis sharded over ``mesh``
+    (default every device; days padded to a multiple of the device count).
+    Returns (rows per method, timings {method: {"compile_s", "run_s", "ms_per_decision"}});
+    ``plan_ms`` of the oracle's rows is its run time / (days x steps), 0 for the open-loop methods.
+    ``env`` (a host ``EVPricingEnv`` of ``cfg``) lends its feeder and road tables.
+    """
+    from evjax import oracle, twin
+
+    unknown = [m for m in methods if m not in TWIN_METHODS]
+    if unknown:
+        raise ValueError(f"methods {unknown} cannot run on the twin (only {list(TWIN_METHODS)})")
+    mesh = mesh if mesh is not None else day_mesh()
+    split, steps = cfg.evaluation.split, cfg.env.episode_steps
+    scenarios = [episode_scenario(cfg, split, day, seed) for day, seed in zip(day_ids, seeds)]
+    params = twin.make_params(cfg, **({"feeder": env.grid, "travel": env.travel} if env is not None else {}))
+    with jax.enable_x64(True):
+        days = shard_days(twin.stack_scenarios(scenarios, cfg, travel=env.travel if env is not None else None),
+                          mesh)
+        keys = shard_days(jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32)), mesh)
+        params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    lower, upper = np.asarray(cfg.env.price_lower), np.asarray(cfg.env.price_upper)
+    count = len(day_ids)
+    per_method, timings = {}, {}
+    for method in methods:
+        if method == "oracle":
+            fn = functools.partial(oracle.episodes, oracle=oracle.settings(cfg))
+            args = (keys, days, params)
+        else:
+            if method == "random":
+                prices = np.stack([random_prices(cfg, seed) for seed in seeds])
+            else:
+                fixed = (lower + upper) / 2 if method == "fixed_mid" else upper
+                prices = np.broadcast_to(np.asarray(fixed, np.float32), (count, steps, len(lower)))
+            fn = oracle.open_loop_episodes
+            args = (keys, days, shard_days(jnp.asarray(prices, jnp.float32), mesh), params)
+        (prices, info, active), compile_s, run_s = _compiled_call(fn, *args)
+        ms = 1000.0 * run_s / (count * steps)
+        timings[method] = {"compile_s": compile_s, "run_s": run_s, "ms_per_decision": ms}
+        crop = lambda x: np.asarray(x)[:count]  # noqa: E731  drop the padding days
+        per_method[method] = twin_rows(method, crop(prices), jax.tree.map(crop, info), crop(active), scenarios,
+                                       day_ids, ms if method == "oracle" else 0.0)
+    return per_method, timings
 
 
 ARRAY_FIELDS = ("price", "evs_present", "line_loading")
 INT_FIELDS = ("day", "step", "unserved")
-TEXT_FIELDS = ("method", "date")
+TEXT_FIELDS = ("method", "simulator", "date")
 SCALAR_INFO = ("carbon_intensity", "ev_carbon_intensity", "system_carbon_intensity", "ev_co2_kg", "welfare", "cost",
                "cost_line", "cost_carbon", "cs_profit", "dso_profit", "users_surplus", "users_time_cost",
                "min_voltage_pu")
-STEP_FIELDS = ("method", "day", "date", "step", *ARRAY_FIELDS, "ev_energy_kwh", *SCALAR_INFO, "unserved", "plan_ms")
+STEP_FIELDS = ("method", "simulator", "day", "date", "step", *ARRAY_FIELDS, "ev_energy_kwh", *SCALAR_INFO, "unserved", "plan_ms")
 
 
 def run_episode(env, policy, split: str, day: int, seed: int) -> list[dict]:
-    """One evaluation episode; a row per step with the quantities the table and plots need."""
+    """One evaluation episode on the host env; a row per step with the quantities the table and plots need."""
     obs, _ = env.reset(seed=seed, options={"split": split, "day": day})
     policy.reset(seed)
     rows = []
@@ -169,7 +327,7 @@ def run_episode(env, policy, split: str, day: int, seed: int) -> list[dict]:
         plan_ms = 1000.0 * (time.perf_counter() - tic)
         obs, _, terminated, truncated, info = env.step(action)
         rows.append({
-            "day": day, "date": env.scenario.date, "step": step,
+            "simulator": "host", "day": day, "date": env.scenario.date, "step": step,
             "price": np.asarray(info["posted_price"], float),
             "evs_present": np.asarray(info["evs_present"], float),
             "line_loading": np.asarray(info["line_loading"], float),
@@ -191,6 +349,41 @@ def _interval(per_day: np.ndarray) -> float:
     return float(stats.t.ppf(0.975, n - 1) * per_day.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
 
 
+def per_day(rows: list[dict]) -> dict[int, tuple[float, float, float]]:
+    """Day -> (welfare summed over the day's steps, constraint cost summed, % of its steps with any violation)."""
+    days: dict[int, list[dict]] = {}
+    for r in rows:
+        days.setdefault(r["day"], []).append(r)
+    return {day: (float(sum(r["welfare"] for r in day_rows)), float(sum(r["cost"] for r in day_rows)),
+                  100.0 * float(np.mean([r["cost"] > 0 for r in day_rows]))) for day, day_rows in days.items()}
+
+
+def paired_differences(rows: list[dict], reference_rows: list[dict]) -> dict:
+    """Per-day (method - reference) welfare and violation-step share: means and 95 % t-intervals.
+
+    Raises ``ValueError`` if the two were not run on the same days.
+    """
+    mine, ref = per_day(rows), per_day(reference_rows)
+    if set(mine) != set(ref):
+        raise ValueError(f"paired differences need the same days; got {sorted(mine)} and {sorted(ref)}")
+    days = sorted(mine)
+    welfare = np.array([mine[d][0] - ref[d][0] for d in days])
+    violations = np.array([mine[d][2] - ref[d][2] for d in days])
+    return {"welfare_diff_cny": float(welfare.mean()), "welfare_diff_ci95": _interval(welfare),
+            "violation_diff_pct": float(violations.mean()), "violation_diff_ci95": _interval(violations)}
+
+
+def simulator_agreement(twin_rows: list[dict], host_rows: list[dict]) -> dict:
+    """Largest per-day deviation between a method's twin and host rows: welfare (CNY and relative) and cost."""
+    twin_days, host_days = per_day(twin_rows), per_day(host_rows)
+    welfare = np.array([[twin_days[d][0], host_days[d][0]] for d in sorted(host_days)])
+    cost = np.array([[twin_days[d][1], host_days[d][1]] for d in sorted(host_days)])
+    gap = np.abs(welfare[:, 0] - welfare[:, 1])
+    return {"days": len(host_days), "welfare_cny": float(gap.max()),
+            "welfare_rel": float(np.max(gap / np.maximum(np.abs(welfare[:, 1]), 1e-12))),
+            "cost": float(np.max(np.abs(cost[:, 0] - cost[:, 1])))}
+
+
 def summarise(method: str, rows: list[dict], cfg: Config) -> dict:
     """Table row: welfare mean and 95 % t-interval over days, costs, violation shares, carbon and welfare split."""
     days = sorted({r["day"] for r in rows})
@@ -202,6 +395,7 @@ def summarise(method: str, rows: list[dict], cfg: Config) -> dict:
     share = lambda key: 100.0 * total(key) / welfare_sum if welfare_sum else float("nan")  # noqa: E731
     return {
         "method": method,
+        "simulator": rows[0].get("simulator", "host"),
         "welfare_cny": float(welfare.mean()),
         "welfare_ci95": _interval(welfare),
         "total_cost": float(sum(r["cost"] for r in rows)),
@@ -221,26 +415,32 @@ def summarise(method: str, rows: list[dict], cfg: Config) -> dict:
 
 
 def write_tables(out: Path, summaries: list[dict], cfg: Config, note: str) -> None:
+    """``metrics.csv`` and ``metrics.md``; each summary holds ``summarise``'s and ``paired_differences``' fields."""
     with (out / "metrics.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(summaries[0]))
         writer.writeheader()
         writer.writerows(summaries)
     measure = {"ev_charging": "EV-charging CI", "system": "system CI"}[cfg.carbon.constraint]
+    reference = BY_NAME[cfg.evaluation.reference].label
+    with_ci = lambda value, ci, fmt: value.__format__(fmt) + ("" if math.isnan(ci) else f" ± {ci:{fmt}}")  # noqa: E731
     lines = [
         f"{note}",
         "",
-        f"Welfare: {cfg.economics.welfare}; carbon limit {cfg.carbon.limit:.0f} kg/MWh on the {measure}.",
+        f"Welfare: {cfg.economics.welfare}; carbon limit {cfg.carbon.limit:.0f} kg/MWh on the {measure}. "
+        f"Differences are paired per day to the {reference} (method minus reference, 95 % t-interval).",
         "",
-        "| method | welfare per episode (CNY, 95 % CI) | total constraint cost | steps with a line > "
+        "| method | simulator | welfare per episode (CNY, 95 % CI) | welfare − reference (CNY) | "
+        "violation steps − reference (pp) | total constraint cost | steps with a line > "
         f"{100 * cfg.grid.loading_limit:.0f} % | steps with {measure} > limit | steps with any violation | "
         "EV-charging CI (kg/MWh) | EV CO2 per episode (t) | users' time cost per episode (CNY) | "
         "welfare shares CS / DSO / users | unserved EVs | plan ms/step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
-        ci = "" if math.isnan(s["welfare_ci95"]) else f" ± {s['welfare_ci95']:.0f}"
         lines.append(
-            f"| {BY_NAME[s['method']].label} | {s['welfare_cny']:.0f}{ci} | {s['total_cost']:.3f} | "
+            f"| {BY_NAME[s['method']].label} | {s['simulator']} | {with_ci(s['welfare_cny'], s['welfare_ci95'], '.0f')} | "
+            f"{with_ci(s['welfare_diff_cny'], s['welfare_diff_ci95'], '.0f')} | "
+            f"{with_ci(s['violation_diff_pct'], s['violation_diff_ci95'], '.1f')} | {s['total_cost']:.3f} | "
             f"{s['steps_line_over_limit_pct']:.1f} % | {s['steps_carbon_over_limit_pct']:.1f} % | "
             f"{s['steps_any_violation_pct']:.1f} % | {s['ev_carbon_intensity']:.1f} | {s['ev_co2_t']:.2f} | "
             f"{s['users_time_cost_cny']:.0f} | {s['cs_share_pct']:.0f} / {s['dso_share_pct']:.0f} / "
@@ -252,15 +452,22 @@ def write_steps(out: Path, per_method: dict[str, list[dict]]) -> None:
     with (out / "steps.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(STEP_FIELDS)
-        for method, rows in per_method.items():
+        for run, rows in per_method.items():
             for r in rows:
-                writer.writerow([method] + [" ".join(f"{v:.6g}" for v in r[k]) if isinstance(r[k], np.ndarray)
-                                            else r[k] for k in STEP_FIELDS[1:]])
+                writer.writerow([run.split("@")[0]] + [" ".join(f"{v:.6g}" for v in r[k])
+                                                       if isinstance(r[k], np.ndarray) else r[k]
+                                                       for k in STEP_FIELDS[1:]])
 
 
 def read_steps(path: Path) -> dict[str, list[dict]]:
-    """Per-method step rows from a ``steps.csv`` written by ``write_steps`` (arrays restored)."""
+    """Per-run step rows from a ``steps.csv`` written by ``write_steps`` (arrays restored).
+
+    A run is keyed by its method, or ``method@simulator`` for a method's rows on a
+    second simulator (the first simulator a method's rows appear with is its own,
+    as ``write_steps`` writes each method's own run first).
+    """
     per_method: dict[str, list[dict]] = {}
+    primary: dict[str, str] = {}
     with open(path) as f:
         for row in csv.DictReader(f):
             parsed = {}
@@ -273,7 +480,9 @@ def read_steps(path: Path) -> dict[str, list[dict]]:
                     parsed[k] = v
                 else:
                     parsed[k] = float(v)
-            per_method.setdefault(parsed.pop("method"), []).append(parsed)
+            method = parsed.pop("method")
+            simulator = parsed.setdefault("simulator", "host")
+            per_method.setdefault(run_name(method, simulator, primary.setdefault(method, simulator)), []).append(parsed)
     return per_method
 
 
@@ -291,55 +500,122 @@ def _load_trained(run_dir: Path, which: str = "best"):
     return cfg, trainer, kind, int(meta["epoch"]), note
 
 
+def run_methods(cfg: Config, host_policies: dict, env, day_ids, progress: bool = True) -> tuple[dict, dict]:
+    """Every method of ``evaluation.methods`` on the same days and seeds, each on its simulator (``method_simulator``).
+
+    ``host_policies`` holds a host policy for every method run on the host
+    (``make_policies``). When a method runs on the twin and fixed_mid is
+    evaluated, fixed_mid also runs on the other simulator (run
+    ``fixed_mid@host`` or ``fixed_mid@twin``) to show that the two agree.
+    Returns (rows per run, in table order; twin timings per method).
+    """
+    from tqdm import tqdm
+
+    ev = cfg.evaluation
+    seeds = [ev.seed + i for i in range(len(day_ids))]
+    on_twin = [m for m in ev.methods if method_simulator(m, ev) == "twin"]
+    runs = [(m, method_simulator(m, ev)) for m in ev.methods]
+    if on_twin and "fixed_mid" in ev.methods:
+        own = method_simulator("fixed_mid", ev)
+        runs.insert([m for m, _ in runs].index("fixed_mid") + 1, ("fixed_mid", "host" if own == "twin" else "twin"))
+    twin_methods = [m for m, sim in runs if sim == "twin"]
+    twin_runs, timings = (run_on_twin(cfg, twin_methods, day_ids, seeds, env=env) if twin_methods else ({}, {}))
+    host_runs = [(m, sim) for m, sim in runs if sim == "host"]
+    bar = tqdm(total=len(host_runs) * len(day_ids), desc="evaluate (host)", unit="episode", disable=not progress,
+               file=sys.stderr)
+    per_run: dict[str, list[dict]] = {}
+    for method, simulator in runs:
+        name = run_name(method, simulator, method_simulator(method, ev))
+        if simulator == "twin":
+            per_run[name] = twin_runs[method]
+            continue
+        policy = host_policies.get(method) or make_policies(cfg, None, None, 0.0, [method])[method]  # the check run
+        rows = []
+        for day, seed in zip(day_ids, seeds):
+            bar.set_postfix(method=method)
+            rows += [{"method": method, **r} for r in run_episode(env, policy, ev.split, int(day), seed)]
+            bar.update()
+        per_run[name] = rows
+    bar.close()
+    return per_run, timings
+
+
+def summaries_of(per_run: dict[str, list[dict]], cfg: Config) -> list[dict]:
+    """``summarise`` of every run with its ``paired_differences`` to ``evaluation.reference``."""
+    if cfg.evaluation.reference not in per_run:
+        raise ConfigError(f"config key 'evaluation.reference': method {cfg.evaluation.reference!r} was not "
+                          f"evaluated (runs: {list(per_run)})")
+    reference = per_run[cfg.evaluation.reference]
+    return [{**summarise(name.split("@")[0], rows, cfg), **paired_differences(rows, reference)}
+            for name, rows in per_run.items()]
+
+
+def agreement_note(per_run: dict[str, list[dict]]) -> str:
+    """The line of ``metrics.md`` comparing a method run on both simulators ("" when none was)."""
+    for name in per_run:
+        if "@" in name:
+            method, other = name.split("@")
+            rows = {other: per_run[name], ("host" if other == "twin" else "twin"): per_run[method]}
+            gap = simulator_agreement(rows["twin"], rows["host"])
+            return (f"Twin vs host, {BY_NAME[method].label} on the same {gap['days']} day(s): largest per-day "
+                    f"welfare deviation {gap['welfare_cny']:.2g} CNY ({gap['welfare_rel']:.1e} relative), "
+                    f"largest per-day constraint-cost deviation {gap['cost']:.2g}.")
+    return ""
+
+
 def evaluate(run_dir: Path, evaluation: EvaluationConfig | None = None, split: str | None = None,
              days: int | None = None, plots: bool = True, progress: bool = True,
              which: str = "best") -> list[dict]:
     """Run every method on the same days and seeds; write tables and plots under ``run_dir/eval``.
 
     ``evaluation`` replaces the checkpoint's evaluation section; the rest of the
-    config always comes from the checkpoint.
+    config always comes from the checkpoint. ``days`` 0 means every day of the split.
     """
-    from tqdm import tqdm
-
-    from evjax.data.scenarios import num_days
-
     run_dir = Path(run_dir)
     cfg, trainer, kind, epoch, note = _load_trained(run_dir, which)
     evaluation = evaluation if evaluation is not None else cfg.evaluation
     changes = {k: v for k, v in (("split", split), ("days", days)) if v is not None}
     cfg = dataclasses.replace(cfg, evaluation=dataclasses.replace(evaluation, **changes))
-    available = num_days(cfg, cfg.evaluation.split)
-    count = min(cfg.evaluation.days, available)
-    day_ids = np.unique(np.linspace(0, available - 1, count).round().astype(int))
+    day_ids = evaluation_day_ids(cfg)
     parts = trainer.parts
     model = parts.dynamics.select_elites(trainer.state["model"])
-    trained_kappa = float(parts.agent.kappa)
-    policies = make_policies(cfg, parts, model, trained_kappa)
-    per_method: dict[str, list[dict]] = {}
-    bar = tqdm(total=len(policies) * len(day_ids), desc="evaluate", unit="episode", disable=not progress,
-               file=sys.stderr)
-    for method, policy in policies.items():
-        rows = []
-        for i, day in enumerate(day_ids):
-            bar.set_postfix(method=method)
-            for r in run_episode(parts.env, policy, cfg.evaluation.split, int(day), cfg.evaluation.seed + i):
-                rows.append({"method": method, **r})
-            bar.update()
-        per_method[method] = rows
-    bar.close()
+    trained_kappa = parts.agent.kappa
+    host_methods = [m for m in cfg.evaluation.methods if method_simulator(m, cfg.evaluation) == "host"]
+    policies = make_policies(cfg, parts, model, trained_kappa, host_methods)
+    per_run, timings = run_methods(cfg, policies, parts.env, day_ids, progress)
     out = run_dir / ("eval" if which == "best" else f"eval_{which}")
     out.mkdir(parents=True, exist_ok=True)
-    summaries = [summarise(m, rows, cfg) for m, rows in per_method.items()]
-    header = (f"Checkpoint '{kind}' (epoch {epoch}, kappa {trained_kappa:.3f}); {len(day_ids)} {cfg.evaluation.split} "
+    summaries = summaries_of(per_run, cfg)
+    header = (f"Checkpoint '{kind}' (epoch {epoch}, kappa {np.array2string(trained_kappa, precision=3)}); {len(day_ids)} {cfg.evaluation.split} "
               f"day(s), seeds {cfg.evaluation.seed}..{cfg.evaluation.seed + len(day_ids) - 1}. {note}").strip()
-    write_tables(out, summaries, cfg, header)
-    write_steps(out, per_method)
+    timing = "; ".join(f"{m} compile {t['compile_s']:.1f} s, run {t['run_s']:.1f} s" for m, t in timings.items())
+    if timing:
+        header += (f"\n\nTwin runs on {len(jax.devices())} {jax.default_backend()} device(s): {timing}; "
+                   "the oracle's plan ms/step is its run time / (days x steps).")
+    agreement = agreement_note(per_run)
+    write_tables(out, summaries, cfg, header + (f"\n\n{agreement}" if agreement else ""))
+    write_steps(out, per_run)
     if plots:
         from evjax import plots as plotting
 
-        plotting.evaluation_plots(out, per_method, cfg)
+        plotting.evaluation_plots(out, {k: v for k, v in per_run.items() if "@" not in k}, cfg)
+        plotting.welfare_vs_violations(out / "welfare_vs_violations.png", summaries, cfg)
         plotting.training_curves(run_dir / "metrics.csv", out / "training_curves.png", cfg)
+        plotting.cost_calibration(run_dir / "calibration.csv", out / "cost_calibration.png")
     return summaries
+
+
+def parse_days(text: str) -> int:
+    """``--days``: a positive number of days, or ``all`` (0: every day of the split)."""
+    if text.strip().lower() == "all":
+        return 0
+    try:
+        days = int(text)
+    except ValueError:
+        days = -1
+    if days <= 0:
+        raise UserError(f"--days must be a positive number of days or 'all', got {text!r}")
+    return days
 
 
 @entry_point("evjax.evaluate")
@@ -347,7 +623,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser("evjax.evaluate", "Evaluate a trained run against the SPEC 12 baselines.")
     parser.add_argument("--run-dir", metavar="DIR", required=True, help="run directory written by evjax.train")
     parser.add_argument("--split", choices=("train", "test"), help="days to evaluate on (default: evaluation.split)")
-    parser.add_argument("--days", type=int, help="number of days (default: evaluation.days)")
+    parser.add_argument("--days", metavar="N|all", help="number of days, or all of the split (default: evaluation.days)")
     parser.add_argument("--checkpoint", choices=("best", "latest"), default="best",
                         help="which checkpoint to evaluate (default best; results of latest go to eval_latest/)")
     parser.add_argument("--no-plots", action="store_true", help="tables only")
@@ -359,8 +635,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if others:
         raise ConfigError(f"config key '{others[0]}': evaluate only takes evaluation.* settings; "
                           "the rest comes from the checkpoint")
-    if args.days is not None and args.days <= 0:
-        raise UserError(f"--days must be positive, got {args.days}")
+    days = parse_days(args.days) if args.days is not None else None
     run_dir = Path(args.run_dir)
     if not checkpoint.exists(run_dir, "latest") and not checkpoint.exists(run_dir, "best"):
         raise UserError(f"{run_dir / 'checkpoints'}: no checkpoint found; train first")
@@ -372,11 +647,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from evjax import plots as plotting
 
         cfg = checkpoint.restore_meta(run_dir, "latest")[1]
-        plotting.evaluation_plots(out, read_steps(out / "steps.csv"), cfg)
+        runs = read_steps(out / "steps.csv")
+        plotting.evaluation_plots(out, {k: v for k, v in runs.items() if "@" not in k}, cfg)
+        plotting.welfare_vs_violations(out / "welfare_vs_violations.png", summaries_of(runs, cfg), cfg)
         plotting.training_curves(run_dir / "metrics.csv", out / "training_curves.png", cfg)
         print(f"plots redrawn in {out}")
         return 0
-    evaluate(run_dir, evaluation, args.split, args.days, plots=not args.no_plots, progress=not args.no_progress,
+    evaluate(run_dir, evaluation, args.split, days, plots=not args.no_plots, progress=not args.no_progress,
              which=args.checkpoint)
     print((out / "metrics.md").read_text())
     return 0

@@ -33,6 +33,6 @@ BY_NAME = {method.name: method for method in METHODS}
 EVALUATION_METHODS = tuple(BY_NAME)
 
 
-def method_kappa(method: Method, fixed_kappa: float, trained_kappa: float) -> float:
-    """The kappa a planner method keeps fixed during evaluation."""
+def method_kappa(method: Method, fixed_kappa: float, trained_kappa):
+    """The kappa a planner method keeps fixed during evaluation (the trained one may be [2], one per constraint)."""
     return {"zero": 0.0, "fixed": fixed_kappa, "trained": trained_kappa}[method.kappa]

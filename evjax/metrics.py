@@ -14,8 +14,8 @@ WALL_TIME_COLUMNS = ("plan_ms", "epoch_seconds")  # differ between otherwise ide
 class MetricsLog:
     """Rows of per-epoch metrics kept in memory and mirrored to ``metrics.csv`` and TensorBoard."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
-        self.path = Path(run_dir) / "metrics.csv"
+    def __init__(self, run_dir: Path, tensorboard: bool = True, name: str = "metrics.csv"):
+        self.path = Path(run_dir) / name
         self.rows: list[dict] = []
         self._writer = None
         if tensorboard:

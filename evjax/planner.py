@@ -55,9 +55,11 @@ class RolloutCarry(NamedTuple):
     """State carried along the horizon by ``rollout``; M = N * P/E samples per member."""
 
     state: Optional[jax.Array]  # [E, M, S] clipped predicted obs of every particle (None before the first step)
-    reward_sum: jax.Array  # [E, M] predicted reward summed so far
-    cost_sum: jax.Array  # [E, M] predicted cost summed so far
-    uncertainty_sum: jax.Array  # [N] CAP uncertainty u summed so far
+    reward_sum: jax.Array  # [E, M] predicted reward summed so far (weighted by the step weights)
+    cost_sum: jax.Array  # [E, M] predicted cost without the CAP penalty summed so far
+    uncertainty_sum: jax.Array  # [N] CAP uncertainty u summed so far (``uncertainty`` kinds)
+    margin_sum: jax.Array  # [E, M] CAP safety-margin cost summed so far (``cost_fn``)
+    step: jax.Array  # [] int32 horizon step of the next model step
 
 
 class CemCarry(NamedTuple):
@@ -214,7 +216,9 @@ def draw_model_noise(key: jax.Array, num_candidates: int, state_dim: int, *, hor
 def rollout(model: Any, obs: jax.Array, actions: jax.Array, kappa: jax.Array, noise: jax.Array, *,
             step_fn: Callable, mean_step_fn: Optional[Callable], num_members: int, particles_per_member: int,
             state_clip: float, uncertainty: Optional[str], scale: float, nan_reward: float, nan_cost: float,
-            scan_unroll: int, shard: Callable = no_sharding) -> CandidateValues:
+            scan_unroll: int, shard: Callable = no_sharding, cost_fn: Optional[Callable] = None,
+            penalise: bool = True, step_weights_fn: Optional[Callable] = None,
+            margin_std_kind: str = "disagreement") -> CandidateValues:
     """Roll N candidate sequences actions [N, H, A] out from obs [S] through the ensemble and score them.
 
     Step 3 of ``cem_plan``; ``noise`` comes from ``draw_model_noise``.
@@ -240,6 +244,25 @@ def rollout(model: Any, obs: jax.Array, actions: jax.Array, kappa: jax.Array, no
       across members of each member's mean sampled next observation over its
       P/E particles of the candidate (member disagreement on their own
       particles; includes sampling noise shrunk by sqrt(P/E)).
+
+    With ``cost_fn(next_obs[E,M,S], obs_std[E,M,S], kappa) -> [E,M]`` (planner
+    ``cost_model: observation``) the step cost is not the model's cost output
+    but the environment's cost formula applied to each particle's predicted
+    next observation, and the CAP penalty is a safety margin in standard
+    deviations: the particle's step cost with every constrained quantity moved
+    ``kappa`` stds towards its limit, minus its cost without
+    (``penalise`` False, modes ``ccem`` and ``unconstrained``: no margin).
+    ``uncertainty`` is then not used. The std (``margin_std_kind``):
+    ``disagreement`` (default), the std across members of each member's mean
+    prediction over the candidate's particles (epistemic: it shrinks where the
+    data cover the state and action; computed on the noise-free means when
+    ``mean_step_fn`` is given), or ``predicted``, each particle's own predicted
+    std (aleatoric: the particles already sample that noise, and measured, a
+    margin of a few of them drowned the cost differences between candidates:
+    README, "Safety").
+
+    ``step_weights_fn(obs) -> [H]`` weights each horizon step's reward and cost
+    (0 for the steps after the episode's end; None: all 1).
     """
     num_cand, horizon, action_dim = actions.shape
     chex.assert_shape(actions, (num_cand, horizon, action_dim))  # [N, H, A]
@@ -249,37 +272,62 @@ def rollout(model: Any, obs: jax.Array, actions: jax.Array, kappa: jax.Array, no
     expand = functools.partial(expand_particles, particles_per_member=particles_per_member)
 
     def advance(state, action, step_noise):
-        """One model step of every particle: state [E, M, S], action [N, A] -> step output [E, M]."""
+        """One model step of every particle: state [E, M, S], action [N, A] -> (sampled step output [E, M], the
+        next-obs means [E, M, S] it was sampled around: the samples themselves without a ``mean_step_fn``)."""
         action = shard(expand(jnp.broadcast_to(action, (num_members,) + action.shape)), 1)  # [E, M, A]
         if mean_step_fn is None:
-            return step_fn(model, state, action, step_noise)
-        return add_noise(mean_step_fn(model, state, action), step_noise)
+            out = step_fn(model, state, action, step_noise)
+            return out, out.next_obs
+        mean = mean_step_fn(model, state, action)
+        return add_noise(mean, step_noise), mean.next_obs
 
     if mean_step_fn is None:
         state = shard(jnp.broadcast_to(obs, (num_members, samples_per_member, state_dim)), 1)  # [E, M, S]
-        first = advance(state, actions[:, 0], noise[0])
+        first, first_means = advance(state, actions[:, 0], noise[0])
     else:
         # every particle of a candidate starts at obs with the same action: one forward pass per
         # (member, candidate), then P/E noisy samples from it
         first_mean = mean_step_fn(model, jnp.broadcast_to(obs, (num_members, num_cand, state_dim)),
                                   jnp.broadcast_to(actions[:, 0], (num_members, num_cand, action_dim)))
         first = add_noise(jax.tree.map(expand, first_mean), noise[0])
+        first_means = expand(first_mean.next_obs)
 
-    def accumulate(carry: RolloutCarry, out) -> RolloutCarry:
+    weights = (jnp.ones((horizon,), jnp.float32) if step_weights_fn is None
+               else step_weights_fn(obs).astype(jnp.float32))  # [H]
+
+    def margin_std(out, means: jax.Array) -> jax.Array:
+        """Std [E, M, S] that the CAP margin moves each quantity by (``margin_std``)."""
+        if margin_std_kind == "predicted":
+            return out.std[..., :state_dim]
+        member_means = means.reshape(num_members, num_cand, particles_per_member, state_dim).mean(axis=2)
+        spread = member_means.std(axis=0)  # [N, S] member disagreement
+        return expand(jnp.broadcast_to(spread, (num_members,) + spread.shape))
+
+    def accumulate(carry: RolloutCarry, out, means: jax.Array) -> RolloutCarry:
         next_state = shard(jnp.clip(out.next_obs, -state_clip, state_clip), 1)  # [E, M, S]
-        uncertainty_sum = carry.uncertainty_sum
-        if uncertainty is not None:
-            uncertainty_sum = uncertainty_sum + candidate_uncertainty(
-                out, kind=uncertainty, num_members=num_members, num_candidates=num_cand,
-                particles_per_member=particles_per_member)
-        return RolloutCarry(next_state, carry.reward_sum + out.reward, carry.cost_sum + out.cost, uncertainty_sum)
+        weight = weights[carry.step]
+        uncertainty_sum, margin_sum = carry.uncertainty_sum, carry.margin_sum
+        if cost_fn is not None:
+            step_cost = cost_fn(out.next_obs, jnp.zeros_like(out.next_obs), 0.0)  # [E, M]
+            if penalise:
+                margin_sum = margin_sum + weight * (
+                    cost_fn(out.next_obs, margin_std(out, means), kappa) - step_cost)
+        else:
+            step_cost = out.cost
+            if uncertainty is not None:
+                uncertainty_sum = uncertainty_sum + weight * candidate_uncertainty(
+                    out, kind=uncertainty, num_members=num_members, num_candidates=num_cand,
+                    particles_per_member=particles_per_member)
+        return RolloutCarry(next_state, carry.reward_sum + weight * out.reward, carry.cost_sum + weight * step_cost,
+                            uncertainty_sum, margin_sum, carry.step + 1)
 
     def one_step(carry: RolloutCarry, inputs) -> tuple[RolloutCarry, None]:
         action, step_noise = inputs  # [N, A]
-        return accumulate(carry, advance(carry.state, action, step_noise)), None
+        return accumulate(carry, *advance(carry.state, action, step_noise)), None
 
     zeros_em = jnp.zeros((num_members, samples_per_member), jnp.float32)
-    carry = accumulate(RolloutCarry(None, zeros_em, zeros_em, jnp.zeros((num_cand,), jnp.float32)), first)
+    carry = accumulate(RolloutCarry(None, zeros_em, zeros_em, jnp.zeros((num_cand,), jnp.float32), zeros_em,
+                                    jnp.zeros((), jnp.int32)), first, first_means)
     later_actions = jnp.swapaxes(actions[:, 1:], 0, 1)  # [H-1, N, A]
     carry, _ = jax.lax.scan(one_step, carry, (later_actions, noise[1:]), unroll=scan_unroll)
 
@@ -287,8 +335,12 @@ def rollout(model: Any, obs: jax.Array, actions: jax.Array, kappa: jax.Array, no
         return x.reshape(num_members, num_cand, particles_per_member).mean(axis=(0, 2))
 
     reward = particle_mean(carry.reward_sum)
-    penalty = (kappa * carry.uncertainty_sum * scale if uncertainty is not None
-               else jnp.zeros((num_cand,), jnp.float32))
+    if cost_fn is not None:
+        penalty = particle_mean(carry.margin_sum) * scale
+    elif uncertainty is not None:
+        penalty = kappa * carry.uncertainty_sum * scale
+    else:
+        penalty = jnp.zeros((num_cand,), jnp.float32)
     cost = particle_mean(carry.cost_sum) * scale + penalty
     reward = jnp.where(jnp.isfinite(reward), reward, nan_reward)
     cost = jnp.where(jnp.isfinite(cost), cost, nan_cost)
@@ -410,6 +462,8 @@ def make_planner(
     *,
     mean_step_fn: Optional[Callable] = None,
     mesh: Optional[jax.sharding.Mesh] = None,
+    cost_fn: Optional[Callable] = None,
+    step_weights_fn: Optional[Callable] = None,
 ) -> Planner:
     """Build the constrained CEM planner of SPEC 10 for an E-member ensemble: validate, bind, return the bundle.
 
@@ -439,6 +493,10 @@ def make_planner(
     the same as on one device (JAX's partitionable threefry), so the sharded
     plan equals the single-device plan up to float reassociation.
 
+    ``cost_fn`` and ``step_weights_fn``: see ``rollout`` (the environment's cost
+    formula on the predicted observation, and the weights that end the horizon
+    with the episode); ``make_model_planner`` binds them from the config.
+
     The config section has checked its own settings; the factory checks the
     arguments that do not come from it (``num_members``, the price bounds, the
     mesh) and raises ``ValueError`` naming the first impossible one.
@@ -466,7 +524,8 @@ def make_planner(
         rollout, step_fn=step_fn, mean_step_fn=mean_step_fn, num_members=num_members,
         particles_per_member=particles_per_member, state_clip=cfg.state_clip,
         uncertainty=cfg.uncertainty if cfg.mode == "cap" else None, scale=cost_scale(cfg.gamma, cfg.horizon),
-        nan_reward=cfg.nan_reward, nan_cost=cfg.nan_cost, scan_unroll=scan_unroll, shard=shard)
+        nan_reward=cfg.nan_reward, nan_cost=cfg.nan_cost, scan_unroll=scan_unroll, shard=shard, cost_fn=cost_fn,
+        penalise=cfg.mode == "cap", step_weights_fn=step_weights_fn, margin_std_kind=cfg.margin_std)
     noise_fn = functools.partial(draw_model_noise, horizon=cfg.horizon, num_members=num_members,
                                  particles_per_member=particles_per_member, planner_samples=mean_step_fn is not None,
                                  shard=shard)
@@ -510,6 +569,41 @@ def make_planner(
                    price_lower=lower, price_upper=upper, horizon=cfg.horizon, mode=cfg.mode)
 
 
+def observation_cost(next_obs: jax.Array, obs_std: jax.Array, kappa, *, num_stations: int, loading_limit: float,
+                     carbon_index: int, carbon_scale: float, carbon_limit: float, carbon_divisor: float) -> jax.Array:
+    """The environment's step cost (``env.step_cost``) on predicted observations [..., S], with a safety margin.
+
+    c = sum_k max(0, L_k + kappa_line * sd(L_k) - limit) + max(0, CI + kappa_carbon * sd(CI) - CI_max) / divisor,
+    L = next_obs[..., :K] the monitored line loadings, CI = next_obs[..., carbon_index] * carbon_scale the
+    constrained carbon measure, sd their predicted stds ``obs_std`` [..., S]. ``kappa`` is a scalar (one
+    multiplier for both constraints) or [2] (line, carbon). Not modelled: the voltage term (not observed;
+    ``grid.voltage_cost`` must be off) and the zero carbon cost of a step without EV energy (every evening
+    step of the data charges EVs).
+    """
+    kappa = jnp.reshape(jnp.asarray(kappa, jnp.float32), (-1,))
+    kappa_line, kappa_carbon = kappa[0], kappa[-1]
+    loading = next_obs[..., :num_stations] + kappa_line * obs_std[..., :num_stations]
+    line = jnp.sum(jnp.maximum(0.0, loading - loading_limit), axis=-1)
+    intensity = (next_obs[..., carbon_index] + kappa_carbon * obs_std[..., carbon_index]) * carbon_scale
+    return line + jnp.maximum(0.0, intensity - carbon_limit) / carbon_divisor
+
+
+def episode_step_weights(obs: jax.Array, *, horizon: int, episode_steps: int) -> jax.Array:
+    """Weights [H]: 1 for the horizon steps inside the episode, 0 after its end (from the time feature obs[-1] = t / T)."""
+    steps_done = jnp.round(obs[-1] * episode_steps)
+    return (jnp.arange(horizon) < episode_steps - steps_done).astype(jnp.float32)
+
+
+def make_cost_fn(cfg) -> Optional[Callable]:
+    """``observation_cost`` bound to the observation layout of ``cfg``, or None with ``planner.cost_model: learned``."""
+    if cfg.planner.cost_model != "observation":
+        return None
+    k = cfg.num_stations
+    return functools.partial(
+        observation_cost, num_stations=k, loading_limit=cfg.grid.loading_limit, carbon_index=2 * k + 1,
+        carbon_scale=cfg.env.carbon_obs_scale, carbon_limit=cfg.carbon.limit, carbon_divisor=cfg.carbon.cost_divisor)
+
+
 def make_model_planner(cfg, dyn, mesh: Optional[jax.sharding.Mesh] = None) -> Planner:
     """The planner of ``cfg`` (an ``evjax.config.Config``) over the ensemble ``dyn`` (``make_dynamics``).
 
@@ -518,6 +612,9 @@ def make_model_planner(cfg, dyn, mesh: Optional[jax.sharding.Mesh] = None) -> Pl
     ``mean_step_fn``; plans over ``dyn.num_planning_members`` members, so pass
     ``dyn.select_elites(model)`` when the model has a holdout. ``planner.kernel: pallas`` needs a GPU backend
     (``ValueError`` otherwise: on CPU the kernel only runs in interpret mode, for tests).
+    With ``planner.cost_model: observation`` the step cost is ``observation_cost``
+    on the observation layout of ``cfg``; with ``planner.stop_at_episode_end`` the
+    horizon steps after the episode's end weigh 0 (``episode_step_weights``).
     """
     matmul_dtype, kernel = cfg.planner.matmul_dtype, cfg.planner.kernel
     backend = jax.default_backend()
@@ -529,5 +626,10 @@ def make_model_planner(cfg, dyn, mesh: Optional[jax.sharding.Mesh] = None) -> Pl
     settings = dict(matmul_dtype=matmul_dtype, kernel=kernel, tile_rows=tile_rows)
     step_fn = functools.partial(dyn.step, **settings)
     mean_step_fn = functools.partial(dyn.step, key=None, mean_only=True, **settings)
+    cost_fn, step_weights_fn = make_cost_fn(cfg), None
+    if cfg.planner.stop_at_episode_end:
+        step_weights_fn = functools.partial(episode_step_weights, horizon=cfg.planner.horizon,
+                                            episode_steps=cfg.env.episode_steps)
     return make_planner(cfg.planner, cfg.env.price_lower, cfg.env.price_upper, dyn.num_planning_members,
-                        step_fn, mean_step_fn=mean_step_fn, mesh=mesh)
+                        step_fn, mean_step_fn=mean_step_fn, mesh=mesh, cost_fn=cost_fn,
+                        step_weights_fn=step_weights_fn)

@@ -4,8 +4,13 @@ Host side, not jittable. Each epoch is one episode on a training day. Prices
 are uniform random until the first model fit; the ensemble is refitted on all
 data every ``training.model_train_freq`` steps; the planner runs every step;
 kappa is updated after every episode. After every epoch the whole run state
-goes to the "latest" orbax checkpoint, and to "best" when the episode reward is
+goes to the "latest" orbax checkpoint, and to "best" when the episode's score is
 the highest so far among episodes with cost <= ``training.best_cost_threshold``.
+The score (``training.best_selection: paired``) is the episode reward minus
+that of fixed mid-range prices on the same day and seed, so a busy day does
+not win by being busy. After each episode the model it planned with predicts
+the episode's transitions (``evjax.diagnostics``): prediction errors go to
+``metrics.csv``, predicted and realised step costs to ``calibration.csv``.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from evjax.config import Config, load as load_config, save as save_config, to_di
 from evjax.errors import ConfigError, UserError
 
 CONFIG_FILE = "config.yaml"  # the resolved config, written before anything else of a run
+ERROR_COLUMNS = tuple(f"err_{h}_{q}" for h in ("1step", "horizon") for q in ("loading", "carbon", "welfare")) + (
+    "err_1step_cost",)
 
 
 def episode_seed(cfg: Config, epoch: int) -> int:
@@ -77,6 +84,8 @@ class Trainer:
             "best_reward": np.asarray(-np.inf, np.float64),
         }
         self.log = MetricsLog(self.run_dir) if metrics else None
+        self.calibration = MetricsLog(self.run_dir, tensorboard=False, name="calibration.csv") if metrics else None
+        self._reference_env = None
 
     def resume(self) -> int:
         """Load "latest" (if the run got that far; else start afresh); return the first epoch still to run.
@@ -90,6 +99,7 @@ class Trainer:
             self.parts.agent.restore(self.state["agent"])
             done = int(self.state["epoch"])
         self.log.load(up_to_epoch=done)
+        self.calibration.load(up_to_epoch=done)
         return done + 1
 
     def _next_key(self):
@@ -109,15 +119,39 @@ class Trainer:
         """The members the planner uses (the elites after a holdout fit); None before the first fit."""
         return self.parts.dynamics.select_elites(self.state["model"]) if self.parts.agent.fitted else None
 
+    def reference_reward(self, epoch: int) -> float:
+        """Episode reward of fixed mid-range prices on the day and seed of ``epoch`` (the paired score's baseline).
+
+        Runs on a second environment, so the training episode's state is untouched.
+        """
+        from evjax.env import EVPricingEnv
+
+        if self._reference_env is None:
+            self._reference_env = EVPricingEnv(self.cfg)
+        env = self._reference_env
+        env.reset(seed=episode_seed(self.cfg, epoch), options={"split": "train"})
+        prices = (np.asarray(self.cfg.env.price_lower) + np.asarray(self.cfg.env.price_upper)) / 2.0
+        total = 0.0
+        for _ in range(self.cfg.env.episode_steps):
+            _, reward, terminated, truncated, _ = env.step(prices)
+            total += float(reward)
+            if terminated or truncated:
+                break
+        return total
+
     def run_epoch(self, epoch: int) -> dict:
-        """One episode: act, store, refit on schedule; then update kappa and checkpoint."""
+        """One episode: act, store, refit on schedule; then diagnose the model, update kappa and checkpoint."""
+        from evjax.diagnostics import episode_diagnostics
+
         cfg, env, agent = self.cfg, self.parts.env, self.parts.agent
         start = time.perf_counter()
         obs, _ = env.reset(seed=episode_seed(cfg, epoch), options={"split": "train"})
         agent.reset_episode()
         episode_reward = episode_cost = line_cost = carbon_cost = 0.0
         plan_seconds, diagnostics, losses = [], [], []
-        model = self._planning_model()
+        transitions = []
+        model = episode_model = self._planning_model()
+        kappa_planned = agent.kappa
         for _ in range(cfg.env.episode_steps):
             tic = time.perf_counter()
             action = agent.act(self._next_key(), model, obs)
@@ -126,6 +160,7 @@ class Trainer:
                 diagnostics.append(agent.last_diagnostics)
             next_obs, reward, terminated, truncated, info = env.step(action)
             replay.add(self.state["buffer"], obs, action, reward, info["cost"], next_obs)
+            transitions.append((obs, action, reward, info["cost"], next_obs))
             episode_reward += float(reward)
             episode_cost += float(info["cost"])
             line_cost += float(np.nan_to_num(info["cost_line"]))
@@ -136,19 +171,30 @@ class Trainer:
             obs = next_obs
             if terminated or truncated:
                 break
-        kappa_used = float(agent.kappa)
-        agent.end_episode(episode_cost)
+        kappa_used = agent.kappa_log()
+        agent.end_episode(episode_cost, (line_cost, carbon_cost))
+        kappa_next = agent.kappa_log()
         self.state["agent"] = agent.state()
         self.state["epoch"] = np.asarray(epoch, np.int64)
+        reference = self.reference_reward(epoch)
+        errors, calibration = {name: float("nan") for name in ERROR_COLUMNS}, []
+        if episode_model is not None:
+            errors, calibration = episode_diagnostics(cfg, self.parts.dynamics, episode_model, kappa_planned,
+                                                      *[np.asarray(x, np.float64) for x in zip(*transitions)])
         row = {
             "epoch": epoch,
             "reward": episode_reward,
+            "reference_reward": reference,
+            "paired_reward": episode_reward - reference,
             "cost": episode_cost,
             "cost_line": line_cost,
             "cost_carbon": carbon_cost,
-            "kappa": kappa_used,
-            "kappa_next": float(agent.kappa),
+            "kappa": kappa_used["kappa"],
+            "kappa_next": kappa_next["kappa"],
+            "kappa_line": kappa_next.get("kappa_line", kappa_next["kappa"]),
+            "kappa_carbon": kappa_next.get("kappa_carbon", kappa_next["kappa"]),
             "model_loss": losses[-1] if losses else float("nan"),
+            **errors,
             **{name: float(np.mean([d[name] for d in diagnostics])) if diagnostics else float("nan")
                for name in ("feasible_fraction", "uncertainty_penalty", "elite_reward", "elite_cost")},
             "planned_steps": len(diagnostics),
@@ -156,12 +202,15 @@ class Trainer:
             "plan_ms": 1000.0 * float(np.median(plan_seconds)) if plan_seconds else float("nan"),
             "epoch_seconds": time.perf_counter() - start,
         }
-        is_best = episode_cost <= cfg.training.best_cost_threshold and episode_reward > float(self.state["best_reward"])
+        score = row["paired_reward"] if cfg.training.best_selection == "paired" else episode_reward
+        is_best = episode_cost <= cfg.training.best_cost_threshold and score > float(self.state["best_reward"])
         if is_best:
-            self.state["best_reward"] = np.asarray(episode_reward, np.float64)
-        # Order matters for a kill at any moment: the CSV row and "best" are rewritten
+            self.state["best_reward"] = np.asarray(score, np.float64)
+        # Order matters for a kill at any moment: the CSV rows and "best" are rewritten
         # identically when an epoch without a "latest" checkpoint is run again.
         self.log.append(row)
+        for entry in calibration:
+            self.calibration.append({"epoch": epoch, **entry})
         if is_best:
             checkpoint.save(self.run_dir, "best", epoch, self.state, cfg, {"reward": episode_reward,
                                                                           "cost": episode_cost})
@@ -179,6 +228,7 @@ class Trainer:
             rows.append(row)
             bar.set_postfix(reward=f"{row['reward']:.2f}", cost=f"{row['cost']:.2f}", kappa=f"{row['kappa_next']:.2f}")
         self.log.close()
+        self.calibration.close()
         return rows
 
 

@@ -61,3 +61,22 @@ def subprocess_env():
     env = dict(os.environ)
     env.setdefault("JAX_PLATFORMS", "cpu")
     return env
+
+
+TWIN_EVAL_DAYS = (0, 81, 162)  # test days of the twin-evaluation fixture: an odd count, so 2 devices pad one
+
+
+def small_oracle_config() -> Config:
+    """The default config with a tiny twin-oracle budget (16 candidates x 2 iterations) for fast tests."""
+    return with_config(evaluation={"oracle_popsize": 16, "oracle_iterations": 2})
+
+
+@pytest.fixture(scope="session")
+def twin_evaluation():
+    """(cfg, day ids, seeds, rows per method, timings) of fixed_mid, random and the oracle on the twin, 3 test days."""
+    from evjax import evaluate
+
+    cfg = small_oracle_config()
+    seeds = [cfg.evaluation.seed + i for i in range(len(TWIN_EVAL_DAYS))]
+    runs, timings = evaluate.run_on_twin(cfg, ["fixed_mid", "random", "oracle"], TWIN_EVAL_DAYS, seeds)
+    return cfg, list(TWIN_EVAL_DAYS), seeds, runs, timings

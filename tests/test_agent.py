@@ -72,19 +72,19 @@ def test_plans_after_fit_and_keeps_the_shifted_warm_start():
 def test_kappa_rises_after_a_costly_episode_and_falls_after_a_cheap_one():
     """The first Adam step moves kappa by lr (m_hat / sqrt(v_hat) = sign of the gradient)."""
     costly, cheap = make_agent(), make_agent()
-    assert costly.end_episode(SMALL.permissible_episode_cost + 2.0) == pytest.approx(19.0 + 0.01, abs=1e-5)
-    assert cheap.end_episode(SMALL.permissible_episode_cost - 0.3) == pytest.approx(19.0 - 0.01, abs=1e-5)
+    assert costly.end_episode(SMALL.permissible_episode_cost + 2.0) == pytest.approx(SMALL.kappa_init + SMALL.kappa_lr, abs=1e-5)
+    assert cheap.end_episode(SMALL.permissible_episode_cost - 0.3) == pytest.approx(SMALL.kappa_init - SMALL.kappa_lr, abs=1e-5)
 
 
 def test_kappa_follows_adam_by_hand():
     """Two episodes with costs C_perm + 1 and C_perm + 3: Adam(b1 0.9, b2 0.999, eps 1e-8) on g = -(C - C_perm)."""
     agent = make_agent()
-    kappa, m, v = 19.0, 0.0, 0.0
+    kappa, m, v = SMALL.kappa_init, 0.0, 0.0
     for step, excess in enumerate([1.0, 3.0], start=1):
         g = -excess
         m = 0.9 * m + 0.1 * g
         v = 0.999 * v + 0.001 * g * g
-        kappa -= 0.01 * (m / (1 - 0.9**step)) / (np.sqrt(v / (1 - 0.999**step)) + 1e-8)
+        kappa -= SMALL.kappa_lr * (m / (1 - 0.9**step)) / (np.sqrt(v / (1 - 0.999**step)) + 1e-8)
         assert agent.end_episode(SMALL.permissible_episode_cost + excess) == pytest.approx(kappa, abs=1e-5)
 
 
@@ -96,7 +96,7 @@ def test_kappa_is_clipped_at_zero():
 
 
 @pytest.mark.parametrize("changes, kappa", [
-    ({"learn_kappa": False}, 19.0),
+    ({"learn_kappa": False}, SMALL.kappa_init),
     ({"mode": "ccem"}, 0.0),
     ({"mode": "unconstrained"}, 0.0),
     ({"mode": "cap", "learn_kappa": False, "kappa_init": 5.0}, 5.0),

@@ -51,7 +51,10 @@ def test_new_definitions_are_the_defaults_and_the_source_preset_restores_the_old
     source = C.load(ROOT / "configs" / "source.yaml")
     assert source.economics.welfare == "operator_margin"
     assert (source.carbon.method, source.carbon.constraint, source.carbon.limit) == ("fixed_shares", "system", 785.0)
-    assert source.planner == cfg.planner and source.grid == cfg.grid  # one flag away: nothing else changes
+    assert cfg.planner.cost_model == "observation" and cfg.planner.stop_at_episode_end
+    old_planner = dict(cost_model="learned", stop_at_episode_end=False, kappa_init=19.0, kappa_lr=0.01, cost_limit=6.0)
+    assert source.planner == dataclasses.replace(cfg.planner, **old_planner)  # the source's planner, nothing else
+    assert source.grid == cfg.grid and source.evaluation.fixed_kappa == 19.0
 
 
 @pytest.mark.parametrize("override, key", [
@@ -193,11 +196,14 @@ CROSS_CASES = [
     (["model.num_elites=6"], "model.num_elites"),
     (["model.min_logvar_init=1.0"], "model.min_logvar_init"),
     (["planner.num_elites=600"], "planner.num_elites"),
-    (["planner.nan_cost=1.0"], "planner.nan_cost"),
+    (["planner.nan_cost=0.05"], "planner.nan_cost"),
+    (["planner.kappa_per_constraint=true", "planner.cost_model=learned"], "planner.kappa_per_constraint"),
+    (["env.time_features=false"], "planner.stop_at_episode_end"),
     (["planner.particles=31"], "planner.particles"),
     (["model.holdout_fraction=0.2", "model.num_elites=4"], "planner.particles"),  # plans over the 4 elites
     (["evaluation.methods=[ccem, ccem]"], "evaluation.methods"),
-    (["evaluation.oracle_horizon=13"], "evaluation.oracle_horizon"),
+    (["evaluation.host_oracle_horizon=13"], "evaluation.host_oracle_horizon"),
+    (["evaluation.methods=[fixed_mid, random]"], "evaluation.reference"),
 ]
 
 
@@ -272,7 +278,7 @@ def _console_script(name: str) -> str:
 
 @pytest.mark.parametrize("entry, args, key", [
     ("evjax.train", ["--set", "planner.popsize=0"], "planner.popsize"),
-    ("evjax.evaluate", ["--run-dir", "run", "--set", "evaluation.days=0"], "evaluation.days"),
+    ("evjax.evaluate", ["--run-dir", "run", "--set", "evaluation.days=-1"], "evaluation.days"),
     ("evjax.data.calibrate", ["--source", "absent", "--out", "figures"], "absent"),
 ])
 @pytest.mark.parametrize("how", ["python -m", "console script"])

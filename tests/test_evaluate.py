@@ -1,17 +1,24 @@
-"""Evaluation tables from hand-made step rows, and the steps.csv round trip."""
+"""Evaluation tables from hand-made step rows, the steps.csv round trip, and the twin runs of the baselines."""
+
+import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from evjax import evaluate
 from evjax.config import Config
+from evjax.errors import ConfigError, UserError
+from tests.conftest import ROOT, TWIN_EVAL_DAYS, with_config
 
 CFG = Config()
 
 
 def row(day, step, welfare, cost_line, cost_carbon, energy, co2, cs, dso, users, time_cost, loading=(0.5, 0.5, 0.5)):
     return {
-        "day": day, "date": f"d{day}", "step": step, "price": np.array([1.25, 1.4, 1.3]),
+        "simulator": "host", "day": day, "date": f"d{day}", "step": step, "price": np.array([1.25, 1.4, 1.3]),
         "evs_present": np.array([1.0, 2.0, 3.0]), "line_loading": np.array(loading), "ev_energy_kwh": energy,
         "carbon_intensity": 840.0, "ev_carbon_intensity": 840.0, "system_carbon_intensity": 830.0,
         "ev_co2_kg": co2, "welfare": welfare, "cost": cost_line + cost_carbon, "cost_line": cost_line,
@@ -53,3 +60,111 @@ def test_steps_round_trip(tmp_path):
                 np.testing.assert_allclose(b[key], value)
             else:
                 assert b[key] == value
+
+
+def test_paired_differences_by_hand():
+    # reference: day 0 welfare 250, violations at 1 of 2 steps; day 1 welfare 500, none
+    reference = [row(0, 0, 200.0, 0.1, 0.0, 1, 1, 1, 1, 1, 0), row(0, 1, 50.0, 0.0, 0.0, 1, 1, 1, 1, 1, 0),
+                 row(1, 0, 100.0, 0.0, 0.0, 1, 1, 1, 1, 1, 0), row(1, 1, 400.0, 0.0, 0.0, 1, 1, 1, 1, 1, 0)]
+    # ROWS: day 0 welfare 300, violations 2 of 2 steps; day 1 welfare 700, 1 of 2
+    d = evaluate.paired_differences(ROWS, reference)
+    welfare, violations = np.array([50.0, 200.0]), np.array([50.0, 50.0])
+    assert d["welfare_diff_cny"] == pytest.approx(125.0)
+    assert d["welfare_diff_ci95"] == pytest.approx(12.7062 * np.std(welfare, ddof=1) / np.sqrt(2), rel=1e-4)
+    assert d["violation_diff_pct"] == pytest.approx(50.0) and d["violation_diff_ci95"] == 0.0
+    same = evaluate.paired_differences(ROWS, ROWS)
+    assert same["welfare_diff_cny"] == 0.0 and same["welfare_diff_ci95"] == 0.0
+    with pytest.raises(ValueError, match="same days"):
+        evaluate.paired_differences(ROWS, ROWS[:2])
+
+
+def test_summaries_need_the_reference_run(tmp_path):
+    runs = {"fixed_mid": ROWS, "random": ROWS}
+    with pytest.raises(ConfigError, match=r"evaluation\.reference"):
+        evaluate.summaries_of(runs, CFG)
+    cfg = with_config(evaluation={"reference": "fixed_mid"})
+    summaries = evaluate.summaries_of(runs, cfg)
+    assert [s["welfare_diff_cny"] for s in summaries] == [0.0, 0.0]
+    evaluate.write_tables(tmp_path, summaries, cfg, "note")
+    assert "welfare − reference" in (tmp_path / "metrics.md").read_text()
+
+
+def test_days_zero_means_every_day_and_the_cli_takes_all():
+    every = evaluate.evaluation_day_ids(with_config(evaluation={"days": 0}))
+    assert len(every) == 163 and list(every) == list(range(163))
+    thirty = evaluate.evaluation_day_ids(Config())
+    assert len(thirty) == 30 and thirty[0] == 0 and thirty[-1] == 162
+    assert evaluate.parse_days("all") == 0 and evaluate.parse_days("7") == 7
+    for bad in ("0", "-3", "x"):
+        with pytest.raises(UserError, match="--days"):
+            evaluate.parse_days(bad)
+
+
+def test_episode_scenario_is_the_host_reset_draw():
+    from evjax.env import EVPricingEnv
+
+    env = EVPricingEnv(CFG)
+    env.reset(seed=1003, options={"split": "test", "day": 40})
+    mine = evaluate.episode_scenario(CFG, "test", 40, 1003)
+    assert mine.seed == env.scenario.seed and mine.num_evs == env.scenario.num_evs
+    np.testing.assert_array_equal(mine.arrival_step, env.scenario.arrival_step)
+
+
+def test_twin_fixed_and_random_prices_equal_the_host_per_day(twin_evaluation):
+    """The same days, seeds and price draws on both simulators: per-day welfare to 1e-6 relative."""
+    from evjax.env import EVPricingEnv
+
+    cfg, day_ids, seeds, runs, _ = twin_evaluation
+    env = EVPricingEnv(cfg)
+    policies = evaluate.make_policies(cfg, None, None, 0.0, ["fixed_mid", "random"])
+    for method in ("fixed_mid", "random"):
+        host = [{"method": method, **r} for day, seed in zip(day_ids[:2], seeds[:2])
+                for r in evaluate.run_episode(env, policies[method], cfg.evaluation.split, day, seed)]
+        twin_rows = [r for r in runs[method] if r["day"] in day_ids[:2]]
+        gap = evaluate.simulator_agreement(twin_rows, host)
+        assert gap["days"] == 2 and gap["welfare_rel"] < 1e-6 and gap["cost"] < 1e-6, (method, gap)
+        for a, b in zip(twin_rows, host):
+            np.testing.assert_allclose(a["price"], b["price"], rtol=1e-7)
+            assert (a["day"], a["step"], a["simulator"], b["simulator"]) == (b["day"], b["step"], "twin", "host")
+    runs_with_host = {"fixed_mid": runs["fixed_mid"], "fixed_mid@host": host, "oracle": runs["oracle"]}
+    assert "largest per-day welfare deviation" in evaluate.agreement_note(runs_with_host)
+
+
+def test_steps_round_trip_keeps_the_simulator(tmp_path, twin_evaluation):
+    runs = {"fixed_mid": twin_evaluation[3]["fixed_mid"], "fixed_mid@host": ROWS}
+    evaluate.write_steps(tmp_path, runs)
+    back = evaluate.read_steps(tmp_path / "steps.csv")
+    assert list(back) == ["fixed_mid", "fixed_mid@host"]
+    assert {r["simulator"] for r in back["fixed_mid"]} == {"twin"} and len(back["fixed_mid@host"]) == len(ROWS)
+
+
+SHARDED = """
+import json, sys
+import jax
+from evjax import evaluate
+from tests.conftest import small_oracle_config, TWIN_EVAL_DAYS
+cfg = small_oracle_config()
+seeds = [cfg.evaluation.seed + i for i in range(len(TWIN_EVAL_DAYS))]
+runs, _ = evaluate.run_on_twin(cfg, ["fixed_mid", "random", "oracle"], TWIN_EVAL_DAYS, seeds)
+print(json.dumps({"devices": len(jax.devices()), "runs": {m: [[r["day"], r["step"], r["welfare"], r["cost"],
+                  list(map(float, r["price"]))] for r in rows] for m, rows in runs.items()}}))
+"""
+
+
+def test_days_sharded_over_two_devices_equal_one_device(twin_evaluation, subprocess_env):
+    env = dict(subprocess_env, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(ROOT) + os.pathsep + subprocess_env.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sharded = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sharded["devices"] == 2
+    runs = twin_evaluation[3]
+    for method, rows in runs.items():
+        other = sharded["runs"][method]
+        assert len(other) == len(rows) == len(TWIN_EVAL_DAYS) * CFG.env.episode_steps
+        for r, (day, step, welfare, cost, price) in zip(rows, other):
+            assert (r["day"], r["step"]) == (day, step)
+            np.testing.assert_allclose(price, r["price"], rtol=1e-6, atol=1e-7)
+            assert welfare == pytest.approx(r["welfare"], rel=1e-9, abs=1e-9)
+            assert cost == pytest.approx(r["cost"], rel=1e-9, abs=1e-12)

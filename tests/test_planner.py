@@ -521,9 +521,11 @@ def fitted_ensemble():
     from evjax.dynamics import make_dynamics
 
     cfg = Config()
-    # a cost limit on this synthetic cost's scale (the default is calibrated for the environment's)
+    # the model's learned cost, with a limit on this synthetic cost's scale (the defaults compute the
+    # environment's cost from the predicted observation, which these synthetic observations do not carry)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, epochs=20),
-                              planner=dataclasses.replace(cfg.planner, cost_limit=2.5))
+                              planner=dataclasses.replace(cfg.planner, cost_limit=2.5, cost_model="learned",
+                                                          stop_at_episode_end=False))
     dyn = make_dynamics(cfg.model, cfg.obs_dim, cfg.action_dim)
     rng = np.random.default_rng(0)
     lower, upper = np.array(cfg.env.price_lower), np.array(cfg.env.price_upper)

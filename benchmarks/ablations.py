@@ -1,0 +1,131 @@
+"""Ablations of the agent: each variant trained (one seed) and evaluated on the same held-out days and seeds as the
+default agent, reported as paired per-day differences with 95 % intervals.
+
+    python benchmarks/ablations.py train    --out OUT [--jobs 2]   # OUT/runs/ablation-<name>/
+    python benchmarks/ablations.py evaluate --out OUT [--days 30]  # each run's trained agent (cap_adaptive) only
+    python benchmarks/ablations.py report   --out OUT              # OUT/ablations.{csv,md}
+
+The reference is the default agent of ``safety_while_learning.py`` with the
+same training seed (``OUT/runs/cap_adaptive-seed0``, evaluated by
+``python -m evjax.evaluate``); a difference is ablation minus default, per
+day, welfare (CNY per episode) and share of steps with any violation (%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from safety_while_learning import train_one  # noqa: E402
+
+ABLATIONS = {  # name -> (what changes, overrides of the default config)
+    "learned_cost": ("step cost = the model's cost output, CAP u = its largest std (kappa0 19, lr 0.01, limit 6)",
+                     ["planner.cost_model=learned", "planner.cost_limit=6.0", "planner.kappa_init=19.0",
+                      "planner.kappa_lr=0.01", "evaluation.fixed_kappa=19.0"]),
+    "predicted_margin": ("CAP margin in each particle's predicted stds instead of member disagreement",
+                         ["planner.margin_std=predicted"]),
+    "kappa_per_constraint": ("one kappa for the lines and one for carbon", ["planner.kappa_per_constraint=true"]),
+    "full_horizon": ("horizon steps after the episode's end count", ["planner.stop_at_episode_end=false"]),
+    "horizon_6": ("planning horizon 6 steps", ["planner.horizon=6"]),
+    "particles_10": ("10 particles per candidate", ["planner.particles=10"]),
+    "holdout_elites": ("20 % holdout, 3 elite members of 5", ["model.holdout_fraction=0.2", "model.num_elites=3"]),
+}
+REFERENCE = "cap_adaptive-seed0"
+METHOD = "cap_adaptive"
+
+
+def run_dir(out: Path, name: str) -> Path:
+    return out / "runs" / (name if name == REFERENCE else f"ablation-{name}")
+
+
+def train(args) -> None:
+    def one(name):
+        seconds = train_one(run_dir(args.out, name), ABLATIONS[name][1] + ["training.seed=0"], args.config,
+                            args.out / "runs" / f"ablation-{name}.log")
+        print(f"{name}: trained in {seconds:.0f} s", flush=True)
+
+    (args.out / "runs").mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(one, args.names))
+
+
+def evaluate(args) -> None:
+    def one(name):
+        command = [sys.executable, "-m", "evjax.evaluate", "--run-dir", str(run_dir(args.out, name)), "--days",
+                   str(args.days), "--no-progress", "--no-plots", "--set", f"evaluation.methods=[{METHOD}]",
+                   "--set", f"evaluation.reference={METHOD}"]
+        with (args.out / "runs" / f"ablation-{name}.eval.log").open("w") as f:
+            if subprocess.run(command, stdout=f, stderr=subprocess.STDOUT).returncode:
+                raise RuntimeError(f"evaluation of {name} failed; see its .eval.log")
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(one, args.names))
+
+
+def per_day(steps_csv: Path) -> dict[int, tuple[float, float]]:
+    """Day -> (episode welfare, share of steps with any violation in %) of the trained agent."""
+    from evjax.evaluate import read_steps
+
+    rows = read_steps(steps_csv)[METHOD]
+    days = sorted({r["day"] for r in rows})
+    return {d: (sum(r["welfare"] for r in rows if r["day"] == d),
+                100.0 * float(np.mean([r["cost"] > 0 for r in rows if r["day"] == d]))) for d in days}
+
+
+def interval(values: np.ndarray) -> float:
+    from scipy import stats
+
+    n = len(values)
+    return float(stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+
+
+def report(args) -> None:
+    reference = per_day(run_dir(args.out, REFERENCE) / "eval" / "steps.csv")
+    rows = []
+    for name in args.names:
+        path = run_dir(args.out, name) / "eval" / "steps.csv"
+        if not path.is_file():
+            print(f"{name}: no evaluation ({path} missing); skipped", file=sys.stderr)
+            continue
+        variant = per_day(path)
+        days = sorted(set(variant) & set(reference))
+        welfare = np.array([variant[d][0] - reference[d][0] for d in days])
+        violation = np.array([variant[d][1] - reference[d][1] for d in days])
+        rows.append({"ablation": name, "change": ABLATIONS[name][0], "days": len(days),
+                     "welfare_diff_cny": float(welfare.mean()), "welfare_diff_ci95": interval(welfare),
+                     "violation_diff_pp": float(violation.mean()), "violation_diff_ci95": interval(violation)})
+    with (args.out / "ablations.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| ablation (vs the default agent, training seed 0) | welfare per episode (CNY, paired, 95 %) | "
+             "steps with any violation (pp, paired, 95 %) |", "|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['change']} | {r['welfare_diff_cny']:+.0f} ± {r['welfare_diff_ci95']:.0f} | "
+                     f"{r['violation_diff_pp']:+.1f} ± {r['violation_diff_ci95']:.1f} |")
+    (args.out / "ablations.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=("train", "evaluate", "report"))
+    parser.add_argument("--out", type=Path, default=Path("docs/results"))
+    parser.add_argument("--names", nargs="+", choices=tuple(ABLATIONS), default=list(ABLATIONS))
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--days", type=int, default=30)
+    parser.add_argument("--config", help="base config (default: the package defaults)")
+    args = parser.parse_args()
+    {"train": train, "evaluate": evaluate, "report": report}[args.action](args)
+
+
+if __name__ == "__main__":
+    main()

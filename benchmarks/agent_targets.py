@@ -1,0 +1,79 @@
+"""Does the trained agent beat the baselines it exists to beat? The targets of the decision-quality issue, per seed.
+
+Reads ``OUT/runs/cap_adaptive-seed<k>/eval/steps.csv`` (``python -m evjax.evaluate`` of each training seed's
+run, all methods on the same held-out days and seeds) and prints a markdown table:
+
+* violation share of the trained agent vs the best fixed-price baseline (target: at most half);
+* vs the oracle (target: at most 1 percentage point more);
+* the share of the oracle's paired welfare advantage over uniform random prices that the agent recovers
+  (target: at least 75 %), mean(agent - random) / mean(oracle - random) over the days.
+
+    python benchmarks/agent_targets.py --out OUT [--seeds 0 1 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+AGENT, FIXED, RANDOM, ORACLE = "cap_adaptive", ("fixed_mid", "fixed_upper"), "random", "oracle"
+
+
+def per_day(rows: list[dict]) -> dict[int, tuple[float, float]]:
+    """Day -> (episode welfare, share of steps with any violation in %); one simulator's rows per method."""
+    simulator = rows[0].get("simulator")
+    rows = [r for r in rows if r.get("simulator") == simulator]
+    days = sorted({r["day"] for r in rows})
+    return {d: (sum(r["welfare"] for r in rows if r["day"] == d),
+                100.0 * float(np.mean([r["cost"] > 0 for r in rows if r["day"] == d]))) for d in days}
+
+
+def seed_targets(steps_csv: Path) -> dict:
+    from evjax.evaluate import read_steps
+
+    methods = {name: per_day(rows) for name, rows in read_steps(steps_csv).items()}
+    days = sorted(set.intersection(*(set(m) for m in methods.values())))
+    welfare = {name: np.array([m[d][0] for d in days]) for name, m in methods.items()}
+    violation = {name: float(np.mean([m[d][1] for d in days])) for name, m in methods.items()}
+    best_fixed = min((name for name in FIXED if name in violation), key=violation.get)
+    advantage = float(np.mean(welfare[ORACLE] - welfare[RANDOM]))
+    return {"days": len(days), "agent_violation_pct": violation[AGENT], "best_fixed": best_fixed,
+            "best_fixed_violation_pct": violation[best_fixed], "oracle_violation_pct": violation[ORACLE],
+            "agent_minus_random_cny": float(np.mean(welfare[AGENT] - welfare[RANDOM])),
+            "oracle_minus_random_cny": advantage,
+            "recovered": float(np.mean(welfare[AGENT] - welfare[RANDOM])) / advantage if advantage else float("nan")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("docs/results"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    args = parser.parse_args()
+    results = {s: seed_targets(args.out / "runs" / f"{AGENT}-seed{s}" / "eval" / "steps.csv") for s in args.seeds}
+    mean = {k: float(np.mean([r[k] for r in results.values()])) for k in
+            ("agent_violation_pct", "best_fixed_violation_pct", "oracle_violation_pct", "agent_minus_random_cny",
+             "oracle_minus_random_cny", "recovered")}
+    print("| training seed | days | agent: steps with a violation | best fixed (which) | oracle | "
+          "agent − random (CNY/ep) | oracle − random (CNY/ep) | recovered |")
+    print("|---|---|---|---|---|---|---|---|")
+    for seed, r in results.items():
+        print(f"| {seed} | {r['days']} | {r['agent_violation_pct']:.1f} % | {r['best_fixed_violation_pct']:.1f} % "
+              f"({r['best_fixed']}) | {r['oracle_violation_pct']:.1f} % | {r['agent_minus_random_cny']:+.0f} | "
+              f"{r['oracle_minus_random_cny']:+.0f} | {100 * r['recovered']:.0f} % |")
+    print(f"| mean | | {mean['agent_violation_pct']:.1f} % | {mean['best_fixed_violation_pct']:.1f} % | "
+          f"{mean['oracle_violation_pct']:.1f} % | {mean['agent_minus_random_cny']:+.0f} | "
+          f"{mean['oracle_minus_random_cny']:+.0f} | {100 * mean['recovered']:.0f} % |")
+    print()
+    ok = lambda b: "met" if b else "NOT met"  # noqa: E731
+    print(f"- at most half the best fixed baseline's violation share: {mean['agent_violation_pct']:.1f} % vs "
+          f"{0.5 * mean['best_fixed_violation_pct']:.1f} %: {ok(mean['agent_violation_pct'] <= 0.5 * mean['best_fixed_violation_pct'])}")
+    print(f"- at most 1 pp above the oracle: {mean['agent_violation_pct']:.1f} % vs "
+          f"{mean['oracle_violation_pct'] + 1:.1f} %: {ok(mean['agent_violation_pct'] <= mean['oracle_violation_pct'] + 1)}")
+    print(f"- recovers at least 75 % of the oracle's advantage over random: {100 * mean['recovered']:.0f} %: "
+          f"{ok(mean['recovered'] >= 0.75)}")
+
+
+if __name__ == "__main__":
+    main()

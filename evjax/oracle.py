@@ -1,0 +1,152 @@
+"""The strong oracle: the planner's own constrained CEM rolling out the JAX twin (SPEC 12, 14).
+
+At every step of a day the oracle runs ``planner.cem_plan`` with a rollout
+function that copies the current twin state into each of N candidate price
+sequences and simulates them to the end of the episode (``twin.rollout``): it
+knows the day's future arrivals, so it is an upper reference, not a deployable
+policy. Same sampling, elite rule, refit and warm start as the agent's planner;
+only the model differs:
+
+- horizon H = ``env.episode_steps``, fixed so that one program serves every
+  decision; steps past the episode's end are no-ops of the twin (reward and
+  cost 0), so a candidate's value is its welfare-reward and true cost summed
+  over the rest of the episode;
+- R_n = sum_t r_{n,t} (welfare / ``env.reward_scale``), C_n = sum_t c_{n,t}
+  (no discount, no penalty), feasible C_n <= ``evaluation.oracle_cost_limit``;
+- N = ``evaluation.oracle_popsize``, ``evaluation.oracle_iterations``
+  iterations, the elite fraction, truncation, smoothing and minimum variance
+  of the ``planner`` section; the twin's own step keys are common to all
+  candidates of a plan (they only matter for the logit choice).
+
+``episodes`` runs whole days: a ``lax.scan`` over the T steps, each one plan
+per day (vmapped over days) and one twin step of every day. The twin computes
+in float64, so everything is jitted with ``twin.jit`` (x64 on while tracing and
+running); the CEM arrays are float32 as in the planner.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from evjax import planner as planner_lib
+from evjax import twin
+from evjax.config import Config
+
+
+class TwinModel(NamedTuple):
+    """What the oracle's rollouts start from: one day's twin state and the (unbatched) twin parameters."""
+
+    state: twin.EnvState
+    params: twin.EnvParams
+
+
+class OracleSettings(NamedTuple):
+    """Static CEM settings of the twin oracle (``settings(cfg)``)."""
+
+    num_candidates: int  # N
+    num_elites: int  # J
+    iterations: int
+    min_variance: float
+    truncation_sigma: float
+    smoothing: float
+    cost_limit: float
+
+
+def settings(cfg: Config) -> OracleSettings:
+    """The oracle's CEM settings: its own budget from ``evaluation``, the rest from ``planner``.
+
+    The number of elites keeps the planner's elite fraction (80 of 500 by
+    default), at least 2 and at most N.
+    """
+    ev, pl = cfg.evaluation, cfg.planner
+    num_elites = min(ev.oracle_popsize, max(2, round(ev.oracle_popsize * pl.num_elites / pl.popsize)))
+    return OracleSettings(ev.oracle_popsize, num_elites, ev.oracle_iterations, pl.min_variance,
+                          pl.truncation_sigma, pl.smoothing, ev.oracle_cost_limit)
+
+
+def twin_rollout(model: TwinModel, obs: jax.Array, candidates: jax.Array, kappa: jax.Array,
+                 step_key: jax.Array) -> planner_lib.CandidateValues:
+    """Values of candidates [N, H, A] rolled out on the twin from ``model.state``: summed reward and cost [N].
+
+    The ``rollout_fn`` of ``cem_plan`` for the oracle; ``obs`` and ``kappa`` are
+    unused (the state is exact, there is no uncertainty penalty); ``step_key``
+    (its "noise") is the same for every candidate.
+    """
+    del obs, kappa
+
+    def one(actions):  # [H, A] -> summed reward, cost
+        _, (_, reward, cost, _) = twin.rollout(step_key, model.state, actions, model.params)
+        return jnp.sum(reward), jnp.sum(cost)
+
+    reward, cost = jax.vmap(one)(candidates)  # [N] float64
+    reward = jnp.where(jnp.isfinite(reward), reward, -jnp.inf).astype(jnp.float32)
+    cost = jnp.where(jnp.isfinite(cost), cost, jnp.inf).astype(jnp.float32)
+    return planner_lib.CandidateValues(reward=reward, cost=cost, penalty=jnp.zeros_like(cost))
+
+
+def plan(key: jax.Array, state: twin.EnvState, warm_start: jax.Array, params: twin.EnvParams, *,
+         oracle: OracleSettings):
+    """One oracle decision for one day: ``cem_plan`` on the twin. Returns (prices [A], next warm start [H, A])."""
+    lower = params.price_lower.astype(jnp.float32)
+    upper = params.price_upper.astype(jnp.float32)
+    action, next_warm_start, _ = planner_lib.cem_plan(
+        key, TwinModel(state, params), state.observation, warm_start, jnp.zeros((), jnp.float32),
+        rollout_fn=twin_rollout, noise_fn=lambda noise_key, num_candidates, state_dim: noise_key,
+        lower=lower, upper=upper, num_candidates=oracle.num_candidates, num_elites=oracle.num_elites,
+        iterations=oracle.iterations, min_variance=oracle.min_variance, truncation_sigma=oracle.truncation_sigma,
+        smoothing=oracle.smoothing, cost_limit=oracle.cost_limit)
+    return action, next_warm_start
+
+
+class EpisodeCarry(NamedTuple):
+    """What the oracle's scan over the steps of a batch of days carries."""
+
+    state: twin.EnvState  # [D] twin states
+    warm_start: jax.Array  # [D, H, A] float32
+    key: jax.Array  # [D] keys
+
+
+def episodes(keys: jax.Array, days: twin.ScenarioArrays, params: twin.EnvParams, *, oracle: OracleSettings):
+    """Whole days [D] under the oracle; pure, to be jitted with ``twin.jit``.
+
+    Returns (prices [D, T, A] it posted, per-step ``info`` [D, T, ...] of the
+    twin, ``active`` [D, T]: the step ran before the episode ended). The first
+    warm start is the mid-range price at every step, as the agent's.
+    """
+    steps = params.settings.episode_steps
+    state, _ = jax.vmap(twin.reset, in_axes=(0, 0, None))(keys, days, params)
+    mid = ((params.price_lower + params.price_upper) / 2.0).astype(jnp.float32)  # [A]
+    warm_start = jnp.broadcast_to(mid, (keys.shape[0], steps, mid.shape[0]))  # [D, H, A]
+    plan_days = jax.vmap(functools.partial(plan, oracle=oracle), in_axes=(0, 0, 0, None))
+    step_days = jax.vmap(twin.step, in_axes=(0, 0, 0, None))
+
+    def one_step(carry: EpisodeCarry, _):
+        split = jax.vmap(lambda key: jax.random.split(key, 3))(carry.key)  # [D, 3]
+        prices, warm_start = plan_days(split[:, 1], carry.state, carry.warm_start, params)  # [D, A], [D, H, A]
+        active = ~carry.state.done
+        state, _, _, _, info = step_days(split[:, 2], carry.state, prices, params)
+        return EpisodeCarry(state, warm_start, split[:, 0]), (prices, info, active)
+
+    _, (prices, info, active) = jax.lax.scan(one_step, EpisodeCarry(state, warm_start, keys), None, length=steps)
+    swap = lambda x: jnp.swapaxes(x, 0, 1)  # noqa: E731  [T, D, ...] -> [D, T, ...]
+    return swap(prices), jax.tree.map(swap, info), swap(active)
+
+
+def open_loop_episodes(keys: jax.Array, days: twin.ScenarioArrays, prices: jax.Array, params: twin.EnvParams):
+    """Whole days [D] at given prices [D, T, A] (fixed or pre-drawn random prices); pure, jit with ``twin.jit``.
+
+    Returns (prices, info [D, T, ...], active [D, T]) like ``episodes``.
+    """
+    def one_day(key, day, day_prices):
+        state, _ = twin.reset(key, day, params)
+        _, (_, _, _, info) = twin.rollout(key, state, day_prices, params)
+        return info
+
+    info = jax.vmap(one_day)(keys, days, prices)
+    # the twin's ``terminated`` stays True once the episode has ended: a step is active if the previous was not
+    active = jnp.concatenate([jnp.ones_like(info["terminated"][:, :1]), ~info["terminated"][:, :-1]], axis=1)
+    return prices, info, active

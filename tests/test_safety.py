@@ -1,0 +1,185 @@
+"""The constraint side of the agent (SPEC 10 options): cost from the predicted observation, margins, kappa per
+constraint, horizon ending with the episode, model diagnostics and the paired checkpoint score."""
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from evjax.agent import Agent
+from evjax.config import Config, ConfigError, PlannerConfig, load
+from evjax.planner import episode_step_weights, make_cost_fn, make_planner, observation_cost
+
+COST_KW = dict(num_stations=3, loading_limit=0.9, carbon_index=7, carbon_scale=300.0, carbon_limit=850.0,
+               carbon_divisor=850.0)
+
+
+def obs_vector(loading, carbon_kg_per_mwh, step_fraction=0.0):
+    """An observation in the env's layout: loadings [3], EVs [3], welfare, carbon / 300, t / T."""
+    return np.array([*loading, 5.0, 3.0, 4.0, 1.0, carbon_kg_per_mwh / 300.0, step_fraction], np.float32)
+
+
+def test_observation_cost_is_the_env_formula_by_hand():
+    obs = obs_vector([0.95, 0.80, 0.92], 901.0)
+    # lines: 0.05 + 0 + 0.02; carbon: 51 / 850
+    expected = 0.05 + 0.02 + 51.0 / 850.0
+    assert float(observation_cost(obs, np.zeros(9, np.float32), 0.0, **COST_KW)) == pytest.approx(expected, abs=1e-5)
+    inside = obs_vector([0.5, 0.6, 0.7], 800.0)
+    assert float(observation_cost(inside, np.zeros(9, np.float32), 0.0, **COST_KW)) == 0.0
+
+
+def test_margin_moves_each_quantity_kappa_stds_towards_its_limit():
+    obs = obs_vector([0.85, 0.80, 0.50], 840.0)
+    std = np.zeros(9, np.float32)
+    std[0], std[1], std[7] = 0.05, 0.01, 20.0 / 300.0  # sd of L1, L2 and of CI (20 kg/MWh)
+    # kappa 2: L1 0.95 -> 0.05 over, L2 0.82 -> 0, CI 880 -> 30 / 850
+    assert float(observation_cost(obs, std, 2.0, **COST_KW)) == pytest.approx(0.05 + 30.0 / 850.0, abs=1e-5)
+    # one kappa per constraint (line 0, carbon 1): only the carbon margin, 860 -> 10 / 850
+    assert float(observation_cost(obs, std, jnp.array([0.0, 1.0]), **COST_KW)) == pytest.approx(10.0 / 850.0,
+                                                                                               abs=1e-5)
+    # the cost never decreases with kappa
+    costs = [float(observation_cost(obs, std, k, **COST_KW)) for k in (0.0, 0.5, 1.0, 2.0, 4.0)]
+    assert costs == sorted(costs)
+
+
+@pytest.mark.parametrize("steps_done, expected", [(0, [1, 1, 1, 1]), (9, [1, 1, 1, 0]), (11, [1, 0, 0, 0])])
+def test_step_weights_end_with_the_episode(steps_done, expected):
+    obs = obs_vector([0.5] * 3, 800.0, steps_done / 12)
+    np.testing.assert_array_equal(episode_step_weights(jnp.asarray(obs), horizon=4, episode_steps=12), expected)
+
+
+class StepOut(NamedTuple):
+    next_obs: jax.Array
+    reward: jax.Array
+    cost: jax.Array
+    std: jax.Array
+
+
+def loading_step(model, obs, act, key):
+    """L1 rises by 0.1 per step, the step counter (obs[-1]) by 1/12; reward 1; std 0.02 on every obs dim."""
+    next_obs = obs.at[..., 0].add(0.1).at[..., -1].add(1.0 / 12.0)
+    ones = jnp.ones(obs.shape[:-1], jnp.float32)
+    return StepOut(next_obs, ones, 0.0 * ones, jnp.full(obs.shape[:-1] + (obs.shape[-1] + 2,), 0.02))
+
+
+def make_test_planner(mode, margin_std, step):
+    cfg = PlannerConfig(horizon=3, popsize=4, num_elites=2, particles=2, iterations=1, gamma=1.0, mode=mode,
+                        cost_model="observation", margin_std=margin_std)
+    cost_fn = functools.partial(observation_cost, **COST_KW)
+    weights = functools.partial(episode_step_weights, horizon=3, episode_steps=12)
+    return make_planner(cfg, (1.1, 1.3, 1.2), (1.4, 1.5, 1.4), 2, step, cost_fn=cost_fn, step_weights_fn=weights)
+
+
+OBS_TWO_LEFT = obs_vector([0.8, 0.5, 0.5], 800.0, 10 / 12)  # two steps left in the episode
+
+
+@pytest.mark.parametrize("mode", ["cap", "ccem"])
+def test_rollout_prices_the_predicted_observation_with_its_margin(mode):
+    planner = make_test_planner(mode, "predicted", loading_step)
+    values = planner.evaluate(jax.random.key(0), None, jnp.asarray(OBS_TWO_LEFT), jnp.full((4, 3, 3), 1.3),
+                              jnp.asarray(1.5))
+    # predicted L1: 0.9, 1.0 (the third step lies after the episode's end: weight 0); nominal cost 0 + 0.1
+    np.testing.assert_allclose(values.reward, 2.0, rtol=1e-6)
+    margin = 1.5 * 0.02 if mode == "cap" else 0.0  # each counted step's L1 moves 0.03 towards the limit
+    np.testing.assert_allclose(values.cost, 0.1 + 2 * margin, atol=1e-6)
+    np.testing.assert_allclose(values.penalty, 2 * margin, atol=1e-6)
+
+
+def disagreeing_step(model, obs, act, key):
+    """As ``loading_step``, but member 0 raises L1 by 0.08 and member 1 by 0.12 per step (rows are members)."""
+    out = loading_step(model, obs, act, key)
+    spread = jnp.array([-0.02, 0.02])[:, None]  # [E, 1]
+    return out._replace(next_obs=out.next_obs.at[..., 0].add(spread))
+
+
+def test_disagreement_margin_is_the_member_spread_by_hand():
+    planner = make_test_planner("cap", "disagreement", disagreeing_step)
+    values = planner.evaluate(jax.random.key(0), None, jnp.asarray(OBS_TWO_LEFT), jnp.full((4, 3, 3), 1.3),
+                              jnp.asarray(1.5))
+    # members' L1: step 1 0.88 / 0.92 (spread 0.02), step 2 0.96 / 1.04 (spread 0.04); particles split evenly
+    # nominal cost: (0 + 0.02) / 2 + (0.06 + 0.14) / 2 = 0.11; margins +0.03, +0.06: (0.01 + 0.05) / 2 + (0.12 + 0.20) / 2
+    np.testing.assert_allclose(values.cost, 0.19, atol=1e-5)
+    np.testing.assert_allclose(values.penalty, 0.08, atol=1e-5)
+    agreeing = make_test_planner("cap", "disagreement", loading_step)
+    np.testing.assert_allclose(agreeing.evaluate(jax.random.key(0), None, jnp.asarray(OBS_TWO_LEFT),
+                                                 jnp.full((4, 3, 3), 1.3), jnp.asarray(1.5)).penalty, 0.0, atol=1e-7)
+
+
+def test_kappa_per_constraint_follows_each_constraints_own_cost():
+    cfg = PlannerConfig(horizon=2, popsize=4, num_elites=2, particles=2, iterations=1, cost_model="observation",
+                        kappa_per_constraint=True, kappa_init=1.0, kappa_lr=0.1,
+                        permissible_constraint_costs=(0.05, 0.05))
+    planner = make_planner(cfg, (1.1, 1.3, 1.2), (1.4, 1.5, 1.4), 2, loading_step)
+    agent = Agent(cfg, planner)
+    np.testing.assert_array_equal(agent.kappa, [1.0, 1.0])
+    agent.end_episode(0.30, (0.0, 0.30))  # line under its permissible cost, carbon over
+    kappa = agent.kappa
+    assert kappa[0] < 1.0 < kappa[1]
+    np.testing.assert_allclose(kappa, [0.9, 1.1], atol=1e-5)  # Adam's first step is lr in the gradient's sign
+    with pytest.raises(ValueError, match="line, carbon"):
+        agent.end_episode(0.3)
+
+
+@pytest.mark.parametrize("change, key", [
+    (dict(planner={"kappa_per_constraint": True}), "planner.kappa_per_constraint"),
+    (dict(planner={"stop_at_episode_end": True}, env={"time_features": False}), "planner.stop_at_episode_end"),
+    (dict(planner={"cost_model": "observation"}, grid={"voltage_cost": True}), "planner.cost_model"),
+    (dict(planner={"permissible_constraint_costs": [0.1]}), "planner.permissible_constraint_costs"),
+])
+def test_inconsistent_safety_settings_name_their_key(change, key, tmp_path):
+    import yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(change))
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load(path)
+
+
+def test_cost_fn_follows_the_config_layout():
+    assert make_cost_fn(Config()) is None
+    cfg = dataclasses.replace(Config(), planner=dataclasses.replace(Config().planner, cost_model="observation"))
+    obs = obs_vector([0.95, 0.8, 0.8], 850.0 + 85.0)
+    assert float(make_cost_fn(cfg)(obs, np.zeros(9, np.float32), 0.0)) == pytest.approx(0.05 + 0.1, abs=1e-5)
+
+
+def test_horizon_prediction_of_each_member_is_its_own_mean_rollout():
+    from evjax.diagnostics import predict_horizon, predict_one_step
+    from evjax.dynamics import make_dynamics
+
+    cfg = Config().model
+    dyn = make_dynamics(dataclasses.replace(cfg, ensemble_size=2, num_elites=2, hidden_sizes=(8,),
+                                            weight_decays=(0.0, 0.0)), 9, 3)
+    model = dyn.init(jax.random.key(1))
+    step = functools.partial(dyn.step, key=None, matmul_dtype="float32", mean_only=True)
+    obs0 = jnp.asarray(obs_vector([0.5, 0.6, 0.7], 800.0))
+    actions = jnp.asarray(np.random.default_rng(0).uniform(1.1, 1.5, (4, 3)), jnp.float32)
+    next_obs, reward = predict_horizon(step, model, obs0, actions)
+    for member in range(2):
+        obs = obs0
+        for t in range(4):
+            out = dyn.predict(model, obs[None], actions[t][None], None, jnp.array([member]), mean_only=True)
+            np.testing.assert_allclose(next_obs[member, t], out.next_obs[0], rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(reward[member, t], out.reward[0], rtol=1e-4, atol=1e-5)
+            obs = out.next_obs[0]
+    one = predict_one_step(step, model, jnp.stack([obs0, obs0]), actions[:2])
+    np.testing.assert_allclose(one.next_obs[:, 0], next_obs[:, 0], rtol=1e-5, atol=1e-6)
+
+
+def test_paired_score_subtracts_fixed_mid_prices_on_the_same_day(tmp_path):
+    from evjax.env import EVPricingEnv
+    from evjax.train import Trainer, episode_seed
+
+    cfg = load(None, ["model.ensemble_size=2", "model.num_elites=2", "model.hidden_sizes=[8]",
+                      "model.weight_decays=[0.0, 0.0]", "planner.particles=2", "planner.popsize=8",
+                      "planner.num_elites=2", "planner.horizon=2", "planner.iterations=1", "training.epochs=2"])
+    trainer = Trainer(cfg, tmp_path, metrics=False)
+    env = EVPricingEnv(cfg)
+    env.reset(seed=episode_seed(cfg, 1), options={"split": "train"})
+    mid = (np.asarray(cfg.env.price_lower) + np.asarray(cfg.env.price_upper)) / 2
+    by_hand = sum(env.step(mid)[1] for _ in range(cfg.env.episode_steps))
+    assert trainer.reference_reward(1) == pytest.approx(by_hand, rel=1e-12)
+    assert trainer.reference_reward(0) != pytest.approx(by_hand, rel=1e-3)  # another day
