@@ -2,9 +2,9 @@
 
 At the paper's settings with a freshly initialised ensemble (as ``planner.py``):
 
-1. the kernel alone on one model step's shape [E, N*P/E] for each (tile, warps)
-   of a small sweep, against the XLA step (max difference, in target stds) and
-   its time; the fastest tile that compiles is used below;
+1. the kernel alone on one model step's shape [E, N*P/E] for each (tile, warps,
+   chunk) of a small sweep, against the XLA step (max abs difference) and its
+   time; the fastest setting that compiles and agrees is used below;
 2. seconds per plan (``plan_fn``) and plans per second of ``plan_batch`` at
    B = 64 and 256, for ``planner.kernel`` xla and pallas, interleaved with the
    ceiling of a chain of batched bf16 matmuls of the hidden layers' shape
@@ -37,7 +37,8 @@ from evjax.config import Config
 from evjax.dynamics import make_dynamics
 from evjax.planner import make_model_planner
 
-SWEEP = ((32, 4), (64, 4), (64, 8), (128, 8))  # (tile, num_warps)
+SWEEP = ((64, 4, 64), (64, 8, 64), (128, 4, 64), (128, 8, 64), (32, 4, 64), (64, 4, 32), (128, 8, 32),
+         (64, 4, 0), (128, 8, 0))  # (tile, num_warps, chunk); chunk 0 = whole layers (the first version)
 
 
 def emit(record: dict) -> None:
@@ -58,8 +59,8 @@ def spread(seconds: list[float]) -> dict:
     return {"median": statistics.median(seconds), "min": min(seconds), "max": max(seconds)}
 
 
-def sweep_kernel(dyn, model, rows: int, repeats: int) -> tuple[int, int] | None:
-    """Time the kernel alone on [E, rows] per (tile, warps); return the fastest that matches the XLA step."""
+def sweep_kernel(dyn, model, rows: int, repeats: int) -> tuple[int, int, int] | None:
+    """Time the kernel alone on [E, rows] per (tile, warps, chunk); return the fastest that matches the XLA step."""
     members = dyn.num_planning_members
     obs = jax.random.normal(jax.random.key(1), (members, rows, dyn.obs_dim))
     act = jax.random.uniform(jax.random.key(2), (members, rows, dyn.action_dim))
@@ -68,8 +69,8 @@ def sweep_kernel(dyn, model, rows: int, repeats: int) -> tuple[int, int] | None:
     xla_seconds = spread(blocked_seconds(lambda: xla_step(model, obs, act), repeats))
     emit({"what": "model_step", "kernel": "xla", "rows_per_member": rows, "seconds": xla_seconds})
     best = None
-    for tile, warps in SWEEP:
-        fused_mlp.DEFAULT_TILE, fused_mlp.DEFAULT_NUM_WARPS = tile, warps
+    for tile, warps, chunk in SWEEP:
+        fused_mlp.DEFAULT_TILE, fused_mlp.DEFAULT_NUM_WARPS, fused_mlp.DEFAULT_CHUNK = tile, warps, chunk
         step = jax.jit(functools.partial(dyn.step, key=None, matmul_dtype="bfloat16", mean_only=True,
                                          kernel="pallas"))
         try:
@@ -77,13 +78,13 @@ def sweep_kernel(dyn, model, rows: int, repeats: int) -> tuple[int, int] | None:
             error = max(float(jnp.max(jnp.abs(g - w))) for g, w in zip(got, want))
             seconds = spread(blocked_seconds(lambda: step(model, obs, act), repeats))
         except Exception as exc:  # a tile Triton cannot compile: report it and go on
-            emit({"what": "model_step", "kernel": "pallas", "tile": tile, "num_warps": warps,
+            emit({"what": "model_step", "kernel": "pallas", "tile": tile, "num_warps": warps, "chunk": chunk,
                   "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
             continue
-        emit({"what": "model_step", "kernel": "pallas", "tile": tile, "num_warps": warps,
+        emit({"what": "model_step", "kernel": "pallas", "tile": tile, "num_warps": warps, "chunk": chunk,
               "rows_per_member": rows, "seconds": seconds, "max_abs_diff_vs_xla": error})
         if error < 5e-2 and (best is None or seconds["median"] < best[0]):
-            best = (seconds["median"], tile, warps)
+            best = (seconds["median"], tile, warps, chunk)
     return None if best is None else best[1:]
 
 
@@ -106,11 +107,12 @@ def main(argv=None) -> int:
 
     best = None if args.quick else sweep_kernel(dyn, model, rows, args.repeats)
     if best is not None:
-        fused_mlp.DEFAULT_TILE, fused_mlp.DEFAULT_NUM_WARPS = best
-    tile = (fused_mlp.DEFAULT_TILE, fused_mlp.DEFAULT_NUM_WARPS)
-    emit({"what": "kernel_choice", "tile": tile[0], "num_warps": tile[1], "swept": best is not None})
+        fused_mlp.DEFAULT_TILE, fused_mlp.DEFAULT_NUM_WARPS, fused_mlp.DEFAULT_CHUNK = best
+    choice = {"tile": fused_mlp.DEFAULT_TILE, "num_warps": fused_mlp.DEFAULT_NUM_WARPS,
+              "chunk": fused_mlp.DEFAULT_CHUNK}
+    emit({"what": "kernel_choice", **choice, "swept": best is not None})
 
-    summary = {"device": device, "jax": jax.__version__, "tile": tile[0], "num_warps": tile[1]}
+    summary = {"device": device, "jax": jax.__version__, **choice}
     ceilings = {}
     for batch in [1] + batches:
         run, flops = make_matmul_chain(dyn.num_planning_members, rows * batch, cfg.model.hidden_sizes[0],
@@ -130,7 +132,7 @@ def main(argv=None) -> int:
             if batch == 1:
                 fn, make_key, args_ = planner.plan_fn, (lambda key: key), (obs[0], warm[0], kappa[0])
             else:
-                fn = jax.vmap(planner.plan_fn, in_axes=(0, None, 0, 0, 0))
+                fn = planner.plan_batch_fn  # vmapped on a GPU
                 make_key, args_ = functools.partial(jax.random.split, num=batch), (obs, warm, kappa)
             try:
                 start = time.perf_counter()

@@ -14,7 +14,7 @@ instead of the planner's mean-step path. ``--batch B`` times ``planner.plan_batc
 over B different observations and keys instead (one compiled call plans for B
 environments) and also reports plans per second.
 
-    python benchmarks/planner.py [--json] [--matmul-dtype bfloat16|float32] [--repeats 10] [--batch B]
+    python benchmarks/planner.py [--json] [--matmul-dtype bfloat16|float32] [--repeats 10] [--batch B] [--tile-rows R]
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import numpy as np
 from common import make_matmul_chain, timed
 from evjax.config import Config
 from evjax.dynamics import make_dynamics
-from evjax.planner import make_model_planner, make_planner
+from evjax.planner import CPU_TILE_ROWS, batch_plans, make_model_planner, make_planner
 
 
 def forward_flops(layer_sizes: list[int]) -> int:
@@ -58,19 +58,26 @@ def main(argv=None) -> int:
     parser.add_argument("--sampled-steps", action="store_true",
                         help="plan through dyn.step with its own noise (no mean_step_fn: no shared first step, "
                              "noise drawn at every step)")
+    parser.add_argument("--tile-rows", type=int, default=None,
+                        help="planner.tile_rows (default: the config's; 3000 or more runs the CPU forward untiled)")
     parser.add_argument("--batch", type=int, default=0,
                         help="time planner.plan_batch over B environments (0: single plans)")
+    parser.add_argument("--vmap", action="store_true",
+                        help="with --batch on CPU: vmap the plans instead of running them one after another")
     args = parser.parse_args(argv)
 
     cfg = Config()
     if args.matmul_dtype:
         cfg = dataclasses.replace(cfg, planner=dataclasses.replace(cfg.planner, matmul_dtype=args.matmul_dtype))
+    if args.tile_rows is not None:
+        cfg = dataclasses.replace(cfg, planner=dataclasses.replace(cfg.planner, tile_rows=args.tile_rows))
     matmul_dtype = cfg.planner.matmul_dtype
     pcfg = cfg.planner
     obs_dim, action_dim = cfg.obs_dim, cfg.action_dim
     dyn = make_dynamics(cfg.model, obs_dim, action_dim)
     model = dyn.init(jax.random.key(0))
-    step_fn = functools.partial(dyn.step, matmul_dtype=matmul_dtype)
+    tile_rows = (pcfg.tile_rows or CPU_TILE_ROWS) if jax.default_backend() == "cpu" else 0  # as make_model_planner
+    step_fn = functools.partial(dyn.step, matmul_dtype=matmul_dtype, tile_rows=tile_rows)
     if args.sampled_steps:
         planner = make_planner(pcfg, cfg.env.price_lower, cfg.env.price_upper, dyn.ensemble_size, step_fn)
     else:
@@ -81,8 +88,9 @@ def main(argv=None) -> int:
     warm = jnp.broadcast_to(planner.initial_warm_start(), (batch or 1,) + planner.initial_warm_start().shape)
     kappa = jnp.full((batch or 1,), pcfg.kappa_init, jnp.float32)  # [B]
     if batch:
-        plan_fn, make_key = jax.vmap(planner.plan_fn, in_axes=(0, None, 0, 0, 0)), functools.partial(
-            jax.random.split, num=batch)
+        plan_fn, make_key = planner.plan_batch_fn, functools.partial(jax.random.split, num=batch)
+        if args.vmap:
+            plan_fn = functools.partial(batch_plans, plan_fn=planner.plan_fn, sequential=False)
     else:
         plan_fn, make_key, obs, warm, kappa = planner.plan_fn, lambda key: key, obs[0], warm[0], kappa[0]
     start = time.perf_counter()
@@ -130,10 +138,12 @@ def main(argv=None) -> int:
         "matmul_dtype": matmul_dtype,
         "device": f"{jax.devices()[0].device_kind} x{len(jax.devices())} ({os.cpu_count()} cpus)",
         "step_path": "sampled" if args.sampled_steps else "mean + planner noise",
+        "tile_rows": tile_rows,
         "load_average_1min": os.getloadavg()[0],
     }
     if batch:
-        result.update({"batch": batch, "call_seconds_median": median,
+        result.update({"batch": batch, "batch_mode": "vmap" if args.vmap or jax.default_backend() != "cpu"
+                       else "sequential", "call_seconds_median": median,
                        "plans_per_second_median": batch / median, "plans_per_second_min": batch / max(seconds),
                        "plans_per_second_max": batch / min(seconds)})
     if args.breakdown:
@@ -165,7 +175,7 @@ def breakdown(dyn, model, planner, step_fn, obs, matmul_dtype, pcfg, repeats) ->
     state = jnp.broadcast_to(obs, (members, rows, obs.shape[0]))
     action = jnp.ones((members, rows, dyn.action_dim), jnp.float32)
     step = jax.jit(step_fn)
-    mean_step = jax.jit(functools.partial(dyn.step, matmul_dtype=matmul_dtype, mean_only=True))
+    mean_step = jax.jit(functools.partial(step_fn, mean_only=True))
     actions = jnp.broadcast_to(planner.initial_warm_start(), (pcfg.popsize, pcfg.horizon, dyn.action_dim))
     rollout = jax.jit(planner.evaluate)
     noise = jax.jit(lambda key: jax.random.normal(key, (members, rows, dyn.obs_dim + 2)))

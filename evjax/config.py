@@ -211,6 +211,7 @@ class PlannerConfig(Section):
     matmul_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # input dtype of the ensemble matmuls (f32 accumulation)
     scan_unroll: int = 0  # horizon-scan unroll factor; 0 = auto (full on GPU/TPU, none on CPU)
     kernel: Literal["xla", "pallas"] = "xla"  # ensemble forward in planning: XLA ops, or one fused Pallas kernel (GPU only)
+    tile_rows: int = 0  # XLA forward on CPU: samples per member per tile, run one tile after another; 0 = auto (600), >= N*P/E untiled; unused on GPU/TPU
     mode: Literal["cap", "ccem", "unconstrained"] = "cap"  # cap: cost + kappa*u; ccem: cost limit, no penalty; unconstrained: rewards only
     cost_model: Literal["learned", "observation"] = "observation"  # step cost: the model's cost output, or the env's formula on the predicted obs (kappa then counts predicted stds of margin)
     margin_std: Literal["disagreement", "predicted"] = "disagreement"  # std of the CAP margin with cost_model observation: member disagreement or each particle's predicted std
@@ -420,6 +421,7 @@ FIELD_RULES: dict[str, dict[str, Rule | tuple[Rule, ...]]] = {
         "permissible_constraint_costs": each(NON_NEGATIVE),
         "state_clip": POSITIVE,
         "scan_unroll": NON_NEGATIVE,
+        "tile_rows": NON_NEGATIVE,
     },
     "training": {
         "seed": SEED,

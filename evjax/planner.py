@@ -30,6 +30,8 @@ import numpy as np
 
 from evjax.config import PlannerConfig
 
+CPU_TILE_ROWS = 600  # planner.tile_rows 0 (auto) on CPU: 5 tiles of the paper's 3000 samples per member
+
 
 class CandidateValues(NamedTuple):
     """Predicted value of each candidate action sequence, averaged over its particles."""
@@ -76,6 +78,7 @@ class Planner(NamedTuple):
     plan: Callable[..., tuple[jax.Array, jax.Array, PlanDiagnostics]]  # jitted; see ``make_planner``
     plan_fn: Callable[..., tuple[jax.Array, jax.Array, PlanDiagnostics]]  # the same, not jitted (``cem_plan`` bound)
     plan_batch: Callable[..., tuple[jax.Array, jax.Array, PlanDiagnostics]]  # jitted B plans, one model; see ``make_planner``
+    plan_batch_fn: Callable[..., tuple[jax.Array, jax.Array, PlanDiagnostics]]  # the same, not jitted (``batch_plans``)
     evaluate: Callable[..., CandidateValues]  # (key, model, obs[S], actions[N,H,A], kappa) -> values, pure
     initial_warm_start: Callable[[], jax.Array]  # () -> [H, A] mid-range prices
     price_lower: jax.Array  # [A]
@@ -419,6 +422,19 @@ def cem_plan(key: jax.Array, model: Any, obs: jax.Array, warm_start: jax.Array, 
     return action, next_warm_start, final.diag
 
 
+def batch_plans(keys: jax.Array, model: Any, obs: jax.Array, warm_starts: jax.Array, kappa: jax.Array, *,
+                plan_fn: Callable, sequential: bool):
+    """B plans of ``plan_fn`` sharing ``model``: keys [B], obs [B, S], warm_starts [B, H, A], kappa [B]; pure.
+
+    ``sequential``: one plan after another (``lax.map``), else all at once
+    (``vmap``: the batched ``while_loop`` runs until every plan has stopped and
+    leaves the stopped ones unchanged). Either way row b equals plan b alone.
+    """
+    if not sequential:
+        return jax.vmap(plan_fn, in_axes=(0, None, 0, 0, 0))(keys, model, obs, warm_starts, kappa)
+    return jax.lax.map(lambda inputs: plan_fn(inputs[0], model, *inputs[1:]), (keys, obs, warm_starts, kappa))
+
+
 def _check_arguments(particles: int, lower: np.ndarray, upper: np.ndarray, num_members: int) -> None:
     """Raise ``ValueError`` naming the first impossible factory argument.
 
@@ -455,10 +471,10 @@ def make_planner(
     ``(action[A], next_warm_start[H,A], PlanDiagnostics)``; the algorithm is
     ``cem_plan``'s, the rollouts and the CAP uncertainty ``rollout``'s.
     ``plan_batch(keys[B], model, obs[B,S], warm_starts[B,H,A], kappa[B])`` runs B
-    such plans (B environments, one shared model) as one compiled program, the
-    ``vmap`` of ``plan_fn``: ``(action[B,A], next_warm_start[B,H,A], PlanDiagnostics[B])``,
-    each row equal to its single plan (a batched ``while_loop`` runs until every
-    plan has stopped and leaves the stopped ones unchanged). It compiles once per B.
+    such plans (B environments, one shared model) as one compiled program
+    (``batch_plans``: vmapped on accelerators, one after another on CPU) and returns
+    ``(action[B,A], next_warm_start[B,H,A], PlanDiagnostics[B])``, each row equal to
+    its single plan. It compiles once per B.
 
     Model noise: ``step_fn(model, obs, act, key)`` samples internally; the planner
     passes it the same H step keys in every CEM iteration of a plan. With
@@ -530,10 +546,13 @@ def make_planner(
         return plan_jit(key, model, jnp.asarray(obs, jnp.float32), jnp.asarray(warm_start, jnp.float32),
                         jnp.asarray(kappa, jnp.float32))
 
-    plan_batch_jit = jax.jit(jax.vmap(plan_fn, in_axes=(0, None, 0, 0, 0)))
+    # vmapped plans multiply the activations by B and spill the CPU forward's cache tiles:
+    # at B = 8, 0.34 plans/s vmapped against 0.38 one after another (README, "Benchmarks")
+    plan_batch_fn = functools.partial(batch_plans, plan_fn=plan_fn, sequential=jax.default_backend() == "cpu")
+    plan_batch_jit = jax.jit(plan_batch_fn)
 
     def plan_batch(keys, model, obs, warm_starts, kappa):
-        """Jitted ``vmap`` of ``plan_fn`` over keys [B], obs [B, S], warm starts [B, H, A] and kappa [B], [B, 2] or a scalar (model shared)."""
+        """Jitted ``batch_plans`` (vmap, or one after another on CPU) of ``plan_fn`` over keys [B], obs [B, S], warm starts [B, H, A] and kappa [B], [B, 2] or a scalar (model shared)."""
         obs = jnp.asarray(obs, jnp.float32)
         chex.assert_rank(obs, 2)  # [B, S]
         kappa = jnp.asarray(kappa, jnp.float32)
@@ -546,7 +565,8 @@ def make_planner(
         return rollout_fn(model, obs, actions, kappa, noise_fn(key, actions.shape[0], obs.shape[-1]))
 
     mid = (lower + upper) / 2.0  # [A]
-    return Planner(plan=plan, plan_fn=plan_fn, plan_batch=plan_batch, evaluate=evaluate,
+    return Planner(plan=plan, plan_fn=plan_fn, plan_batch=plan_batch, plan_batch_fn=plan_batch_fn,
+                   evaluate=evaluate,
                    initial_warm_start=lambda: jnp.broadcast_to(mid, (cfg.horizon, lower.size)),
                    price_lower=lower, price_upper=upper, horizon=cfg.horizon, mode=cfg.mode)
 
@@ -589,21 +609,25 @@ def make_cost_fn(cfg) -> Optional[Callable]:
 def make_model_planner(cfg, dyn, mesh: Optional[jax.sharding.Mesh] = None) -> Planner:
     """The planner of ``cfg`` (an ``evjax.config.Config``) over the ensemble ``dyn`` (``make_dynamics``).
 
-    Binds ``dyn.step`` with ``planner.matmul_dtype`` and ``planner.kernel`` both as
-    ``step_fn`` and, with ``mean_only=True``, as ``mean_step_fn``; plans over
-    ``dyn.num_planning_members`` members, so pass ``dyn.select_elites(model)`` when
-    the model has a holdout. ``planner.kernel: pallas`` needs a GPU backend
+    Binds ``dyn.step`` with ``planner.matmul_dtype``, ``planner.kernel`` and, on CPU,
+    ``planner.tile_rows`` both as ``step_fn`` and, with ``mean_only=True``, as
+    ``mean_step_fn``; plans over ``dyn.num_planning_members`` members, so pass
+    ``dyn.select_elites(model)`` when the model has a holdout. ``planner.kernel: pallas`` needs a GPU backend
     (``ValueError`` otherwise: on CPU the kernel only runs in interpret mode, for tests).
     With ``planner.cost_model: observation`` the step cost is ``observation_cost``
     on the observation layout of ``cfg``; with ``planner.stop_at_episode_end`` the
     horizon steps after the episode's end weigh 0 (``episode_step_weights``).
     """
     matmul_dtype, kernel = cfg.planner.matmul_dtype, cfg.planner.kernel
-    if kernel == "pallas" and jax.default_backend() != "gpu":
-        raise ValueError(f"planner.kernel 'pallas' needs a GPU backend, this one is {jax.default_backend()!r}: "
+    backend = jax.default_backend()
+    if kernel == "pallas" and backend != "gpu":
+        raise ValueError(f"planner.kernel 'pallas' needs a GPU backend, this one is {backend!r}: "
                          f"use planner.kernel 'xla'")
-    step_fn = functools.partial(dyn.step, matmul_dtype=matmul_dtype, kernel=kernel)
-    mean_step_fn = functools.partial(dyn.step, key=None, matmul_dtype=matmul_dtype, mean_only=True, kernel=kernel)
+    # tiles of the population kept in cache across the layers help XLA CPU only (README, "Benchmarks")
+    tile_rows = (cfg.planner.tile_rows or CPU_TILE_ROWS) if backend == "cpu" else 0
+    settings = dict(matmul_dtype=matmul_dtype, kernel=kernel, tile_rows=tile_rows)
+    step_fn = functools.partial(dyn.step, **settings)
+    mean_step_fn = functools.partial(dyn.step, key=None, mean_only=True, **settings)
     cost_fn, step_weights_fn = make_cost_fn(cfg), None
     if cfg.planner.stop_at_episode_end and cfg.env.time_features:
         step_weights_fn = functools.partial(episode_step_weights, horizon=cfg.planner.horizon,

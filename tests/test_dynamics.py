@@ -371,6 +371,19 @@ def test_fused_kernel_matches_the_xla_step(fitted, binary_cost):
         dyn.step(state, obs, act, None, kernel="triton")
 
 
+@pytest.mark.parametrize("tile_rows", [10, 37, 100])
+def test_tiled_step_equals_the_untiled_step(fitted, tile_rows):
+    """37 samples per member in tiles of 10 rows (4 tiles, 3 padded rows), one tile, and a tile larger than M."""
+    dyn, state, _ = fitted
+    obs, act, *_ = transitions(5 * 37, seed=19)
+    obs, act = obs.reshape(5, 37, OBS_DIM), act.reshape(5, 37, ACTION_DIM)
+    for dtype in ("float32", "bfloat16"):
+        want = dyn.step(state, obs, act, jax.random.key(3), matmul_dtype=dtype)
+        got = dyn.step(state, obs, act, jax.random.key(3), matmul_dtype=dtype, tile_rows=tile_rows)
+        for name, g, w in zip(got._fields, got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 def test_fused_kernel_rejects_a_tile_that_is_no_power_of_two():
     from evjax import fused_mlp
 

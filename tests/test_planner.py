@@ -275,6 +275,10 @@ def test_plan_batch_equals_single_plans(path):
     chex.assert_shape(batched[0], (batch, 3))  # [B, A]
     chex.assert_shape(batched[1], (batch, cfg.horizon, 3))  # [B, H, A]
     assert int(batched[2].iterations[0]) < cfg.iterations == int(batched[2].iterations[2])
+    for sequential in (True, False):  # plan_batch's choice on CPU, and on accelerators
+        other = jax.jit(functools.partial(cem.batch_plans, plan_fn=planner.plan_fn, sequential=sequential))
+        for got, want in zip(jax.tree.leaves(other(keys, model, obs, warm, kappa)), jax.tree.leaves(batched)):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     for b in range(batch):
         single = planner.plan(keys[b], model, obs[b], warm[b], kappa[b])
         for got, want in zip(jax.tree.leaves(batched), jax.tree.leaves(single)):
@@ -517,8 +521,8 @@ def fitted_ensemble():
     from evjax.dynamics import make_dynamics
 
     cfg = Config()
-    # a cost limit on this synthetic cost's scale (the default is calibrated for the environment's)
-    # the synthetic cost is the model's cost output (not a function of the synthetic observation)
+    # the model's learned cost, with a limit on this synthetic cost's scale (the defaults compute the
+    # environment's cost from the predicted observation, which these synthetic observations do not carry)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, epochs=20),
                               planner=dataclasses.replace(cfg.planner, cost_limit=2.5, cost_model="learned",
                                                           stop_at_episode_end=False))
