@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import make_matmul_chain
+from common import make_matmul_chain, timed
 from evjax import fused_mlp
 from evjax.config import Config
 from evjax.dynamics import make_dynamics
@@ -45,16 +45,6 @@ def emit(record: dict) -> None:
     print(json.dumps(record), flush=True)
 
 
-def blocked_seconds(fn, repeats: int) -> list[float]:
-    jax.block_until_ready(fn())
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        seconds.append(time.perf_counter() - start)
-    return seconds
-
-
 def spread(seconds: list[float]) -> dict:
     return {"median": statistics.median(seconds), "min": min(seconds), "max": max(seconds)}
 
@@ -66,7 +56,7 @@ def sweep_kernel(dyn, model, rows: int, repeats: int) -> tuple[int, int, int] | 
     act = jax.random.uniform(jax.random.key(2), (members, rows, dyn.action_dim))
     xla_step = jax.jit(functools.partial(dyn.step, key=None, matmul_dtype="bfloat16", mean_only=True))
     want = xla_step(model, obs, act)
-    xla_seconds = spread(blocked_seconds(lambda: xla_step(model, obs, act), repeats))
+    xla_seconds = spread(timed(lambda: xla_step(model, obs, act), repeats))
     emit({"what": "model_step", "kernel": "xla", "rows_per_member": rows, "seconds": xla_seconds})
     best = None
     for tile, warps, chunk in SWEEP:
@@ -76,7 +66,7 @@ def sweep_kernel(dyn, model, rows: int, repeats: int) -> tuple[int, int, int] | 
         try:
             got = step(model, obs, act)
             error = max(float(jnp.max(jnp.abs(g - w))) for g, w in zip(got, want))
-            seconds = spread(blocked_seconds(lambda: step(model, obs, act), repeats))
+            seconds = spread(timed(lambda: step(model, obs, act), repeats))
         except Exception as exc:  # a tile Triton cannot compile: report it and go on
             emit({"what": "model_step", "kernel": "pallas", "tile": tile, "num_warps": warps, "chunk": chunk,
                   "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
@@ -148,7 +138,7 @@ def main(argv=None) -> int:
                     start = time.perf_counter()
                     jax.block_until_ready(compiled(next(key_iter), model, *args_))
                     seconds.append(time.perf_counter() - start)
-                    ceiling_seconds.append(min(blocked_seconds(run, 2)))
+                    ceiling_seconds.append(min(timed(run, 2)))
             except Exception as exc:
                 emit({"what": "plan", "kernel": kernel, "batch": batch,
                       "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
