@@ -697,6 +697,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         plotting.evaluation_plots(out, {k: v for k, v in runs.items() if "@" not in k}, cfg)
         plotting.welfare_vs_violations(out / "welfare_vs_violations.png", summaries_of(runs, cfg), cfg)
         plotting.training_curves(run_dir / "metrics.csv", out / "training_curves.png", cfg)
+        plotting.cost_calibration(run_dir / "calibration.csv", out / "cost_calibration.png")
         print(f"plots redrawn in {out}")
         return 0
     evaluate(run_dir, evaluation, args.split, days, plots=not args.no_plots, progress=not args.no_progress,
