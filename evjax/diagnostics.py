@@ -85,7 +85,7 @@ def episode_diagnostics(cfg: Config, dynamics, model, kappa, obs: np.ndarray, ac
             obs_std = one.std[..., :cfg.obs_dim]
         else:  # member disagreement, as the planner's margin
             obs_std = jnp.broadcast_to(one.next_obs.std(axis=0), one.next_obs.shape)
-        nominal = np.asarray(cost_fn(one.next_obs, jnp.zeros_like(obs_std), 0.0)).mean(axis=0)
+        nominal = np.asarray(cost_fn(one.next_obs, None, 0.0)).mean(axis=0)
         margin = np.asarray(cost_fn(one.next_obs, obs_std, jnp.asarray(kappa, jnp.float32))).mean(axis=0)
     else:  # the model's cost output and the cost_std margin
         nominal = np.asarray(one.cost).mean(axis=0)

@@ -59,7 +59,6 @@ class RolloutCarry(NamedTuple):
     cost_sum: jax.Array  # [E, M] predicted cost without the CAP penalty summed so far
     uncertainty_sum: jax.Array  # [N] CAP uncertainty u summed so far (``uncertainty`` kinds)
     margin_sum: jax.Array  # [E, M] CAP safety-margin cost summed so far (``cost_fn``)
-    step: jax.Array  # [] int32 horizon step of the next model step
 
 
 class CemCarry(NamedTuple):
@@ -245,7 +244,7 @@ def rollout(model: Any, obs: jax.Array, actions: jax.Array, kappa: jax.Array, no
       P/E particles of the candidate (member disagreement on their own
       particles; includes sampling noise shrunk by sqrt(P/E)).
 
-    With ``cost_fn(next_obs[E,M,S], obs_std[E,M,S], kappa) -> [E,M]`` (planner
+    With ``cost_fn(next_obs[E,M,S], obs_std[E,M,S] or None, kappa) -> [E,M]`` (planner
     ``cost_model: observation``) the step cost is not the model's cost output
     but the environment's cost formula applied to each particle's predicted
     next observation, and the CAP penalty is a safety margin in standard
@@ -303,12 +302,11 @@ def rollout(model: Any, obs: jax.Array, actions: jax.Array, kappa: jax.Array, no
         spread = member_means.std(axis=0)  # [N, S] member disagreement
         return expand(jnp.broadcast_to(spread, (num_members,) + spread.shape))
 
-    def accumulate(carry: RolloutCarry, out, means: jax.Array) -> RolloutCarry:
+    def accumulate(carry: RolloutCarry, out, means: jax.Array, weight: jax.Array) -> RolloutCarry:
         next_state = shard(jnp.clip(out.next_obs, -state_clip, state_clip), 1)  # [E, M, S]
-        weight = weights[carry.step]
         uncertainty_sum, margin_sum = carry.uncertainty_sum, carry.margin_sum
         if cost_fn is not None:
-            step_cost = cost_fn(out.next_obs, jnp.zeros_like(out.next_obs), 0.0)  # [E, M]
+            step_cost = cost_fn(out.next_obs, None, 0.0)  # [E, M], no margin
             if penalise:
                 margin_sum = margin_sum + weight * (
                     cost_fn(out.next_obs, margin_std(out, means), kappa) - step_cost)
@@ -319,17 +317,17 @@ def rollout(model: Any, obs: jax.Array, actions: jax.Array, kappa: jax.Array, no
                     out, kind=uncertainty, num_members=num_members, num_candidates=num_cand,
                     particles_per_member=particles_per_member)
         return RolloutCarry(next_state, carry.reward_sum + weight * out.reward, carry.cost_sum + weight * step_cost,
-                            uncertainty_sum, margin_sum, carry.step + 1)
+                            uncertainty_sum, margin_sum)
 
     def one_step(carry: RolloutCarry, inputs) -> tuple[RolloutCarry, None]:
-        action, step_noise = inputs  # [N, A]
-        return accumulate(carry, *advance(carry.state, action, step_noise)), None
+        action, step_noise, weight = inputs  # [N, A], noise, []
+        return accumulate(carry, *advance(carry.state, action, step_noise), weight), None
 
     zeros_em = jnp.zeros((num_members, samples_per_member), jnp.float32)
-    carry = accumulate(RolloutCarry(None, zeros_em, zeros_em, jnp.zeros((num_cand,), jnp.float32), zeros_em,
-                                    jnp.zeros((), jnp.int32)), first, first_means)
+    carry = accumulate(RolloutCarry(None, zeros_em, zeros_em, jnp.zeros((num_cand,), jnp.float32), zeros_em),
+                       first, first_means, weights[0])
     later_actions = jnp.swapaxes(actions[:, 1:], 0, 1)  # [H-1, N, A]
-    carry, _ = jax.lax.scan(one_step, carry, (later_actions, noise[1:]), unroll=scan_unroll)
+    carry, _ = jax.lax.scan(one_step, carry, (later_actions, noise[1:], weights[1:]), unroll=scan_unroll)
 
     def particle_mean(x):  # [E, M] -> [N]
         return x.reshape(num_members, num_cand, particles_per_member).mean(axis=(0, 2))
@@ -571,22 +569,26 @@ def make_planner(
                    price_lower=lower, price_upper=upper, horizon=cfg.horizon, mode=cfg.mode)
 
 
-def observation_cost(next_obs: jax.Array, obs_std: jax.Array, kappa, *, num_stations: int, loading_limit: float,
-                     carbon_index: int, carbon_scale: float, carbon_limit: float, carbon_divisor: float) -> jax.Array:
+def observation_cost(next_obs: jax.Array, obs_std: Optional[jax.Array], kappa, *, num_stations: int,
+                     loading_limit: float, carbon_index: int, carbon_scale: float, carbon_limit: float,
+                     carbon_divisor: float) -> jax.Array:
     """The environment's step cost (``env.step_cost``) on predicted observations [..., S], with a safety margin.
 
     c = sum_k max(0, L_k + kappa_line * sd(L_k) - limit) + max(0, CI + kappa_carbon * sd(CI) - CI_max) / divisor,
     L = next_obs[..., :K] the monitored line loadings, CI = next_obs[..., carbon_index] * carbon_scale the
-    constrained carbon measure, sd their predicted stds ``obs_std`` [..., S]. ``kappa`` is a scalar (one
+    constrained carbon measure, sd their predicted stds ``obs_std`` [..., S] (None: no margin, the nominal
+    cost; ``kappa`` is then not used). ``kappa`` is a scalar (one
     multiplier for both constraints) or [2] (line, carbon). Not modelled: the voltage term (not observed;
     ``grid.voltage_cost`` must be off) and the zero carbon cost of a step without EV energy (every evening
     step of the data charges EVs).
     """
-    kappa = jnp.reshape(jnp.asarray(kappa, jnp.float32), (-1,))
-    kappa_line, kappa_carbon = kappa[0], kappa[-1]
-    loading = next_obs[..., :num_stations] + kappa_line * obs_std[..., :num_stations]
+    loading, intensity = next_obs[..., :num_stations], next_obs[..., carbon_index]
+    if obs_std is not None:
+        kappa = jnp.reshape(jnp.asarray(kappa, jnp.float32), (-1,))
+        loading = loading + kappa[0] * obs_std[..., :num_stations]
+        intensity = intensity + kappa[-1] * obs_std[..., carbon_index]
     line = jnp.sum(jnp.maximum(0.0, loading - loading_limit), axis=-1)
-    intensity = (next_obs[..., carbon_index] + kappa_carbon * obs_std[..., carbon_index]) * carbon_scale
+    intensity = intensity * carbon_scale
     return line + jnp.maximum(0.0, intensity - carbon_limit) / carbon_divisor
 
 

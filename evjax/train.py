@@ -149,7 +149,7 @@ class Trainer:
         agent.reset_episode()
         episode_reward = episode_cost = line_cost = carbon_cost = 0.0
         plan_seconds, diagnostics, losses = [], [], []
-        transitions = []
+        first_row = int(self.state["buffer"]["size"])  # this episode's transitions follow in the buffer
         model = episode_model = self._planning_model()
         kappa_planned = agent.kappa
         for _ in range(cfg.env.episode_steps):
@@ -160,7 +160,6 @@ class Trainer:
                 diagnostics.append(agent.last_diagnostics)
             next_obs, reward, terminated, truncated, info = env.step(action)
             replay.add(self.state["buffer"], obs, action, reward, info["cost"], next_obs)
-            transitions.append((obs, action, reward, info["cost"], next_obs))
             episode_reward += float(reward)
             episode_cost += float(info["cost"])
             line_cost += float(np.nan_to_num(info["cost_line"]))
@@ -180,7 +179,7 @@ class Trainer:
         errors, calibration = {name: float("nan") for name in ERROR_COLUMNS}, []
         if episode_model is not None:
             errors, calibration = episode_diagnostics(cfg, self.parts.dynamics, episode_model, kappa_planned,
-                                                      *[np.asarray(x, np.float64) for x in zip(*transitions)])
+                                                      *[x[first_row:] for x in replay.contents(self.state["buffer"])])
         row = {
             "epoch": epoch,
             "reward": episode_reward,
