@@ -32,6 +32,8 @@ ABLATIONS = {  # name -> (what changes, overrides of the default config)
                       "planner.kappa_lr=0.01", "evaluation.fixed_kappa=19.0"]),
     "predicted_margin": ("CAP margin in each particle's predicted stds instead of member disagreement",
                          ["planner.margin_std=predicted"]),
+    "independent_noise": ("model noise drawn for each candidate's particles (common random numbers across CEM "
+                          "iterations only)", ["planner.shared_noise=false"]),
     "kappa_per_constraint": ("one kappa for the lines and one for carbon", ["planner.kappa_per_constraint=true"]),
     "full_horizon": ("horizon steps after the episode's end count", ["planner.stop_at_episode_end=false"]),
     "horizon_6": ("planning horizon 6 steps", ["planner.horizon=6"]),

@@ -116,7 +116,10 @@ def main(argv=None) -> int:
             emit({"what": "plan", "kernel": kernel, "error": str(exc)})
             continue
         for batch in [1] + batches:
-            obs = jnp.asarray(np.random.default_rng(batch).normal(size=(batch, cfg.obs_dim)), jnp.float32)
+            obs = np.random.default_rng(batch).normal(size=(batch, cfg.obs_dim))
+            if cfg.env.time_features:
+                obs[:, -1] = 0.0  # the episode's first step: the full horizon is planned
+            obs = jnp.asarray(obs, jnp.float32)
             warm = jnp.broadcast_to(planner.initial_warm_start(), (batch, pcfg.horizon, cfg.action_dim))
             kappa = jnp.full((batch,), pcfg.kappa_init, jnp.float32)
             if batch == 1:

@@ -12,9 +12,13 @@ processes hits plans and ceilings alike. ``--breakdown`` also times the pieces
 of one plan; ``--sampled-steps`` plans through ``dyn.step`` with its own noise
 instead of the planner's mean-step path. ``--batch B`` times ``planner.plan_batch``
 over B different observations and keys instead (one compiled call plans for B
-environments) and also reports plans per second.
+environments) and also reports plans per second. The observation's time feature is
+``--steps-done`` / 12 (default 0, the episode's first step, which plans the full horizon:
+with ``planner.stop_at_episode_end`` a plan at step t computes only the 12 - t horizon
+steps left in the episode).
 
     python benchmarks/planner.py [--json] [--matmul-dtype bfloat16|float32] [--repeats 10] [--batch B] [--tile-rows R]
+                                [--steps-done T]
 """
 
 from __future__ import annotations
@@ -64,6 +68,8 @@ def main(argv=None) -> int:
                         help="time planner.plan_batch over B environments (0: single plans)")
     parser.add_argument("--vmap", action="store_true",
                         help="with --batch on CPU: vmap the plans instead of running them one after another")
+    parser.add_argument("--steps-done", type=int, default=0,
+                        help="steps of the episode already done, in the observation's time feature (default 0)")
     args = parser.parse_args(argv)
 
     cfg = Config()
@@ -84,7 +90,13 @@ def main(argv=None) -> int:
         planner = make_model_planner(cfg, dyn)
 
     batch = args.batch
-    obs = jnp.asarray(np.random.default_rng(0).normal(size=(batch or 1, obs_dim)), jnp.float32)  # [B, S]
+    obs = np.random.default_rng(0).normal(size=(batch or 1, obs_dim))
+    if cfg.env.time_features:
+        obs[:, -1] = args.steps_done / cfg.env.episode_steps
+    obs = jnp.asarray(obs, jnp.float32)  # [B, S]
+    horizon = pcfg.horizon  # horizon steps computed per candidate
+    if pcfg.stop_at_episode_end and cfg.env.time_features:
+        horizon = max(1, min(pcfg.horizon, cfg.env.episode_steps - args.steps_done))
     warm = jnp.broadcast_to(planner.initial_warm_start(), (batch or 1,) + planner.initial_warm_start().shape)
     kappa = jnp.full((batch or 1,), pcfg.kappa_init, jnp.float32)  # [B]
     if batch:
@@ -117,7 +129,7 @@ def main(argv=None) -> int:
     layer_sizes = [obs_dim + action_dim, *cfg.model.hidden_sizes, 2 * (obs_dim + 2)]
     # forward rows actually evaluated: with mean_step_fn the first step runs once per (member, candidate)
     first_step_rows = pcfg.popsize * (pcfg.particles if args.sampled_steps else dyn.ensemble_size)
-    rows_per_iteration = first_step_rows + pcfg.popsize * pcfg.particles * (pcfg.horizon - 1)
+    rows_per_iteration = first_step_rows + pcfg.popsize * pcfg.particles * (horizon - 1)
     gflop = forward_flops(layer_sizes) * rows_per_iteration * int(jnp.sum(diag.iterations)) / 1e9  # per call
     median = statistics.median(seconds)
     achieved = gflop / median
@@ -139,6 +151,8 @@ def main(argv=None) -> int:
         "device": f"{jax.devices()[0].device_kind} x{len(jax.devices())} ({os.cpu_count()} cpus)",
         "step_path": "sampled" if args.sampled_steps else "mean + planner noise",
         "tile_rows": tile_rows,
+        "steps_done": args.steps_done,
+        "horizon_steps_computed": horizon,
         "load_average_1min": os.getloadavg()[0],
     }
     if batch:

@@ -192,22 +192,41 @@ def expand_particles(x: jax.Array, *, particles_per_member: int) -> jax.Array:
 
 
 def add_noise(out, noise: jax.Array):
-    """Sample = predicted mean + std * eps for the obs-delta, reward and cost outputs (std applied once)."""
+    """Sample = predicted mean + std * eps for the obs-delta, reward and cost outputs (std applied once).
+
+    ``noise`` is eps [E, M, S+2], one draw per particle, or [E, P/E, S+2], the
+    same P/E draws for every candidate (``shared_noise``: candidate m's particle
+    p gets eps[:, p]).
+    """
     state_dim = out.next_obs.shape[-1]
-    sample = out.std * noise  # [E, M, S+2]
+    if noise.shape[1] == out.std.shape[1]:
+        sample = out.std * noise  # [E, M, S+2]
+    else:
+        members, samples, width = out.std.shape
+        per_candidate = noise.shape[1]
+        sample = (out.std.reshape(members, samples // per_candidate, per_candidate, width)
+                  * noise[:, None]).reshape(out.std.shape)  # [E, M, S+2]
     return out._replace(next_obs=out.next_obs + sample[..., :state_dim],
                         reward=out.reward + sample[..., state_dim], cost=out.cost + sample[..., state_dim + 1])
 
 
 def draw_model_noise(key: jax.Array, num_candidates: int, state_dim: int, *, horizon: int, num_members: int,
-                     particles_per_member: int, planner_samples: bool, shard: Callable = no_sharding):
+                     particles_per_member: int, planner_samples: bool, shared: bool = False,
+                     shard: Callable = no_sharding):
     """Model noise of one plan, reused by every CEM iteration (common random numbers).
 
     With ``planner_samples`` (a ``mean_step_fn``): eps [H, E, M, S+2] standard
-    normals; otherwise the H step keys handed to ``step_fn``.
+    normals, or with ``shared`` eps [H, E, P/E, S+2], the same draws for every
+    candidate, so that candidates differ only in what their actions do (with
+    30 particles per candidate, independent draws leave a sampling error in each
+    candidate's score that the elite selection picks up: the elites are the
+    lucky draws, not the good actions). Otherwise the H step keys handed to
+    ``step_fn``.
     """
     if not planner_samples:
         return jax.random.split(key, horizon)
+    if shared:
+        return jax.random.normal(key, (horizon, num_members, particles_per_member, state_dim + 2), jnp.float32)
     shape = (horizon, num_members, num_candidates * particles_per_member, state_dim + 2)
     return shard(jax.random.normal(key, shape, jnp.float32), 2)
 
@@ -261,7 +280,9 @@ def rollout(model: Any, obs: jax.Array, actions: jax.Array, kappa: jax.Array, no
     README, "Safety").
 
     ``step_weights_fn(obs) -> [H]`` weights each horizon step's reward and cost
-    (0 for the steps after the episode's end; None: all 1).
+    (0 for the steps after the episode's end; None: all 1). The horizon steps
+    after the first of weight 0 are not computed (``step_weights_fn`` must give
+    weights that stay 0 once they reach it).
     """
     num_cand, horizon, action_dim = actions.shape
     chex.assert_shape(actions, (num_cand, horizon, action_dim))  # [N, H, A]
@@ -321,7 +342,15 @@ def rollout(model: Any, obs: jax.Array, actions: jax.Array, kappa: jax.Array, no
 
     def one_step(carry: RolloutCarry, inputs) -> tuple[RolloutCarry, None]:
         action, step_noise, weight = inputs  # [N, A], noise, []
-        return accumulate(carry, *advance(carry.state, action, step_noise), weight), None
+
+        def live(carry: RolloutCarry) -> RolloutCarry:
+            return accumulate(carry, *advance(carry.state, action, step_noise), weight)
+
+        if step_weights_fn is None:
+            return live(carry), None
+        # a step of weight 0 (after the episode's end) adds nothing: skip its forward passes (lax.cond runs one
+        # branch; under vmap it becomes a select of both). Over an episode this halves the planner's work.
+        return jax.lax.cond(weight > 0, live, lambda carry: carry, carry), None
 
     zeros_em = jnp.zeros((num_members, samples_per_member), jnp.float32)
     carry = accumulate(RolloutCarry(None, zeros_em, zeros_em, jnp.zeros((num_cand,), jnp.float32), zeros_em),
@@ -526,7 +555,7 @@ def make_planner(
         penalise=cfg.mode == "cap", step_weights_fn=step_weights_fn, margin_std_kind=cfg.margin_std)
     noise_fn = functools.partial(draw_model_noise, horizon=cfg.horizon, num_members=num_members,
                                  particles_per_member=particles_per_member, planner_samples=mean_step_fn is not None,
-                                 shard=shard)
+                                 shared=cfg.shared_noise, shard=shard)
     plan_settings = dict(
         rollout_fn=rollout_fn, noise_fn=noise_fn, lower=lower, upper=upper, num_candidates=cfg.popsize,
         num_elites=cfg.num_elites, iterations=cfg.iterations, min_variance=cfg.min_variance,

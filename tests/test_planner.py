@@ -158,6 +158,51 @@ def test_disagreement_uncertainty_is_member_spread():
     np.testing.assert_allclose(float(diag.uncertainty_penalty), expected, rtol=1e-5)
 
 
+def noisy_reward_step(model, obs, act):
+    """Mean step of ``bowl_step`` with a reward std of 1: the sampled reward is -||a - target||^2 + eps."""
+    out = bowl_step(model, obs, act, None)
+    return out._replace(std=out.std.at[..., STATE_DIM].set(1.0))
+
+
+def rollout_values(shared: bool, actions, noise_key=jax.random.key(3)):
+    """``cem.rollout`` of candidate ``actions`` [N, H, A] through ``noisy_reward_step`` (5 members, 2 particles each)."""
+    members, per_member = MEMBERS, 2
+    noise = cem.draw_model_noise(noise_key, actions.shape[0], STATE_DIM, horizon=actions.shape[1],
+                                 num_members=members, particles_per_member=per_member, planner_samples=True,
+                                 shared=shared)
+    values = cem.rollout({"target": jnp.asarray(TARGET, jnp.float32)}, jnp.zeros(STATE_DIM), actions,
+                         jnp.float32(0.0), noise, step_fn=None, mean_step_fn=noisy_reward_step,
+                         num_members=members, particles_per_member=per_member, state_clip=1e6, uncertainty=None,
+                         scale=1.0, nan_reward=-1e6, nan_cost=1e6, scan_unroll=1)
+    return noise, values
+
+
+def test_shared_noise_scores_identical_candidates_identically():
+    """With shared noise, candidates with the same actions get the same sampled reward, and two candidates'
+    scores differ by exactly their noise-free reward difference; independent draws add a sampling error."""
+    actions = jnp.broadcast_to(jnp.asarray(TARGET, jnp.float32), (6, SMALL.horizon, 3))
+    actions = actions.at[3:].add(0.1)  # candidates 3..5 are 0.1 off the target in every price: reward -0.03 a step
+    noise, shared = rollout_values(True, actions)
+    chex.assert_shape(noise, (SMALL.horizon, MEMBERS, 2, STATE_DIM + 2))  # [H, E, P/E, S+2]: no candidate axis
+    np.testing.assert_allclose(np.asarray(shared.reward[:3]), float(shared.reward[0]), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(float(shared.reward[0] - shared.reward[3]), SMALL.horizon * 0.03, rtol=1e-4)
+    _, independent = rollout_values(False, actions)
+    assert np.ptp(np.asarray(independent.reward[:3])) > 0.05  # sum of 3 steps of N(0, 1) over 10 particles
+
+
+def test_shared_noise_equals_per_particle_noise_tiled_over_candidates():
+    """Shared draws [H, E, P/E, S+2] act as per-particle draws with candidate n's particle p taking draw p."""
+    actions = jax.random.uniform(jax.random.key(0), (4, SMALL.horizon, 3), minval=1.1, maxval=1.5)
+    noise, shared = rollout_values(True, actions)
+    tiled = jnp.tile(noise, (1, 1, actions.shape[0], 1))  # [H, E, N * P/E, S+2], candidate-major particles
+    members, per_member = MEMBERS, 2
+    values = cem.rollout({"target": jnp.asarray(TARGET, jnp.float32)}, jnp.zeros(STATE_DIM), actions,
+                         jnp.float32(0.0), tiled, step_fn=None, mean_step_fn=noisy_reward_step,
+                         num_members=members, particles_per_member=per_member, state_clip=1e6, uncertainty=None,
+                         scale=1.0, nan_reward=-1e6, nan_cost=1e6, scan_unroll=1)
+    np.testing.assert_allclose(np.asarray(values.reward), np.asarray(shared.reward), rtol=1e-6)
+
+
 def test_nan_predictions_give_a_finite_action_away_from_them():
     """The model returns NaN reward, cost and state for a_1 > 1.3; the plan stays finite and below 1.3."""
     def step(model, obs, act, key):
@@ -263,7 +308,8 @@ def test_plan_batch_equals_single_plans(path):
         return out._replace(std=std)
 
     kwargs = {"mean_step_fn": uncertain_step} if path == "mean_step_fn" else {}
-    cfg = dataclasses.replace(SMALL, cost_limit=0.2, min_variance=1e-3)
+    # independent noise per candidate keeps the noisy plans from collapsing their variance early
+    cfg = dataclasses.replace(SMALL, cost_limit=0.2, min_variance=1e-3, shared_noise=False)
     planner = make_planner(cfg, LOWER, UPPER, MEMBERS, uncertain_step, **kwargs)
     model = {"target": jnp.asarray(TARGET, jnp.float32)}
     batch = 3
@@ -481,7 +527,9 @@ class NoiseModel:
 
 @pytest.mark.parametrize("path", ["step_fn", "mean_step_fn"])
 def test_every_particle_draws_its_own_noise(path):
-    cfg = dataclasses.replace(SMALL, popsize=2000, particles=10)
+    """Without ``shared_noise`` the particle means of identical candidates scatter with variance (H - 1) / P;
+    with it (mean_step_fn path) every candidate sees the same draws and they all score the same."""
+    cfg = dataclasses.replace(SMALL, popsize=2000, particles=10, shared_noise=False)
     kwargs = {"mean_step_fn": NoiseModel.mean_step} if path == "mean_step_fn" else {}
     planner = make_planner(cfg, LOWER, UPPER, MEMBERS, NoiseModel.step, **kwargs)
     actions = jnp.broadcast_to(planner.initial_warm_start(), (cfg.popsize, cfg.horizon, 3))
@@ -490,6 +538,11 @@ def test_every_particle_draws_its_own_noise(path):
     standard_error = expected * np.sqrt(2.0 / cfg.popsize)
     assert abs(float(jnp.var(values.reward)) - expected) < 4 * standard_error
     assert abs(float(jnp.mean(values.reward))) < 4 * np.sqrt(expected / cfg.popsize)
+    if path == "mean_step_fn":
+        shared = make_planner(dataclasses.replace(cfg, shared_noise=True), LOWER, UPPER, MEMBERS, NoiseModel.step,
+                              **kwargs)
+        values = jax.jit(shared.evaluate)(jax.random.key(0), None, jnp.zeros(STATE_DIM), actions, 0.0)
+        assert float(jnp.ptp(values.reward)) == 0.0 and float(jnp.abs(values.reward[0])) > 0.0
 
 
 def test_mean_step_path_shares_the_first_forward_pass():

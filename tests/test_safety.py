@@ -89,6 +89,24 @@ def test_rollout_prices_the_predicted_observation_with_its_margin(mode):
     np.testing.assert_allclose(values.penalty, 2 * margin, atol=1e-6)
 
 
+def nan_after_the_end_step(model, obs, act, key):
+    """As ``loading_step`` inside the episode; from a state at or past its end (t / T >= 1) everything is NaN."""
+    out = loading_step(model, obs, act, key)
+    past = obs[..., -1:] >= 1.0 - 1e-6  # [E, M, 1]
+    return out._replace(next_obs=jnp.where(past, jnp.nan, out.next_obs),
+                        reward=jnp.where(past[..., 0], jnp.nan, out.reward))
+
+
+def test_horizon_steps_after_the_episode_are_not_computed():
+    """Two steps are left: the third horizon step is skipped, not computed and weighted 0 (0 x NaN would be NaN,
+    scored as the NaN reward -1e6)."""
+    planner = make_test_planner("cap", "predicted", nan_after_the_end_step)
+    values = planner.evaluate(jax.random.key(0), None, jnp.asarray(OBS_TWO_LEFT), jnp.full((4, 3, 3), 1.3),
+                              jnp.asarray(1.5))
+    np.testing.assert_allclose(values.reward, 2.0, rtol=1e-6)
+    np.testing.assert_allclose(values.cost, 0.1 + 2 * 1.5 * 0.02, atol=1e-6)
+
+
 def disagreeing_step(model, obs, act, key):
     """As ``loading_step``, but member 0 raises L1 by 0.08 and member 1 by 0.12 per step (rows are members)."""
     out = loading_step(model, obs, act, key)
