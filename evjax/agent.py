@@ -107,13 +107,14 @@ class Agent:
         lower, upper = self.planner.price_lower, self.planner.price_upper
         return np.asarray(jax.random.uniform(key, lower.shape, jnp.float32, lower, upper), dtype=np.float64)
 
-    def act(self, key: jax.Array, model: Any, obs) -> np.ndarray:
-        """Prices to post now, [A] (float64): random before the model is fitted, else the plan's first action.
+    def act(self, key: jax.Array, model: Any, obs, explore: bool = False) -> np.ndarray:
+        """Prices to post now, [A] (float64): random before the model is fitted or with ``explore``, else the plan's
+        first action.
 
         Planning replaces the warm start with the plan's shifted mean and stores
         the plan's diagnostics (python floats, with kappa) in ``last_diagnostics``.
         """
-        if not self.fitted:
+        if explore or not self.fitted:
             self.last_diagnostics = None
             return self.random_action(key)
         action, warm_start, diagnostics = self.planner.plan(key, model, obs, self._state.warm_start,

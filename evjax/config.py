@@ -228,6 +228,7 @@ class TrainingConfig(Section):
     seed: int = 0  # seeds the environment, model and planner
     epochs: int = 50  # episodes of training
     model_train_freq: int = 12  # refit the model on all data every this many steps
+    random_episodes: int = 5  # the first episodes post uniform random prices (exploration; the planner takes over after them, and never before the first model fit)
     best_cost_threshold: float = 0.2  # "best" checkpoint only among episodes with cost <= this (SPEC: 3.6, README)
     best_selection: Literal["paired", "reward"] = "paired"  # rank episodes for "best" by reward minus a fixed-price episode's on the same day and seed, or by raw reward
     run_root: str = "runs"  # parent of timestamped run directories
@@ -428,6 +429,7 @@ FIELD_RULES: dict[str, dict[str, Rule | tuple[Rule, ...]]] = {
         "seed": SEED,
         "epochs": POSITIVE,
         "model_train_freq": POSITIVE,
+        "random_episodes": NON_NEGATIVE,
         "best_cost_threshold": NON_NEGATIVE,
         "run_root": Rule(lambda v: v != "", "not be empty", ("",)),
     },

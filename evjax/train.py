@@ -1,11 +1,14 @@
 """Train the CAP agent on the real environment: ``python -m evjax.train`` (SPEC 11).
 
 Host side, not jittable. Each epoch is one episode on a training day. Prices
-are uniform random until the first model fit; the ensemble is refitted on all
-data every ``training.model_train_freq`` steps; the planner runs every step;
-kappa is updated after every episode. After every epoch the whole run state
-goes to the "latest" orbax checkpoint, and to "best" when the episode's score is
-the highest so far among episodes with cost <= ``training.best_cost_threshold``.
+are uniform random in the first ``training.random_episodes`` episodes and until
+the first model fit (exploration: the model learns which way prices move the
+load from data that does not follow one plan); the ensemble is refitted on all
+data every ``training.model_train_freq`` steps; the planner runs every step
+after that; kappa is updated after every episode the planner acted in. After
+every epoch the whole run state goes to the "latest" orbax checkpoint, and to
+"best" when the episode was planned and its score is the highest so far among
+episodes with cost <= ``training.best_cost_threshold``.
 The score (``training.best_selection: paired``) is the episode reward minus
 that of fixed mid-range prices on the same day and seed, so a busy day does
 not win by being busy. After each episode the model it planned with predicts
@@ -152,9 +155,10 @@ class Trainer:
         first_row = int(self.state["buffer"]["size"])  # this episode's transitions follow in the buffer
         model = episode_model = self._planning_model()
         kappa_planned = agent.kappa
+        explore = epoch < cfg.training.random_episodes
         for _ in range(cfg.env.episode_steps):
             tic = time.perf_counter()
-            action = agent.act(self._next_key(), model, obs)
+            action = agent.act(self._next_key(), model, obs, explore=explore)
             if agent.last_diagnostics is not None:
                 plan_seconds.append(time.perf_counter() - tic)
                 diagnostics.append(agent.last_diagnostics)
@@ -171,7 +175,8 @@ class Trainer:
             if terminated or truncated:
                 break
         kappa_used = agent.kappa_log()
-        agent.end_episode(episode_cost, (line_cost, carbon_cost))
+        if diagnostics:  # kappa adapts to the episodes its planner acted in, not to random exploration
+            agent.end_episode(episode_cost, (line_cost, carbon_cost))
         kappa_next = agent.kappa_log()
         self.state["agent"] = agent.state()
         self.state["epoch"] = np.asarray(epoch, np.int64)
@@ -202,7 +207,8 @@ class Trainer:
             "epoch_seconds": time.perf_counter() - start,
         }
         score = row["paired_reward"] if cfg.training.best_selection == "paired" else episode_reward
-        is_best = episode_cost <= cfg.training.best_cost_threshold and score > float(self.state["best_reward"])
+        is_best = (bool(diagnostics) and episode_cost <= cfg.training.best_cost_threshold
+                   and score > float(self.state["best_reward"]))  # only an episode the planner acted in
         if is_best:
             self.state["best_reward"] = np.asarray(score, np.float64)
         # Order matters for a kill at any moment: the CSV rows and "best" are rewritten

@@ -54,6 +54,16 @@ def test_random_prices_before_fit_are_in_bounds_and_deterministic():
     assert agent.last_diagnostics is None
 
 
+def test_exploring_after_fit_posts_the_random_prices_and_keeps_the_warm_start():
+    agent = make_agent()
+    random_prices = agent.act(jax.random.key(3), None, OBS)
+    agent.mark_fitted()
+    np.testing.assert_array_equal(agent.act(jax.random.key(3), MODEL, OBS, explore=True), random_prices)
+    assert agent.last_diagnostics is None
+    np.testing.assert_array_equal(agent.state().warm_start, agent.planner.initial_warm_start())
+    assert np.max(np.abs(agent.act(jax.random.key(3), MODEL, OBS) - TARGET)) < 0.02  # plans again without it
+
+
 def test_plans_after_fit_and_keeps_the_shifted_warm_start():
     agent = make_agent()
     agent.mark_fitted()

@@ -56,6 +56,7 @@ def test_new_definitions_are_the_defaults_and_the_source_preset_restores_the_old
                        kappa_lr=0.01, cost_limit=6.0)
     assert source.planner == dataclasses.replace(cfg.planner, **old_planner)  # the source's planner, nothing else
     assert source.grid == cfg.grid and source.evaluation.fixed_kappa == 19.0
+    assert source.training == dataclasses.replace(cfg.training, random_episodes=1)
 
 
 @pytest.mark.parametrize("override, key", [
