@@ -236,7 +236,7 @@ def rollout(model: Any, obs: jax.Array, actions: jax.Array, kappa: jax.Array, no
             state_clip: float, uncertainty: Optional[str], scale: float, nan_reward: float, nan_cost: float,
             scan_unroll: int, shard: Callable = no_sharding, cost_fn: Optional[Callable] = None,
             penalise: bool = True, step_weights_fn: Optional[Callable] = None,
-            margin_std_kind: str = "disagreement") -> CandidateValues:
+            margin_std_kind: str = "disagreement", skip_unweighted: bool = True) -> CandidateValues:
     """Roll N candidate sequences actions [N, H, A] out from obs [S] through the ensemble and score them.
 
     Step 3 of ``cem_plan``; ``noise`` comes from ``draw_model_noise``.
@@ -280,9 +280,9 @@ def rollout(model: Any, obs: jax.Array, actions: jax.Array, kappa: jax.Array, no
     README, "Safety").
 
     ``step_weights_fn(obs) -> [H]`` weights each horizon step's reward and cost
-    (0 for the steps after the episode's end; None: all 1). The horizon steps
-    after the first of weight 0 are not computed (``step_weights_fn`` must give
-    weights that stay 0 once they reach it).
+    (0 for the steps after the episode's end; None: all 1). With
+    ``skip_unweighted`` the horizon steps of weight 0 are not computed
+    (``step_weights_fn`` must give weights that stay 0 once they reach it).
     """
     num_cand, horizon, action_dim = actions.shape
     chex.assert_shape(actions, (num_cand, horizon, action_dim))  # [N, H, A]
@@ -346,7 +346,7 @@ def rollout(model: Any, obs: jax.Array, actions: jax.Array, kappa: jax.Array, no
         def live(carry: RolloutCarry) -> RolloutCarry:
             return accumulate(carry, *advance(carry.state, action, step_noise), weight)
 
-        if step_weights_fn is None:
+        if step_weights_fn is None or not skip_unweighted:
             return live(carry), None
         # a step of weight 0 (after the episode's end) adds nothing: skip its forward passes (lax.cond runs one
         # branch; under vmap it becomes a select of both). Over an episode this halves the planner's work.
@@ -552,7 +552,10 @@ def make_planner(
         particles_per_member=particles_per_member, state_clip=cfg.state_clip,
         uncertainty=cfg.uncertainty if cfg.mode == "cap" else None, scale=cost_scale(cfg.gamma, cfg.horizon),
         nan_reward=cfg.nan_reward, nan_cost=cfg.nan_cost, scan_unroll=scan_unroll, shard=shard, cost_fn=cost_fn,
-        penalise=cfg.mode == "cap", step_weights_fn=step_weights_fn, margin_std_kind=cfg.margin_std)
+        penalise=cfg.mode == "cap", step_weights_fn=step_weights_fn, margin_std_kind=cfg.margin_std,
+        # on CPU the skip saves the skipped steps' work; on a GPU a conditional inside the unrolled horizon
+        # costs a predicate read per step, and a plan with it took 6.6 ms on an H200 (README, "Benchmarks")
+        skip_unweighted=jax.default_backend() == "cpu")
     noise_fn = functools.partial(draw_model_noise, horizon=cfg.horizon, num_members=num_members,
                                  particles_per_member=particles_per_member, planner_samples=mean_step_fn is not None,
                                  shared=cfg.shared_noise, shard=shard)
