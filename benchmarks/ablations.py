@@ -34,6 +34,10 @@ ABLATIONS = {  # name -> (what changes, overrides of the default config)
                          ["planner.margin_std=predicted"]),
     "independent_noise": ("model noise drawn for each candidate's particles (common random numbers across CEM "
                           "iterations only)", ["planner.shared_noise=false"]),
+    "one_random_episode": ("random prices in the first episode only (SPEC's minimum; default 5 episodes)",
+                           ["training.random_episodes=1"]),
+    "cost_limit_1": ("cost limit 1.0 instead of 0.1 (more candidates feasible: the planner weighs reward more)",
+                     ["planner.cost_limit=1.0"]),
     "kappa_per_constraint": ("one kappa for the lines and one for carbon", ["planner.kappa_per_constraint=true"]),
     "full_horizon": ("horizon steps after the episode's end count", ["planner.stop_at_episode_end=false"]),
     "horizon_6": ("planning horizon 6 steps", ["planner.horizon=6"]),
