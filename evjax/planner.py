@@ -236,7 +236,8 @@ def rollout(model: Any, obs: jax.Array, actions: jax.Array, kappa: jax.Array, no
             state_clip: float, uncertainty: Optional[str], scale: float, nan_reward: float, nan_cost: float,
             scan_unroll: int, shard: Callable = no_sharding, cost_fn: Optional[Callable] = None,
             penalise: bool = True, step_weights_fn: Optional[Callable] = None,
-            margin_std_kind: str = "disagreement", skip_unweighted: bool = True) -> CandidateValues:
+            margin_std_kind: str = "disagreement", skip_unweighted: bool = True,
+            sample_noise: bool = True) -> CandidateValues:
     """Roll N candidate sequences actions [N, H, A] out from obs [S] through the ensemble and score them.
 
     Step 3 of ``cem_plan``; ``noise`` comes from ``draw_model_noise``.
@@ -279,6 +280,9 @@ def rollout(model: Any, obs: jax.Array, actions: jax.Array, kappa: jax.Array, no
     margin of a few of them drowned the cost differences between candidates:
     README, "Safety").
 
+    ``sample_noise`` False (with a ``mean_step_fn``): every particle follows its
+    member's predicted means, no aleatoric samples (``planner.particle_noise``).
+
     ``step_weights_fn(obs) -> [H]`` weights each horizon step's reward and cost
     (0 for the steps after the episode's end; None: all 1). With
     ``skip_unweighted`` the horizon steps of weight 0 are not computed
@@ -299,7 +303,7 @@ def rollout(model: Any, obs: jax.Array, actions: jax.Array, kappa: jax.Array, no
             out = step_fn(model, state, action, step_noise)
             return out, out.next_obs
         mean = mean_step_fn(model, state, action)
-        return add_noise(mean, step_noise), mean.next_obs
+        return (add_noise(mean, step_noise) if sample_noise else mean), mean.next_obs
 
     if mean_step_fn is None:
         state = shard(jnp.broadcast_to(obs, (num_members, samples_per_member, state_dim)), 1)  # [E, M, S]
@@ -309,7 +313,8 @@ def rollout(model: Any, obs: jax.Array, actions: jax.Array, kappa: jax.Array, no
         # (member, candidate), then P/E noisy samples from it
         first_mean = mean_step_fn(model, jnp.broadcast_to(obs, (num_members, num_cand, state_dim)),
                                   jnp.broadcast_to(actions[:, 0], (num_members, num_cand, action_dim)))
-        first = add_noise(jax.tree.map(expand, first_mean), noise[0])
+        first = jax.tree.map(expand, first_mean)
+        first = add_noise(first, noise[0]) if sample_noise else first
         first_means = expand(first_mean.next_obs)
 
     weights = (jnp.ones((horizon,), jnp.float32) if step_weights_fn is None
@@ -555,7 +560,7 @@ def make_planner(
         penalise=cfg.mode == "cap", step_weights_fn=step_weights_fn, margin_std_kind=cfg.margin_std,
         # on CPU the skip saves the skipped steps' work; on a GPU a conditional inside the unrolled horizon
         # costs a predicate read per step, and a plan with it took 6.6 ms on an H200 (README, "Benchmarks")
-        skip_unweighted=jax.default_backend() == "cpu")
+        skip_unweighted=jax.default_backend() == "cpu", sample_noise=cfg.particle_noise)
     noise_fn = functools.partial(draw_model_noise, horizon=cfg.horizon, num_members=num_members,
                                  particles_per_member=particles_per_member, planner_samples=mean_step_fn is not None,
                                  shared=cfg.shared_noise, shard=shard)

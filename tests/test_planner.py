@@ -190,6 +190,18 @@ def test_shared_noise_scores_identical_candidates_identically():
     assert np.ptp(np.asarray(independent.reward[:3])) > 0.05  # sum of 3 steps of N(0, 1) over 10 particles
 
 
+def test_without_particle_noise_every_particle_follows_its_members_means():
+    """``sample_noise`` False: the reward std of 1 is not sampled; each candidate scores its noise-free reward."""
+    actions = jnp.broadcast_to(jnp.asarray(TARGET, jnp.float32), (4, SMALL.horizon, 3)).at[2:].add(0.1)
+    noise = cem.draw_model_noise(jax.random.key(3), 4, STATE_DIM, horizon=SMALL.horizon, num_members=MEMBERS,
+                                 particles_per_member=2, planner_samples=True, shared=False)
+    values = cem.rollout({"target": jnp.asarray(TARGET, jnp.float32)}, jnp.zeros(STATE_DIM), actions,
+                         jnp.float32(0.0), noise, step_fn=None, mean_step_fn=noisy_reward_step,
+                         num_members=MEMBERS, particles_per_member=2, state_clip=1e6, uncertainty=None,
+                         scale=1.0, nan_reward=-1e6, nan_cost=1e6, scan_unroll=1, sample_noise=False)
+    np.testing.assert_allclose(np.asarray(values.reward), [0.0, 0.0, -0.09, -0.09], atol=1e-6)
+
+
 def test_shared_noise_equals_per_particle_noise_tiled_over_candidates():
     """Shared draws [H, E, P/E, S+2] act as per-particle draws with candidate n's particle p taking draw p."""
     actions = jax.random.uniform(jax.random.key(0), (4, SMALL.horizon, 3), minval=1.1, maxval=1.5)
