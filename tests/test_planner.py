@@ -202,6 +202,16 @@ def test_without_particle_noise_every_particle_follows_its_members_means():
     np.testing.assert_allclose(np.asarray(values.reward), [0.0, 0.0, -0.09, -0.09], atol=1e-6)
 
 
+def test_particle_noise_setting_reaches_the_rollout():
+    """``planner.particle_noise: false`` in the config: the planner scores candidates by their noise-free reward."""
+    cfg = dataclasses.replace(SMALL, popsize=4, num_elites=2, particles=10, particle_noise=False, mode="unconstrained")
+    planner = make_planner(cfg, LOWER, UPPER, MEMBERS, lambda *a: None, mean_step_fn=noisy_reward_step)
+    actions = jnp.broadcast_to(jnp.asarray(TARGET, jnp.float32), (4, cfg.horizon, 3)).at[2:].add(0.1)
+    values = planner.evaluate(jax.random.key(0), {"target": jnp.asarray(TARGET, jnp.float32)}, jnp.zeros(STATE_DIM),
+                              actions, 0.0)
+    np.testing.assert_allclose(np.asarray(values.reward), [0.0, 0.0, -0.09, -0.09], atol=1e-6)
+
+
 def test_shared_noise_equals_per_particle_noise_tiled_over_candidates():
     """Shared draws [H, E, P/E, S+2] act as per-particle draws with candidate n's particle p taking draw p."""
     actions = jax.random.uniform(jax.random.key(0), (4, SMALL.horizon, 3), minval=1.1, maxval=1.5)
