@@ -5,7 +5,7 @@
 #   bash benchmarks/reproduce_results.sh OUT [JOBS]
 #
 # JOBS runs train at the same time (default 2). On 2 CPU cores the whole job takes many hours (each default
-# training ~15 min idle); on a GPU machine with 16 cores and JOBS=19 it takes a few minutes. Results go to OUT:
+# training ~8 min idle); on a GPU machine with 16 cores and JOBS=12 (21 trainings at once) it takes about 6.5 min. Results go to OUT:
 # safety_while_learning.{csv,json,png}, runs/<variant>-seed<k>/ with eval/ for the trained agents,
 # ablations.{csv,md} (benchmarks/ablations.py) and agent_targets.md (benchmarks/agent_targets.py).
 # Environment: EVJAX_CONFIG (base config of every run), EVJAX_EVAL_DAYS (default 30), EVJAX_SEEDS (default
