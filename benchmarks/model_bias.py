@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 from pathlib import Path
 
 import jax
@@ -33,18 +32,12 @@ POLICIES = {"A (CS3 cheap)": np.array([1.4, 1.433, 1.2]), "B (CS1 cheap)": np.ar
 WARM_UP = 4
 
 
-def scorer(cfg, dyn, **cost_changes):
-    """``planner.evaluate`` of the run's planner, its observation cost with ``cost_changes`` bound."""
-    cost_fn = functools.partial(cem.make_cost_fn(cfg), **cost_changes)
-    tile_rows = (cfg.planner.tile_rows or cem.CPU_TILE_ROWS) if jax.default_backend() == "cpu" else 0
-    settings = dict(matmul_dtype=cfg.planner.matmul_dtype, tile_rows=tile_rows)
-    weights = functools.partial(cem.episode_step_weights, horizon=cfg.planner.horizon,
-                                episode_steps=cfg.env.episode_steps)
-    planner = cem.make_planner(cfg.planner, cfg.env.price_lower, cfg.env.price_upper, dyn.num_planning_members,
-                               functools.partial(dyn.step, **settings),
-                               mean_step_fn=functools.partial(dyn.step, key=None, mean_only=True, **settings),
-                               cost_fn=cost_fn, step_weights_fn=weights)
-    return jax.jit(planner.evaluate)
+def scorer(cfg, dyn, grid=None, carbon=None):
+    """Jitted ``planner.evaluate`` of the run's planner (``make_model_planner``), with the grid and carbon settings
+    replaced by ``grid`` / ``carbon`` (dicts of fields; a lifted limit leaves the other constraint's cost alone)."""
+    cfg = dataclasses.replace(cfg, grid=dataclasses.replace(cfg.grid, **(grid or {})),
+                              carbon=dataclasses.replace(cfg.carbon, **(carbon or {})))
+    return jax.jit(cem.make_model_planner(cfg, dyn).evaluate)
 
 
 def main(argv=None) -> int:
@@ -64,8 +57,8 @@ def main(argv=None) -> int:
     kappa = jnp.asarray(parts.agent.kappa, jnp.float32)
     mid = (np.asarray(cfg.env.price_lower) + np.asarray(cfg.env.price_upper)) / 2
     policies = {**POLICIES, "M (mid-range)": mid}
-    scorers = {"total": scorer(cfg, dyn), "line": scorer(cfg, dyn, carbon_limit=1e9),
-               "carbon": scorer(cfg, dyn, loading_limit=1e9)}
+    scorers = {"total": scorer(cfg, dyn), "line": scorer(cfg, dyn, carbon={"limit": 1e9}),
+               "carbon": scorer(cfg, dyn, grid={"loading_limit": 1e9})}
     day_ids = ev.evaluation_day_ids(dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation,
                                                                                            days=args.days)))
     predicted = {name: [] for name in policies}

@@ -15,7 +15,7 @@ over B different observations and keys instead (one compiled call plans for B
 environments) and also reports plans per second. The observation's time feature is
 ``--steps-done`` / 12 (default 0, the episode's first step, which plans the full horizon:
 with ``planner.stop_at_episode_end`` a plan at step t computes only the 12 - t horizon
-steps left in the episode).
+steps left in the episode, on CPU).
 
     python benchmarks/planner.py [--json] [--matmul-dtype bfloat16|float32] [--repeats 10] [--batch B] [--tile-rows R]
                                 [--steps-done T]
@@ -38,7 +38,7 @@ import numpy as np
 from common import make_matmul_chain, timed
 from evjax.config import Config
 from evjax.dynamics import make_dynamics
-from evjax.planner import CPU_TILE_ROWS, batch_plans, make_model_planner, make_planner
+from evjax.planner import CPU_TILE_ROWS, batch_plans, episode_step_weights, make_model_planner, make_planner
 
 
 def forward_flops(layer_sizes: list[int]) -> int:
@@ -94,9 +94,10 @@ def main(argv=None) -> int:
     if cfg.env.time_features:
         obs[:, -1] = args.steps_done / cfg.env.episode_steps
     obs = jnp.asarray(obs, jnp.float32)  # [B, S]
-    horizon = pcfg.horizon  # horizon steps computed per candidate
-    if pcfg.stop_at_episode_end and cfg.env.time_features:
-        horizon = max(1, min(pcfg.horizon, cfg.env.episode_steps - args.steps_done))
+    horizon = pcfg.horizon  # horizon steps computed per candidate (the first always is)
+    if pcfg.stop_at_episode_end and cfg.env.time_features and jax.default_backend() == "cpu":  # skipped on CPU
+        weights = episode_step_weights(obs[0], horizon=pcfg.horizon, episode_steps=cfg.env.episode_steps)
+        horizon = max(1, int(jnp.sum(weights)))
     warm = jnp.broadcast_to(planner.initial_warm_start(), (batch or 1,) + planner.initial_warm_start().shape)
     kappa = jnp.full((batch or 1,), pcfg.kappa_init, jnp.float32)  # [B]
     if batch:

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from evjax import evaluate as ev
-from evjax import oracle, twin
+from evjax import twin
 from evjax.config import Config
 from evjax.data.scenarios import num_days
 from evjax.dynamics import make_dynamics
@@ -42,7 +42,14 @@ class Twin:
     def __init__(self, cfg: Config):
         self.cfg, self.env = cfg, EVPricingEnv(cfg)
         self.params = twin.make_params(cfg, feeder=self.env.grid, travel=self.env.travel)
-        self.run_fn = jax.jit(oracle.open_loop_episodes)
+        self.run_fn = jax.jit(jax.vmap(self._episode, in_axes=(0, 0, 0, None)))
+
+    @staticmethod
+    def _episode(key, day, prices, params):
+        """One day at prices [T, A], as ``oracle.open_loop_episodes`` runs it: (first obs, obs after each step, info)."""
+        state, first = twin.reset(key, day, params)
+        _, (obs, _, _, info) = twin.rollout(key, state, prices, params)
+        return first, obs, info
 
     def run(self, split: str, day_ids, seeds, prices: np.ndarray):
         """(observations [D, T, S] before each step, next observations [D, T, S], info [D, T, ...])."""
@@ -50,13 +57,9 @@ class Twin:
         with jax.enable_x64(True):
             days = twin.stack_scenarios(scenarios, self.cfg, travel=self.env.travel)
             keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
-            first = jax.vmap(lambda k, d: twin.reset(k, d, self.params)[1])(keys, days)
-            _, info, _ = self.run_fn(keys, days, jnp.asarray(prices, jnp.float32), self.params)
-        info = {k: np.asarray(info[k]) for k in ("line_loading", "evs_present", "welfare", "carbon_intensity", "cost")}
-        env, steps = self.cfg.env, prices.shape[1]
-        time = np.broadcast_to((np.arange(1, steps + 1) / env.episode_steps)[None, :, None], info["cost"].shape + (1,))
-        nxt = np.concatenate([info["line_loading"], info["evs_present"], info["welfare"][..., None] / env.welfare_obs_scale,
-                              info["carbon_intensity"][..., None] / env.carbon_obs_scale, time], -1).astype(np.float32)
+            first, nxt, info = self.run_fn(keys, days, jnp.asarray(prices, jnp.float32), self.params)
+        info = {k: np.asarray(info[k]) for k in ("welfare", "carbon_intensity", "cost")}
+        nxt = np.asarray(nxt, np.float32)
         obs = np.concatenate([np.asarray(first, np.float32)[:, None], nxt[:, :-1]], 1)
         return obs, nxt, info
 

@@ -199,13 +199,9 @@ def add_noise(out, noise: jax.Array):
     p gets eps[:, p]).
     """
     state_dim = out.next_obs.shape[-1]
-    if noise.shape[1] == out.std.shape[1]:
-        sample = out.std * noise  # [E, M, S+2]
-    else:
-        members, samples, width = out.std.shape
-        per_candidate = noise.shape[1]
-        sample = (out.std.reshape(members, samples // per_candidate, per_candidate, width)
-                  * noise[:, None]).reshape(out.std.shape)  # [E, M, S+2]
+    members, samples, width = out.std.shape
+    draws = noise.shape[1]  # M (one per particle) or P/E (shared): eps repeats every ``draws`` particles
+    sample = (out.std.reshape(members, samples // draws, draws, width) * noise[:, None]).reshape(out.std.shape)
     return out._replace(next_obs=out.next_obs + sample[..., :state_dim],
                         reward=out.reward + sample[..., state_dim], cost=out.cost + sample[..., state_dim + 1])
 

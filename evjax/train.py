@@ -174,8 +174,9 @@ class Trainer:
             obs = next_obs
             if terminated or truncated:
                 break
+        planned = bool(diagnostics)  # the planner acted in this episode (not random exploration)
         kappa_used = agent.kappa_log()
-        if diagnostics:  # kappa adapts to the episodes its planner acted in, not to random exploration
+        if planned:  # kappa adapts to the planner's episodes only
             agent.end_episode(episode_cost, (line_cost, carbon_cost))
         kappa_next = agent.kappa_log()
         self.state["agent"] = agent.state()
@@ -207,8 +208,8 @@ class Trainer:
             "epoch_seconds": time.perf_counter() - start,
         }
         score = row["paired_reward"] if cfg.training.best_selection == "paired" else episode_reward
-        is_best = (bool(diagnostics) and episode_cost <= cfg.training.best_cost_threshold
-                   and score > float(self.state["best_reward"]))  # only an episode the planner acted in
+        is_best = (planned and episode_cost <= cfg.training.best_cost_threshold
+                   and score > float(self.state["best_reward"]))
         if is_best:
             self.state["best_reward"] = np.asarray(score, np.float64)
         # Order matters for a kill at any moment: the CSV rows and "best" are rewritten
