@@ -9,7 +9,10 @@ episode), and prints per method: compile s, run s, ms per decision
 and the paired per-day difference to the oracle. No checkpoint needed.
 
     python benchmarks/twin_evaluation.py [--days 30] [--methods fixed_mid fixed_upper random oracle]
-        [--popsize 500] [--iterations 5] [--json]
+        [--popsize 500] [--iterations 5] [--scenarios 4] [--json] [--steps-dir DIR]
+
+``--methods ... forecast_oracle`` adds the oracle without foresight of the arrivals (``evjax.oracle``), planning
+on ``--scenarios`` other draws of each day's demand (``evaluation.forecast_scenarios``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import dataclasses
 import json
 import os
 import time
+from pathlib import Path
 
 import jax
 
@@ -32,21 +36,28 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(evaluate.TWIN_METHODS))
     parser.add_argument("--popsize", type=int, default=None, help="evaluation.oracle_popsize (default: config's)")
     parser.add_argument("--iterations", type=int, default=None, help="evaluation.oracle_iterations")
+    parser.add_argument("--scenarios", type=int, default=None, help="evaluation.forecast_scenarios")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--steps-dir", type=Path, help="also write every step of every method to DIR/steps.csv")
     args = parser.parse_args()
     cfg = Config()
     changes = {"days": args.days, **({"oracle_popsize": args.popsize} if args.popsize else {}),
-               **({"oracle_iterations": args.iterations} if args.iterations else {})}
+               **({"oracle_iterations": args.iterations} if args.iterations else {}),
+               **({"forecast_scenarios": args.scenarios} if args.scenarios else {})}
     cfg = dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, **changes))
     day_ids = evaluate.evaluation_day_ids(cfg)
     seeds = [cfg.evaluation.seed + i for i in range(len(day_ids))]
     tic = time.perf_counter()
     runs, timings = evaluate.run_on_twin(cfg, args.methods, day_ids, seeds)
     wall = time.perf_counter() - tic
+    if args.steps_dir:
+        args.steps_dir.mkdir(parents=True, exist_ok=True)
+        evaluate.write_steps(args.steps_dir, runs)
     reference = runs.get("oracle")
     result = {"days": len(day_ids), "devices": len(jax.devices()), "backend": jax.default_backend(),
               "cpu_count": os.cpu_count(), "load_average": os.getloadavg()[0], "wall_s": wall,
-              "oracle": f"{cfg.evaluation.oracle_popsize} x {cfg.evaluation.oracle_iterations}", "methods": {}}
+              "oracle": f"{cfg.evaluation.oracle_popsize} x {cfg.evaluation.oracle_iterations}",
+              "forecast_scenarios": cfg.evaluation.forecast_scenarios, "methods": {}}
     for method, rows in runs.items():
         s = evaluate.summarise(method, rows, cfg)
         entry = {**timings[method], "welfare_cny": s["welfare_cny"], "welfare_ci95": s["welfare_ci95"],
@@ -62,7 +73,7 @@ def main() -> None:
     for method, e in result["methods"].items():
         diff = (f", vs oracle {e['welfare_diff_cny']:+.0f} ± {e['welfare_diff_ci95']:.0f} CNY, "
                 f"{e['violation_diff_pct']:+.1f} ± {e['violation_diff_ci95']:.1f} pp" if "welfare_diff_cny" in e else "")
-        print(f"{method:12s} compile {e['compile_s']:6.1f} s run {e['run_s']:8.2f} s "
+        print(f"{method:15s} compile {e['compile_s']:6.1f} s run {e['run_s']:8.2f} s "
               f"({e['ms_per_decision']:9.2f} ms/decision)  welfare {e['welfare_cny']:7.0f} ± {e['welfare_ci95']:4.0f}"
               f"  violation steps {e['steps_any_violation_pct']:5.1f} %{diff}")
 

@@ -29,7 +29,7 @@ import yaml
 
 from evjax.data import FIGURE_FILES
 from evjax.errors import ConfigError
-from evjax.methods import EVALUATION_METHODS
+from evjax.methods import DEFAULT_METHODS, EVALUATION_METHODS
 
 FEEDER_BUSES = 33  # case33bw: buses 0..32, bus 0 the slack
 FEEDER_LINES = 32  # its in-service lines 0..31 (the five tie lines 32..36 are open)
@@ -253,7 +253,8 @@ class EvaluationConfig(Section):
     host_oracle_popsize: int = 24  # candidates per iteration of the host snapshot oracle
     host_oracle_iterations: int = 2  # its CEM iterations
     host_oracle_horizon: int = 3  # its planning horizon (steps)
-    methods: tuple[str, ...] = _tuple(*EVALUATION_METHODS)  # methods to compare (SPEC 12)
+    forecast_scenarios: int = 4  # demand draws of the day the forecast oracle plans on in place of the future arrivals
+    methods: tuple[str, ...] = _tuple(*DEFAULT_METHODS)  # methods to compare (SPEC 12); forecast_oracle also exists
 
 
 @dataclasses.dataclass(frozen=True)
@@ -445,6 +446,7 @@ FIELD_RULES: dict[str, dict[str, Rule | tuple[Rule, ...]]] = {
         "host_oracle_popsize": at_least(2),
         "host_oracle_iterations": POSITIVE,
         "host_oracle_horizon": POSITIVE,
+        "forecast_scenarios": POSITIVE,
         "methods": (NON_EMPTY, each(Rule(lambda v: v in EVALUATION_METHODS, f"be one of {list(EVALUATION_METHODS)}",
                                          ("greedy",)))),
     },

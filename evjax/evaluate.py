@@ -165,13 +165,15 @@ def make_policies(cfg: Config, parts, model, trained_kappa: float, methods: Sequ
     return policies
 
 
-TWIN_METHODS = ("fixed_mid", "fixed_upper", "random", "oracle")  # the methods that can run on the twin
+TWIN_METHODS = ("fixed_mid", "fixed_upper", "random", "oracle", "forecast_oracle")  # the methods that can run on the twin
 
 
 def method_simulator(method: str, evaluation: EvaluationConfig) -> str:
     """Where ``method`` runs: "twin" or "host" (the learned planners always on the host)."""
     if method == "oracle":
         return evaluation.oracle
+    if method == "forecast_oracle":
+        return "twin"
     return evaluation.baseline_simulator if method in TWIN_METHODS else "host"
 
 
@@ -187,6 +189,19 @@ def evaluation_day_ids(cfg: Config) -> np.ndarray:
     available = num_days(cfg, cfg.evaluation.split)
     count = available if cfg.evaluation.days == 0 else min(cfg.evaluation.days, available)
     return np.unique(np.linspace(0, available - 1, count).round().astype(int))
+
+
+def forecast_scenarios(cfg: Config, split: str, day: int, seed: int) -> list:
+    """The ``evaluation.forecast_scenarios`` demand draws of ``day`` the forecast oracle plans on (host side).
+
+    Other draws of the same day (its arrival rates; other Poisson counts, origins and EVs); scenario seed s of
+    episode ``seed`` is drawn from the seed sequence (seed, s), s = 1..S, apart from the episode's own draw.
+    """
+    from evjax.data.scenarios import make_scenario
+
+    return [make_scenario(cfg, split=split, day=int(day),
+                          seed=int(np.random.default_rng([int(seed), s]).integers(2**31 - 1)))
+            for s in range(1, cfg.evaluation.forecast_scenarios + 1)]
 
 
 def episode_scenario(cfg: Config, split: str, day: int, seed: int):
@@ -278,19 +293,27 @@ def run_on_twin(cfg: Config, methods: Sequence[str], day_ids: Sequence[int], see
     mesh = mesh if mesh is not None else day_mesh()
     split, steps = cfg.evaluation.split, cfg.env.episode_steps
     scenarios = [episode_scenario(cfg, split, day, seed) for day, seed in zip(day_ids, seeds)]
+    alternatives = ([forecast_scenarios(cfg, split, day, seed) for day, seed in zip(day_ids, seeds)]
+                    if "forecast_oracle" in methods else [])
+    max_evs = oracle.forecast_max_evs(scenarios, alternatives, steps) if alternatives else None
+    travel = env.travel if env is not None else None
     params = twin.make_params(cfg, **({"feeder": env.grid, "travel": env.travel} if env is not None else {}))
     with jax.enable_x64(True):
-        days = shard_days(twin.stack_scenarios(scenarios, cfg, travel=env.travel if env is not None else None),
-                          mesh)
+        days = shard_days(twin.stack_scenarios(scenarios, cfg, max_evs, travel=travel), mesh)
+        if alternatives:  # [D, S, V]
+            alternatives = shard_days(jax.tree.map(lambda *days: jnp.stack(days), *[
+                twin.stack_scenarios(alts, cfg, max_evs, travel=travel) for alts in alternatives]), mesh)
         keys = shard_days(jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32)), mesh)
         params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     lower, upper = np.asarray(cfg.env.price_lower), np.asarray(cfg.env.price_upper)
     count = len(day_ids)
     per_method, timings = {}, {}
     for method in methods:
-        if method == "oracle":
+        if method in ("oracle", "forecast_oracle"):
             fn = functools.partial(oracle.episodes, oracle=oracle.settings(cfg))
             args = (keys, days, params)
+            if method == "forecast_oracle":
+                fn = functools.partial(fn, alternatives=alternatives)
         else:
             if method == "random":
                 prices = np.stack([random_prices(cfg, seed) for seed in seeds])
@@ -304,7 +327,7 @@ def run_on_twin(cfg: Config, methods: Sequence[str], day_ids: Sequence[int], see
         timings[method] = {"compile_s": compile_s, "run_s": run_s, "ms_per_decision": ms}
         crop = lambda x: np.asarray(x)[:count]  # noqa: E731  drop the padding days
         per_method[method] = twin_rows(method, crop(prices), jax.tree.map(crop, info), crop(active), scenarios,
-                                       day_ids, ms if method == "oracle" else 0.0)
+                                       day_ids, ms if method in ("oracle", "forecast_oracle") else 0.0)
     return per_method, timings
 
 

@@ -27,10 +27,13 @@ METHODS = (  # the baselines and the trained agent, in table order
     Method("ccem", "constrained CEM, no penalty (CCEM)", "ccem", "zero"),
     Method("cap_fixed_kappa", "CAP, fixed kappa", "cap", "fixed"),
     Method("cap_adaptive", "CAP, adaptive kappa (trained agent)", "cap", "trained"),
+    Method("forecast_oracle", "forecast oracle: CEM on the true simulator, future arrivals unknown", None, None),
     Method("oracle", "oracle: CEM on the true simulator", None, None),
 )
 BY_NAME = {method.name: method for method in METHODS}
 EVALUATION_METHODS = tuple(BY_NAME)
+# evaluated by default: all but the forecast oracle (S times the oracle's work; benchmarks/twin_evaluation.py runs it)
+DEFAULT_METHODS = tuple(name for name in EVALUATION_METHODS if name != "forecast_oracle")
 
 
 def method_kappa(method: Method, fixed_kappa: float, trained_kappa):

@@ -1,5 +1,7 @@
 """The twin oracle: the planner's CEM on the JAX twin (known answers on hand-picked test days, one trace)."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -53,3 +55,86 @@ def test_a_plan_traces_once_and_stays_in_bounds():
         assert action.dtype == jnp.float32 and next_warm.shape == warm.shape
         assert np.all(np.asarray(action) >= np.asarray(params.price_lower) - 1e-6)
         assert np.all(np.asarray(action) <= np.asarray(params.price_upper) + 1e-6)
+
+
+def _day_and_draw(cfg, day: int, seed: int):
+    """Twin arrays [V] of the evaluation episode (day, seed) and of another draw of the same day, one V."""
+    real = evaluate.episode_scenario(cfg, "test", day, seed)
+    other = evaluate.forecast_scenarios(cfg, "test", day, seed)[0]
+    max_evs = oracle.forecast_max_evs([real], [[other]], cfg.env.episode_steps)
+    with jax.enable_x64(True):
+        return real, other, twin.stack_scenarios([real, other], cfg, max_evs)
+
+
+def _state_after(cfg, params, day_arrays, steps: int):
+    """The twin state after ``steps`` steps at mid-range prices."""
+    mid = (np.asarray(params.price_lower) + np.asarray(params.price_upper)) / 2
+    state, _ = twin.jit(twin.reset)(jax.random.key(0), day_arrays, params)
+    step = twin.jit(twin.step)
+    for t in range(steps):
+        state = step(jax.random.key(t), state, jnp.asarray(mid), params)[0]
+    return state
+
+
+def test_forecast_max_evs_counts_the_arrivals_so_far_plus_the_draws_remaining_ones():
+    """Day: 40 EVs at step 0, 10 at step 1; draw: 5 and 45. Splice at step 1: 40 + 45 = 85 rows -> 128."""
+    class Fake:
+        def __init__(self, arrivals):
+            self.arrival_step, self.num_evs = np.asarray(arrivals), len(arrivals)
+
+    day, draw = Fake([0] * 40 + [1] * 10), Fake([0] * 5 + [1] * 45)
+    assert oracle.forecast_max_evs([day], [[draw]], 2) == 128
+    assert oracle.forecast_max_evs([draw], [[day]], 2) == 64  # 5 + 10 or 50 rows
+
+
+def test_splicing_a_day_into_itself_changes_nothing():
+    cfg = small_oracle_config()
+    params = twin.make_params(cfg)
+    _, _, arrays = _day_and_draw(cfg, 81, 1001)
+    for steps in (0, 5):
+        state = _state_after(cfg, params, jax.tree.map(lambda x: x[0], arrays), steps)
+        spliced = twin.jit(oracle.splice_future)(state, state.scenario)
+        chex.assert_trees_all_equal(spliced, state)
+
+
+def test_splicing_keeps_the_past_and_takes_the_draws_future():
+    """After 5 steps: the EVs that came stay as they are, those to come are the other draw's, and they arrive."""
+    cfg = small_oracle_config()
+    params = twin.make_params(cfg)
+    real, other, arrays = _day_and_draw(cfg, 81, 1001)
+    t = 5
+    state = _state_after(cfg, params, jax.tree.map(lambda x: x[0], arrays), t)
+    spliced = twin.jit(oracle.splice_future)(state, jax.tree.map(lambda x: x[1], arrays))
+    arrived = int(np.sum(real.arrival_step < t))
+    sc = spliced.scenario
+    # the past: the first `arrived` rows, their status and charge untouched
+    for name in ("status", "station", "remaining_kwh", "delivered_kwh", "join_step"):
+        np.testing.assert_array_equal(np.asarray(getattr(spliced, name))[:arrived],
+                                      np.asarray(getattr(state, name))[:arrived])
+    np.testing.assert_array_equal(np.asarray(sc.need_kwh)[:arrived], np.asarray(state.scenario.need_kwh)[:arrived])
+    # the future: exactly the draw's EVs arriving from step t on, none arrived yet
+    valid = np.asarray(sc.valid)
+    future = valid & (np.asarray(sc.arrival_step) >= t)
+    np.testing.assert_array_equal(np.asarray(sc.arrival_step)[future], np.sort(other.arrival_step[other.arrival_step >= t]))
+    assert valid.sum() == arrived + np.sum(other.arrival_step >= t)
+    assert np.all(np.asarray(spliced.status)[future] == 0)  # NOT_ARRIVED
+    np.testing.assert_array_equal(spliced.evs_present, state.evs_present)
+    # and they are the ones who come at step t: chosen or unserved, the draw's count
+    *_, info = twin.jit(twin.step)(jax.random.key(9), spliced, jnp.asarray(params.price_upper), params)
+    assert int(info["new_evs"]) == int(np.sum(other.arrival_step == t)) != int(np.sum(real.arrival_step == t))
+
+
+def test_the_forecast_oracle_told_the_true_day_is_the_oracle():
+    """Planning on S copies of the day's own draw is planning with foresight: the same prices, step by step."""
+    cfg = small_oracle_config()
+    params = twin.make_params(cfg)
+    scenarios = [evaluate.episode_scenario(cfg, "test", day, 1000 + i) for i, day in enumerate((0, 162))]
+    with jax.enable_x64(True):
+        days = twin.stack_scenarios(scenarios, cfg)
+        alternatives = jax.tree.map(lambda x: jnp.stack([x, x], axis=1), days)  # [D, S=2, V]
+    keys = jax.vmap(jax.random.key)(jnp.arange(2))
+    settings = oracle.settings(cfg)
+    prices, _, _ = twin.jit(functools.partial(oracle.episodes, oracle=settings))(keys, days, params)
+    forecast, _, _ = twin.jit(functools.partial(oracle.episodes, oracle=settings))(keys, days, params,
+                                                                                  alternatives=alternatives)
+    np.testing.assert_array_equal(forecast, prices)
