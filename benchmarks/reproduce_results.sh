@@ -7,7 +7,8 @@
 # JOBS runs train at the same time (default 2). On 2 CPU cores the whole job takes many hours (each default
 # training ~8 min idle); on a GPU machine with 16 cores and JOBS=12 (21 trainings at once) it takes about 6.5 min. Results go to OUT:
 # safety_while_learning.{csv,json,png}, runs/<variant>-seed<k>/ with eval/ for the trained agents,
-# ablations.{csv,md} (benchmarks/ablations.py) and agent_targets.md (benchmarks/agent_targets.py).
+# ablations.{csv,md} (benchmarks/ablations.py), forecast_oracle.json and forecast/steps.csv
+# (benchmarks/twin_evaluation.py) and agent_targets.md (benchmarks/agent_targets.py).
 # Environment: EVJAX_CONFIG (base config of every run), EVJAX_EVAL_DAYS (default 30), EVJAX_SEEDS (default
 # "0 1 2"), EVJAX_ABLATIONS (names, default all): smaller values make a quick dry run.
 set -euo pipefail
@@ -26,8 +27,13 @@ python benchmarks/safety_while_learning.py --out "$out" --jobs "$jobs" --seeds $
 safety=$!
 python benchmarks/ablations.py train --out "$out" --jobs "$jobs" "${names[@]}" "${config[@]}" &
 ablations=$!
+# the oracle without foresight of the arrivals, on the same days (no checkpoint needed; ~27 min on 2 CPU cores)
+python benchmarks/twin_evaluation.py --days "$days" --methods random oracle forecast_oracle --json \
+  --steps-dir "$out/forecast" > "$out/forecast_oracle.json" &
+forecast=$!
 wait $safety
 wait $ablations
+wait $forecast
 
 # the trained agent of each seed against every baseline, on the same held-out days and seeds
 pids=()
@@ -39,5 +45,5 @@ done
 python benchmarks/ablations.py evaluate --out "$out" --days "$days" --jobs "$jobs" "${names[@]}"
 for pid in "${pids[@]}"; do wait "$pid"; done
 python benchmarks/ablations.py report --out "$out" "${names[@]}"
-python benchmarks/agent_targets.py --out "$out" --seeds $seeds > "$out/agent_targets.md"
+python benchmarks/agent_targets.py --out "$out" --seeds $seeds --forecast "$out/forecast/steps.csv" > "$out/agent_targets.md"
 cat "$out/agent_targets.md"
