@@ -8,11 +8,12 @@ run, all methods on the same held-out days and seeds) and prints a markdown tabl
 * the share of the oracle's paired welfare advantage over uniform random prices that the agent recovers
   (target: at least 75 %), mean(agent - random) / mean(oracle - random) over the days.
 
-    python benchmarks/agent_targets.py --out OUT [--seeds 0 1 2] [--forecast STEPS_CSV]
+    python benchmarks/agent_targets.py --out OUT [--seeds 0 1 2] [--twin-steps STEPS_CSV]
 
-``--forecast`` (a ``steps.csv`` with ``forecast_oracle`` rows on the same days and seeds, e.g. from
-``benchmarks/twin_evaluation.py --methods ... forecast_oracle --steps-dir DIR``) adds the oracle without
-foresight of the arrivals: its violation share, and the welfare share the agent recovers against it.
+``--twin-steps`` (a ``steps.csv`` of non-learned methods on the same days and seeds, e.g. from
+``benchmarks/twin_evaluation.py --methods ... forecast_oracle --steps-dir DIR``) supplies the methods a seed's
+file lacks; with ``forecast_oracle`` rows it adds the oracle without foresight of the arrivals: its violation
+share, and the welfare share the agent recovers against it.
 """
 
 from __future__ import annotations
@@ -34,12 +35,13 @@ def per_day(rows: list[dict]) -> dict[int, tuple[float, float]]:
                 100.0 * float(np.mean([r["cost"] > 0 for r in rows if r["day"] == d]))) for d in days}
 
 
-def seed_targets(steps_csv: Path, forecast_csv: Path | None = None) -> dict:
+def seed_targets(steps_csv: Path, twin_csv: Path | None = None) -> dict:
     from evjax.evaluate import read_steps
 
-    methods = {name: per_day(rows) for name, rows in read_steps(steps_csv).items()}
-    if forecast_csv is not None:
-        methods[FORECAST] = per_day(read_steps(forecast_csv)[FORECAST])
+    runs = read_steps(steps_csv)
+    if twin_csv is not None:
+        runs = {**read_steps(twin_csv), **runs}
+    methods = {name: per_day(rows) for name, rows in runs.items() if "@" not in name}
     days = sorted(set.intersection(*(set(m) for m in methods.values())))
     welfare = {name: np.array([m[d][0] for d in days]) for name, m in methods.items()}
     violation = {name: float(np.mean([m[d][1] for d in days])) for name, m in methods.items()}
@@ -61,9 +63,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("docs/results"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--forecast", type=Path, help="steps.csv with forecast_oracle rows on the same days")
+    parser.add_argument("--twin-steps", type=Path, help="steps.csv of non-learned methods on the same days")
     args = parser.parse_args()
-    results = {s: seed_targets(args.out / "runs" / f"{AGENT}-seed{s}" / "eval" / "steps.csv", args.forecast)
+    results = {s: seed_targets(args.out / "runs" / f"{AGENT}-seed{s}" / "eval" / "steps.csv", args.twin_steps)
                for s in args.seeds}
     mean = {k: float(np.mean([r[k] for r in results.values()])) for k in
             ("agent_violation_pct", "best_fixed_violation_pct", "oracle_violation_pct", "agent_minus_random_cny",
@@ -86,10 +88,10 @@ def main() -> None:
           f"{mean['oracle_violation_pct'] + 1:.1f} %: {ok(mean['agent_violation_pct'] <= mean['oracle_violation_pct'] + 1)}")
     print(f"- recovers at least 75 % of the oracle's advantage over random: {100 * mean['recovered']:.0f} %: "
           f"{ok(mean['recovered'] >= 0.75)}")
-    if args.forecast is not None:
-        r = next(iter(results.values()))
+    r = next(iter(results.values()))
+    if "forecast_violation_pct" in r:
         recovered = float(np.mean([r["recovered_of_forecast"] for r in results.values()]))
-        print(f"\nWithout foresight of the arrivals (forecast oracle, {args.forecast}): it violates on "
+        print(f"\nWithout foresight of the arrivals (forecast oracle, {args.twin_steps}): it violates on "
               f"{r['forecast_violation_pct']:.1f} % of steps (the agent {mean['agent_violation_pct']:.1f} %) and earns "
               f"{r['forecast_minus_random_cny']:+.0f} CNY/ep over random; the agent recovers {100 * recovered:.0f} % of that.")
 

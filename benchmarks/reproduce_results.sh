@@ -45,5 +45,5 @@ done
 python benchmarks/ablations.py evaluate --out "$out" --days "$days" --jobs "$jobs" "${names[@]}"
 for pid in "${pids[@]}"; do wait "$pid"; done
 python benchmarks/ablations.py report --out "$out" "${names[@]}"
-python benchmarks/agent_targets.py --out "$out" --seeds $seeds --forecast "$out/forecast/steps.csv" > "$out/agent_targets.md"
+python benchmarks/agent_targets.py --out "$out" --seeds $seeds --twin-steps "$out/forecast/steps.csv" > "$out/agent_targets.md"
 cat "$out/agent_targets.md"
