@@ -97,8 +97,9 @@ def twin_rollout(model: TwinModel, obs: jax.Array, candidates: jax.Array, kappa:
     return _candidate_values(*jax.vmap(one)(candidates))  # [N] float64 sums
 
 
+# ScenarioArrays fields [..., V] besides arrival_step and valid
 PER_EV_SCENARIO = ("origin", "capacity_kwh", "start_soc", "target_soc", "deadline_h", "ev_index",
-                   "need_kwh", "battery_kwh", "travel_time_h", "travel_energy_kwh")  # ScenarioArrays [..., V], besides arrival_step and valid
+                   "need_kwh", "battery_kwh", "travel_time_h", "travel_energy_kwh")
 PER_EV_STATE = {"status": NOT_ARRIVED, "station": -1, "locked_price": 0.0, "remaining_kwh": 0.0,
                 "delivered_kwh": 0.0, "join_step": 0}  # EnvState [V] and their values before arrival
 
@@ -206,7 +207,7 @@ class EpisodeCarry(NamedTuple):
 
 def episodes(keys: jax.Array, days: twin.ScenarioArrays, params: twin.EnvParams, *, oracle: OracleSettings,
              alternatives: twin.ScenarioArrays | None = None):
-    """Whole days [D] under the oracle (the forecast oracle with ``alternatives`` [D, S, V]); pure, jit with ``twin.jit``.
+    """Whole days [D] under the oracle (forecast oracle: ``alternatives`` [D, S, V]); pure, jit with ``twin.jit``.
 
     Returns (prices [D, T, A] it posted, per-step ``info`` [D, T, ...] of the
     twin, ``active`` [D, T]: the step ran before the episode ended). The first
