@@ -27,8 +27,8 @@ python benchmarks/safety_while_learning.py --out "$out" --jobs "$jobs" --seeds $
 safety=$!
 python benchmarks/ablations.py train --out "$out" --jobs "$jobs" "${names[@]}" "${config[@]}" &
 ablations=$!
-# the oracle without foresight of the arrivals, on the same days (no checkpoint needed; ~27 min on 2 CPU cores)
-python benchmarks/twin_evaluation.py --days "$days" --methods random oracle forecast_oracle --json \
+# the oracle without foresight of the arrivals (8 demand draws), on the same days (no checkpoint needed; ~1 h on 2 CPU cores)
+python benchmarks/twin_evaluation.py --days "$days" --methods random oracle forecast_oracle --scenarios 8 --json \
   --steps-dir "$out/forecast" > "$out/forecast_oracle.json" &
 forecast=$!
 wait $safety
