@@ -24,9 +24,9 @@ queues, locked prices, the grid) plus S other draws of the day's demand
 (``evaluate.forecast_scenarios``: the same day's arrival rates, other Poisson
 counts, origins and EVs) in place of the day's future arrivals
 (``splice_future``); a candidate's value is its mean reward and mean cost over
-the S scenarios. It is the best a planner with a perfect model of the grid,
-roads and drivers can do without knowing who arrives next: a deployable upper
-reference for the learned agent.
+the S scenarios. It approximates (better with more draws) the best a planner
+with a perfect model of the grid, roads and drivers can do without knowing who
+arrives next: about what the learned agent can at most reach.
 
 ``episodes`` runs whole days: a ``lax.scan`` over the T steps, each one plan
 per day (vmapped over days) and one twin step of every day. The twin computes
