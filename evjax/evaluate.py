@@ -166,6 +166,7 @@ def make_policies(cfg: Config, parts, model, trained_kappa: float, methods: Sequ
 
 
 TWIN_METHODS = ("fixed_mid", "fixed_upper", "random", "oracle", "forecast_oracle")  # the methods that can run on the twin
+TWIN_PLANNERS = ("oracle", "forecast_oracle")  # of those, the ones that plan (CEM on the twin), the rest open loop
 
 
 def method_simulator(method: str, evaluation: EvaluationConfig) -> str:
@@ -309,11 +310,10 @@ def run_on_twin(cfg: Config, methods: Sequence[str], day_ids: Sequence[int], see
     count = len(day_ids)
     per_method, timings = {}, {}
     for method in methods:
-        if method in ("oracle", "forecast_oracle"):
-            fn = functools.partial(oracle.episodes, oracle=oracle.settings(cfg))
+        if method in TWIN_PLANNERS:
+            fn = functools.partial(oracle.episodes, oracle=oracle.settings(cfg),
+                                   alternatives=alternatives if method == "forecast_oracle" else None)
             args = (keys, days, params)
-            if method == "forecast_oracle":
-                fn = functools.partial(fn, alternatives=alternatives)
         else:
             if method == "random":
                 prices = np.stack([random_prices(cfg, seed) for seed in seeds])
@@ -327,7 +327,7 @@ def run_on_twin(cfg: Config, methods: Sequence[str], day_ids: Sequence[int], see
         timings[method] = {"compile_s": compile_s, "run_s": run_s, "ms_per_decision": ms}
         crop = lambda x: np.asarray(x)[:count]  # noqa: E731  drop the padding days
         per_method[method] = twin_rows(method, crop(prices), jax.tree.map(crop, info), crop(active), scenarios,
-                                       day_ids, ms if method in ("oracle", "forecast_oracle") else 0.0)
+                                       day_ids, ms if method in TWIN_PLANNERS else 0.0)
     return per_method, timings
 
 

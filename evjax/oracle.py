@@ -89,12 +89,14 @@ def twin_rollout(model: TwinModel, obs: jax.Array, candidates: jax.Array, kappa:
     (its "noise") is the same for every candidate.
     """
     del obs, kappa
-
-    def one(actions):  # [H, A] -> summed reward, cost
-        _, (_, reward, cost, _) = twin.rollout(step_key, model.state, actions, model.params)
-        return jnp.sum(reward), jnp.sum(cost)
-
+    one = lambda actions: _summed(step_key, model.state, actions, model.params)  # noqa: E731  [H, A] -> sums
     return _candidate_values(*jax.vmap(one)(candidates))  # [N] float64 sums
+
+
+def _summed(step_key: jax.Array, state: twin.EnvState, actions: jax.Array, params: twin.EnvParams):
+    """Reward and true cost of one price sequence [H, A] from ``state``, summed over the horizon (float64)."""
+    _, (_, reward, cost, _) = twin.rollout(step_key, state, actions, params)
+    return jnp.sum(reward), jnp.sum(cost)
 
 
 # ScenarioArrays fields [..., V] besides arrival_step and valid
@@ -119,10 +121,11 @@ def splice_future(state: twin.EnvState, alternative: twin.ScenarioArrays) -> twi
     num_evs = real.valid.shape[0]
     row = jnp.arange(num_evs)
     arrived = jnp.sum(real.valid & (real.arrival_step < t))  # real rows [0, arrived) stay
-    alt_row = row - arrived + jnp.sum(alternative.valid & (alternative.arrival_step < t))
+    alt_row = row - arrived + jnp.sum(alternative.valid & (alternative.arrival_step < t))  # the draw's row
     from_real = row < arrived
-    alt_valid = (alt_row < num_evs) & alternative.valid[jnp.clip(alt_row, 0, num_evs - 1)]
+    in_range = alt_row < num_evs
     alt_row = jnp.clip(alt_row, 0, num_evs - 1)
+    alt_valid = in_range & alternative.valid[alt_row]
 
     def take(real_rows, alt_rows, fill=None):  # [..., V]
         alt_rows = alt_rows[..., alt_row]
@@ -165,11 +168,7 @@ def forecast_rollout(model: TwinModel, obs: jax.Array, candidates: jax.Array, ka
     del obs, kappa
 
     def one(actions):  # [H, A] -> mean over scenarios of the summed reward, cost
-        def scenario(state):
-            _, (_, reward, cost, _) = twin.rollout(step_key, state, actions, model.params)
-            return jnp.sum(reward), jnp.sum(cost)
-
-        reward, cost = jax.vmap(scenario)(model.state)
+        reward, cost = jax.vmap(lambda state: _summed(step_key, state, actions, model.params))(model.state)
         return jnp.mean(reward), jnp.mean(cost)
 
     return _candidate_values(*jax.vmap(one)(candidates))
