@@ -32,16 +32,17 @@ ABLATIONS = {  # name -> (what changes, overrides of the default config)
                       "planner.kappa_lr=0.01", "evaluation.fixed_kappa=19.0"]),
     "predicted_margin": ("CAP margin in each particle's predicted stds instead of member disagreement",
                          ["planner.margin_std=predicted"]),
-    "independent_noise": ("model noise drawn for each candidate's particles (common random numbers across CEM "
-                          "iterations only)", ["planner.shared_noise=false"]),
+    "particle_noise": ("particles sample the model's predicted std along the horizon (SPEC's trajectory sampling, "
+                       "30 per candidate, noise shared across candidates)", ["planner.particle_noise=true"]),
     "one_random_episode": ("random prices in the first episode only (SPEC's minimum; default 5 episodes)",
                            ["training.random_episodes=1"]),
     "cost_limit_1": ("cost limit 1.0 instead of 0.1 (more candidates feasible: the planner weighs reward more)",
                      ["planner.cost_limit=1.0"]),
+    "cost_limit_0": ("cost limit 0 (the oracle's rule: a candidate is feasible only if no step is predicted to "
+                     "violate)", ["planner.cost_limit=0.0"]),
     "kappa_per_constraint": ("one kappa for the lines and one for carbon", ["planner.kappa_per_constraint=true"]),
     "full_horizon": ("horizon steps after the episode's end count", ["planner.stop_at_episode_end=false"]),
     "horizon_6": ("planning horizon 6 steps", ["planner.horizon=6"]),
-    "particles_10": ("10 particles per candidate", ["planner.particles=10"]),
     "holdout_elites": ("20 % holdout, 3 elite members of 5", ["model.holdout_fraction=0.2", "model.num_elites=3"]),
 }
 REFERENCE = "cap_adaptive-seed0"

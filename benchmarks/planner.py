@@ -18,7 +18,7 @@ with ``planner.stop_at_episode_end`` a plan at step t computes only the 12 - t h
 steps left in the episode, on CPU).
 
     python benchmarks/planner.py [--json] [--matmul-dtype bfloat16|float32] [--repeats 10] [--batch B] [--tile-rows R]
-                                [--steps-done T]
+                                [--steps-done T] [--particle-noise true|false]
 """
 
 from __future__ import annotations
@@ -68,6 +68,9 @@ def main(argv=None) -> int:
                         help="time planner.plan_batch over B environments (0: single plans)")
     parser.add_argument("--vmap", action="store_true",
                         help="with --batch on CPU: vmap the plans instead of running them one after another")
+    parser.add_argument("--particle-noise", choices=("true", "false"), default=None,
+                        help="planner.particle_noise (default: the config's); false rolls out one particle per "
+                             "(member, candidate)")
     parser.add_argument("--steps-done", type=int, default=0,
                         help="steps of the episode already done, in the observation's time feature (default 0)")
     args = parser.parse_args(argv)
@@ -77,6 +80,9 @@ def main(argv=None) -> int:
         cfg = dataclasses.replace(cfg, planner=dataclasses.replace(cfg.planner, matmul_dtype=args.matmul_dtype))
     if args.tile_rows is not None:
         cfg = dataclasses.replace(cfg, planner=dataclasses.replace(cfg.planner, tile_rows=args.tile_rows))
+    if args.particle_noise is not None:
+        cfg = dataclasses.replace(cfg, planner=dataclasses.replace(
+            cfg.planner, particle_noise=args.particle_noise == "true"))
     matmul_dtype = cfg.planner.matmul_dtype
     pcfg = cfg.planner
     obs_dim, action_dim = cfg.obs_dim, cfg.action_dim
@@ -110,7 +116,9 @@ def main(argv=None) -> int:
     compiled = jax.jit(plan_fn).lower(make_key(jax.random.key(0)), model, obs, warm, kappa).compile()
     compile_seconds = time.perf_counter() - start
 
-    rows = pcfg.popsize * pcfg.particles // dyn.ensemble_size
+    # samples per member in a model step: one per particle, or one per candidate without particle noise
+    sampled = pcfg.particles if pcfg.particle_noise or args.sampled_steps else dyn.ensemble_size
+    rows = pcfg.popsize * sampled // dyn.ensemble_size
     width = cfg.model.hidden_sizes[0]
     chains = {name: make_matmul_chain(dyn.ensemble_size, rows, width, dtype)
               for name, dtype in (("f32", jnp.float32), ("bf16", jnp.bfloat16))}
@@ -130,7 +138,7 @@ def main(argv=None) -> int:
     layer_sizes = [obs_dim + action_dim, *cfg.model.hidden_sizes, 2 * (obs_dim + 2)]
     # forward rows actually evaluated: with mean_step_fn the first step runs once per (member, candidate)
     first_step_rows = pcfg.popsize * (pcfg.particles if args.sampled_steps else dyn.ensemble_size)
-    rows_per_iteration = first_step_rows + pcfg.popsize * pcfg.particles * (horizon - 1)
+    rows_per_iteration = first_step_rows + pcfg.popsize * sampled * (horizon - 1)
     gflop = forward_flops(layer_sizes) * rows_per_iteration * int(jnp.sum(diag.iterations)) / 1e9  # per call
     median = statistics.median(seconds)
     achieved = gflop / median
@@ -152,6 +160,7 @@ def main(argv=None) -> int:
         "device": f"{jax.devices()[0].device_kind} x{len(jax.devices())} ({os.cpu_count()} cpus)",
         "step_path": "sampled" if args.sampled_steps else "mean + planner noise",
         "tile_rows": tile_rows,
+        "particle_noise": pcfg.particle_noise,
         "steps_done": args.steps_done,
         "horizon_steps_computed": horizon,
         "load_average_1min": os.getloadavg()[0],

@@ -215,7 +215,7 @@ class PlannerConfig(Section):
     mode: Literal["cap", "ccem", "unconstrained"] = "cap"  # cap: cost + kappa*u; ccem: cost limit, no penalty; unconstrained: rewards only
     cost_model: Literal["learned", "observation"] = "observation"  # step cost: the model's cost output, or the env's formula on the predicted obs (kappa then counts predicted stds of margin)
     margin_std: Literal["disagreement", "predicted"] = "disagreement"  # std of the CAP margin with cost_model observation: member disagreement or each particle's predicted std
-    particle_noise: bool = True  # particles sample the model's predicted std (trajectory sampling); false: each follows its member's means (needs the mean-step path)
+    particle_noise: bool = False  # true: particles sample the model's predicted std (trajectory sampling, SPEC 10); false: each follows its member's means, one particle per member computed (needs the mean-step path)
     shared_noise: bool = True  # every candidate's particles get the same model noise draws (common random numbers across candidates, not only across CEM iterations)
     stop_at_episode_end: bool = True  # horizon steps after the episode's end count nothing (read from the time feature; without env.time_features it has no effect)
     kappa_per_constraint: bool = False  # one kappa for the line and one for the carbon margin (needs cost_model observation)

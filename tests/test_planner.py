@@ -212,6 +212,24 @@ def test_particle_noise_setting_reaches_the_rollout():
     np.testing.assert_allclose(np.asarray(values.reward), [0.0, 0.0, -0.09, -0.09], atol=1e-6)
 
 
+@pytest.mark.parametrize("particle_noise, rows_after_first_step", [(True, 4 * 2), (False, 4)])
+def test_without_particle_noise_the_rollout_steps_one_particle_per_member(particle_noise, rows_after_first_step):
+    """The model steps [E, N * P/E] samples with particle noise and [E, N] without (the P/E copies are equal)."""
+    rows = []
+
+    def recording_step(model, obs, act):
+        rows.append(obs.shape[1])  # at trace time
+        return noisy_reward_step(model, obs, act)
+
+    cfg = dataclasses.replace(SMALL, popsize=4, num_elites=2, particles=10, particle_noise=particle_noise,
+                              mode="unconstrained")
+    planner = make_planner(cfg, LOWER, UPPER, MEMBERS, lambda *a: None, mean_step_fn=recording_step)
+    actions = jnp.broadcast_to(jnp.asarray(TARGET, jnp.float32), (4, cfg.horizon, 3))
+    planner.evaluate(jax.random.key(0), {"target": jnp.asarray(TARGET, jnp.float32)}, jnp.zeros(STATE_DIM),
+                     actions, 0.0)
+    assert rows[0] == 4 and set(rows[1:]) == {rows_after_first_step}
+
+
 def test_shared_noise_equals_per_particle_noise_tiled_over_candidates():
     """Shared draws [H, E, P/E, S+2] act as per-particle draws with candidate n's particle p taking draw p."""
     actions = jax.random.uniform(jax.random.key(0), (4, SMALL.horizon, 3), minval=1.1, maxval=1.5)
@@ -330,8 +348,8 @@ def test_plan_batch_equals_single_plans(path):
         return out._replace(std=std)
 
     kwargs = {"mean_step_fn": uncertain_step} if path == "mean_step_fn" else {}
-    # independent noise per candidate keeps the noisy plans from collapsing their variance early
-    cfg = dataclasses.replace(SMALL, cost_limit=0.2, min_variance=1e-3, shared_noise=False)
+    # sampled particles with independent noise per candidate keep the noisy plans from collapsing their variance early
+    cfg = dataclasses.replace(SMALL, cost_limit=0.2, min_variance=1e-3, shared_noise=False, particle_noise=True)
     planner = make_planner(cfg, LOWER, UPPER, MEMBERS, uncertain_step, **kwargs)
     model = {"target": jnp.asarray(TARGET, jnp.float32)}
     batch = 3
@@ -551,7 +569,7 @@ class NoiseModel:
 def test_every_particle_draws_its_own_noise(path):
     """Without ``shared_noise`` the particle means of identical candidates scatter with variance (H - 1) / P;
     with it (mean_step_fn path) every candidate sees the same draws and they all score the same."""
-    cfg = dataclasses.replace(SMALL, popsize=2000, particles=10, shared_noise=False)
+    cfg = dataclasses.replace(SMALL, popsize=2000, particles=10, shared_noise=False, particle_noise=True)
     kwargs = {"mean_step_fn": NoiseModel.mean_step} if path == "mean_step_fn" else {}
     planner = make_planner(cfg, LOWER, UPPER, MEMBERS, NoiseModel.step, **kwargs)
     actions = jnp.broadcast_to(planner.initial_warm_start(), (cfg.popsize, cfg.horizon, 3))
@@ -576,7 +594,7 @@ def test_mean_step_path_shares_the_first_forward_pass():
         return bowl_step(model, obs, act, None, cost_fn=lambda a: jnp.maximum(0.0, a[..., 0] - 1.25))
 
     step = functools.partial(bowl_step, cost_fn=lambda a: jnp.maximum(0.0, a[..., 0] - 1.25), std_value=0.0)
-    cfg = dataclasses.replace(SMALL, cost_limit=0.05)
+    cfg = dataclasses.replace(SMALL, cost_limit=0.05, particle_noise=True)
     shared = plan_once(cfg, step, mean_step_fn=mean_step, kappa=0.3)
     per_particle = plan_once(cfg, step, kappa=0.3)
     samples_per_member = cfg.popsize * cfg.particles // MEMBERS
@@ -634,6 +652,35 @@ def test_bfloat16_plan_matches_float32_plan(fitted_ensemble):
     assert abs(float(diag16.elite_reward) - float(diag32.elite_reward)) <= 0.01 * abs(float(diag32.elite_reward))
     price_range = np.asarray(cfg.env.price_upper) - np.asarray(cfg.env.price_lower)
     assert np.all(np.abs(np.asarray(action16) - np.asarray(action32)) <= 0.02 * price_range)
+
+
+def test_without_particle_noise_one_particle_per_member_scores_like_all_of_them(fitted_ensemble):
+    """``particle_noise: false``: the planner rolls out one particle per (member, candidate), since the P/E
+    particles of a member follow the same means; its values equal a rollout of all P particles (paper's
+    30 = 6 per member) with the observation cost and the disagreement margin."""
+    from evjax.config import Config
+    from evjax.planner import make_cost_fn, make_model_planner
+
+    cfg, dyn, model, obs = fitted_ensemble
+    cfg = dataclasses.replace(cfg, planner=dataclasses.replace(cfg.planner, particle_noise=False,
+                                                               matmul_dtype="float32", cost_model="observation"))
+    planner = make_model_planner(cfg, dyn)
+    actions = jax.random.uniform(jax.random.key(5), (64, cfg.planner.horizon, 3), minval=1.1, maxval=1.5)
+    obs = jnp.asarray(obs).at[:3].set(0.88)  # loadings near the limit: the margin and the hinge are active
+    got = planner.evaluate(jax.random.key(0), model, obs, actions, 2.0)
+    per_member = cfg.planner.particles // MEMBERS
+    noise = cem.draw_model_noise(jax.random.key(0), 64, cfg.obs_dim, horizon=cfg.planner.horizon,
+                                 num_members=MEMBERS, particles_per_member=per_member, planner_samples=True)
+    step = functools.partial(dyn.step, key=None, mean_only=True, matmul_dtype="float32", tile_rows=0)
+    want = cem.rollout(model, obs, actions, jnp.float32(2.0), noise, step_fn=None, mean_step_fn=step,
+                       num_members=MEMBERS, particles_per_member=per_member, state_clip=cfg.planner.state_clip,
+                       uncertainty=cfg.planner.uncertainty, scale=cost_scale(cfg.planner.gamma, cfg.planner.horizon),
+                       nan_reward=-1e6, nan_cost=1e6, scan_unroll=1, cost_fn=make_cost_fn(Config()), penalise=True,
+                       sample_noise=False)
+    assert float(jnp.max(want.penalty)) > 0.0 and float(jnp.ptp(want.cost)) > 0.0
+    for name in ("reward", "cost", "penalty"):
+        np.testing.assert_allclose(np.asarray(getattr(got, name)), np.asarray(getattr(want, name)),
+                                   rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 def test_pallas_kernel_plans_like_the_xla_path():
