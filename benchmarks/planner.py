@@ -38,7 +38,8 @@ import numpy as np
 from common import make_matmul_chain, timed
 from evjax.config import Config
 from evjax.dynamics import make_dynamics
-from evjax.planner import CPU_TILE_ROWS, batch_plans, episode_step_weights, make_model_planner, make_planner
+from evjax.planner import (CPU_TILE_ROWS, batch_plans, episode_step_weights, make_model_planner, make_planner,
+                           rollout_particles_per_member)
 
 
 def forward_flops(layer_sizes: list[int]) -> int:
@@ -116,9 +117,8 @@ def main(argv=None) -> int:
     compiled = jax.jit(plan_fn).lower(make_key(jax.random.key(0)), model, obs, warm, kappa).compile()
     compile_seconds = time.perf_counter() - start
 
-    # samples per member in a model step: one per particle, or one per candidate without particle noise
-    sampled = pcfg.particles if pcfg.particle_noise or args.sampled_steps else dyn.ensemble_size
-    rows = pcfg.popsize * sampled // dyn.ensemble_size
+    # samples per member in a model step after the first, as the planner steps them
+    rows = pcfg.popsize * rollout_particles_per_member(pcfg, dyn.ensemble_size, mean_step=not args.sampled_steps)
     width = cfg.model.hidden_sizes[0]
     chains = {name: make_matmul_chain(dyn.ensemble_size, rows, width, dtype)
               for name, dtype in (("f32", jnp.float32), ("bf16", jnp.bfloat16))}
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     layer_sizes = [obs_dim + action_dim, *cfg.model.hidden_sizes, 2 * (obs_dim + 2)]
     # forward rows actually evaluated: with mean_step_fn the first step runs once per (member, candidate)
     first_step_rows = pcfg.popsize * (pcfg.particles if args.sampled_steps else dyn.ensemble_size)
-    rows_per_iteration = first_step_rows + pcfg.popsize * sampled * (horizon - 1)
+    rows_per_iteration = first_step_rows + dyn.ensemble_size * rows * (horizon - 1)
     gflop = forward_flops(layer_sizes) * rows_per_iteration * int(jnp.sum(diag.iterations)) / 1e9  # per call
     median = statistics.median(seconds)
     achieved = gflop / median

@@ -19,6 +19,11 @@ config=()
 [ -n "${EVJAX_CONFIG:-}" ] && config=(--config "$EVJAX_CONFIG")
 names=()
 [ -n "${EVJAX_ABLATIONS:-}" ] && names=(--names $EVJAX_ABLATIONS)
+forecast_steps=${EVJAX_FORECAST_STEPS:-$out/forecast/steps.csv}
+if [ -n "${EVJAX_FORECAST_STEPS:-}" ] && [ ! -f "$forecast_steps" ]; then
+  echo "EVJAX_FORECAST_STEPS: no file $forecast_steps" >&2
+  exit 2
+fi
 mkdir -p "$out"
 
 # safety while learning and the ablation runs, all trained at once
@@ -28,18 +33,15 @@ python benchmarks/ablations.py train --out "$out" --jobs "$jobs" "${names[@]}" "
 ablations=$!
 # the oracle without foresight of the arrivals (8 demand draws), on the same days (no checkpoint needed; ~1 h on 2 CPU
 # cores). It does not depend on the agent: EVJAX_FORECAST_STEPS=FILE takes the steps.csv of an earlier run instead.
-forecast_steps=${EVJAX_FORECAST_STEPS:-$out/forecast/steps.csv}
-if [ -n "${EVJAX_FORECAST_STEPS:-}" ]; then
-  test -f "$forecast_steps" || { echo "EVJAX_FORECAST_STEPS: no file $forecast_steps" >&2; exit 2; }
-  true &
-else
+forecast=
+if [ -z "${EVJAX_FORECAST_STEPS:-}" ]; then
   python benchmarks/twin_evaluation.py --days "$days" --methods random oracle forecast_oracle --scenarios 8 --json \
     --steps-dir "$out/forecast" > "$out/forecast_oracle.json" &
+  forecast=$!
 fi
-forecast=$!
 wait $safety
 wait $ablations
-wait $forecast
+if [ -n "$forecast" ]; then wait "$forecast"; fi
 
 # the trained agent of each seed against every baseline, on the same held-out days and seeds
 pids=()

@@ -53,8 +53,8 @@ def test_new_definitions_are_the_defaults_and_the_source_preset_restores_the_old
     assert (source.carbon.method, source.carbon.constraint, source.carbon.limit) == ("fixed_shares", "system", 785.0)
     assert cfg.planner.cost_model == "observation" and cfg.planner.stop_at_episode_end and cfg.planner.shared_noise
     assert not cfg.planner.particle_noise
-    old_planner = dict(cost_model="learned", stop_at_episode_end=False, particle_noise=True, shared_noise=False, kappa_init=19.0,
-                       kappa_lr=0.01, cost_limit=6.0)
+    old_planner = dict(cost_model="learned", stop_at_episode_end=False, particle_noise=True, shared_noise=False,
+                       kappa_init=19.0, kappa_lr=0.01, cost_limit=6.0)
     assert source.planner == dataclasses.replace(cfg.planner, **old_planner)  # the source's planner, nothing else
     assert source.grid == cfg.grid and source.evaluation.fixed_kappa == 19.0
     assert source.training == dataclasses.replace(cfg.training, random_episodes=1)
