@@ -2,7 +2,7 @@
 
 At the paper's settings with a freshly initialised ensemble (as ``planner.py``):
 
-1. the kernel alone on one model step's shape [E, N*P/E] for each (tile, warps,
+1. the kernel alone on one model step's shape [E, N*P/E] ([E, N] without particle noise) for each (tile, warps,
    chunk) of a small sweep, against the XLA step (max abs difference) and its
    time; the fastest setting that compiles and agrees is used below;
 2. seconds per plan (``plan_fn``) and plans per second of ``plan_batch`` at
@@ -35,7 +35,7 @@ from common import make_matmul_chain, timed
 from evjax import fused_mlp
 from evjax.config import Config
 from evjax.dynamics import make_dynamics
-from evjax.planner import make_model_planner
+from evjax.planner import make_model_planner, rollout_particles_per_member
 
 SWEEP = ((64, 4, 64), (64, 8, 64), (128, 4, 64), (128, 8, 64), (32, 4, 64), (64, 4, 32), (128, 8, 32),
          (64, 4, 0), (128, 8, 0))  # (tile, num_warps, chunk); chunk 0 = whole layers (the first version)
@@ -83,17 +83,23 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--batches", default="64,256", help="comma-separated batch sizes for plan_batch")
     parser.add_argument("--quick", action="store_true", help="skip the tile sweep (use the module defaults)")
+    parser.add_argument("--particle-noise", choices=("true", "false"), default=None,
+                        help="planner.particle_noise (default: the config's; true steps P/E particles per member)")
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",") if b]
     started = time.perf_counter()
 
     cfg = Config()
+    if args.particle_noise is not None:
+        cfg = dataclasses.replace(cfg, planner=dataclasses.replace(
+            cfg.planner, particle_noise=args.particle_noise == "true"))
     pcfg = cfg.planner
     dyn = make_dynamics(cfg.model, cfg.obs_dim, cfg.action_dim)
     model = dyn.init(jax.random.key(0))
-    rows = pcfg.popsize * pcfg.particles // dyn.num_planning_members
+    rows = pcfg.popsize * rollout_particles_per_member(pcfg, dyn.num_planning_members)  # samples per member stepped
     device = jax.devices()[0].device_kind
-    emit({"what": "device", "device": device, "backend": jax.default_backend(), "jax": jax.__version__})
+    emit({"what": "device", "device": device, "backend": jax.default_backend(), "jax": jax.__version__,
+          "particle_noise": pcfg.particle_noise, "rows_per_member": rows})
 
     best = None if args.quick else sweep_kernel(dyn, model, rows, args.repeats)
     if best is not None:

@@ -18,7 +18,7 @@ with ``planner.stop_at_episode_end`` a plan at step t computes only the 12 - t h
 steps left in the episode, on CPU).
 
     python benchmarks/planner.py [--json] [--matmul-dtype bfloat16|float32] [--repeats 10] [--batch B] [--tile-rows R]
-                                [--steps-done T] [--particle-noise true|false]
+                                [--steps-done T] [--particle-noise true|false] [--hidden-dtype auto|float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from common import make_matmul_chain, timed
 from evjax.config import Config
 from evjax.dynamics import make_dynamics
 from evjax.planner import (CPU_TILE_ROWS, batch_plans, episode_step_weights, make_model_planner, make_planner,
-                           rollout_particles_per_member)
+                           resolve_hidden_dtype, rollout_particles_per_member)
 
 
 def forward_flops(layer_sizes: list[int]) -> int:
@@ -72,6 +72,8 @@ def main(argv=None) -> int:
     parser.add_argument("--particle-noise", choices=("true", "false"), default=None,
                         help="planner.particle_noise (default: the config's); false rolls out one particle per "
                              "(member, candidate)")
+    parser.add_argument("--hidden-dtype", choices=("auto", "float32", "bfloat16"), default=None,
+                        help="planner.hidden_dtype (default: the config's; auto is bfloat16 on a GPU)")
     parser.add_argument("--steps-done", type=int, default=0,
                         help="steps of the episode already done, in the observation's time feature (default 0)")
     args = parser.parse_args(argv)
@@ -84,13 +86,16 @@ def main(argv=None) -> int:
     if args.particle_noise is not None:
         cfg = dataclasses.replace(cfg, planner=dataclasses.replace(
             cfg.planner, particle_noise=args.particle_noise == "true"))
+    if args.hidden_dtype is not None:
+        cfg = dataclasses.replace(cfg, planner=dataclasses.replace(cfg.planner, hidden_dtype=args.hidden_dtype))
     matmul_dtype = cfg.planner.matmul_dtype
     pcfg = cfg.planner
+    hidden_dtype = resolve_hidden_dtype(pcfg.hidden_dtype, matmul_dtype, jax.default_backend())
     obs_dim, action_dim = cfg.obs_dim, cfg.action_dim
     dyn = make_dynamics(cfg.model, obs_dim, action_dim)
     model = dyn.init(jax.random.key(0))
     tile_rows = (pcfg.tile_rows or CPU_TILE_ROWS) if jax.default_backend() == "cpu" else 0  # as make_model_planner
-    step_fn = functools.partial(dyn.step, matmul_dtype=matmul_dtype, tile_rows=tile_rows)
+    step_fn = functools.partial(dyn.step, matmul_dtype=matmul_dtype, tile_rows=tile_rows, hidden_dtype=hidden_dtype)
     if args.sampled_steps:
         planner = make_planner(pcfg, cfg.env.price_lower, cfg.env.price_upper, dyn.ensemble_size, step_fn)
     else:
@@ -120,7 +125,9 @@ def main(argv=None) -> int:
     # samples per member in a model step after the first, as the planner steps them
     rows = pcfg.popsize * rollout_particles_per_member(pcfg, dyn.ensemble_size, mean_step=not args.sampled_steps)
     width = cfg.model.hidden_sizes[0]
-    chains = {name: make_matmul_chain(dyn.ensemble_size, rows, width, dtype)
+    vmapped = bool(batch) and (args.vmap or jax.default_backend() != "cpu")
+    ceiling_rows = rows * batch if vmapped else rows  # one model step's rows in one call
+    chains = {name: make_matmul_chain(dyn.ensemble_size, ceiling_rows, width, dtype)
               for name, dtype in (("f32", jnp.float32), ("bf16", jnp.bfloat16))}
     # plans and ceiling measurements interleaved, so that load from other processes hits both alike
     keys = iter([make_key(key) for key in jax.random.split(jax.random.key(1), args.repeats + 1)])
@@ -157,6 +164,8 @@ def main(argv=None) -> int:
         "ceiling_gflops_bf16": ceiling_bf16,
         "ratio_to_ceiling": achieved / ceiling,
         "matmul_dtype": matmul_dtype,
+        "hidden_dtype": hidden_dtype,
+        "ceiling_shape": [dyn.ensemble_size, ceiling_rows, width],
         "device": f"{jax.devices()[0].device_kind} x{len(jax.devices())} ({os.cpu_count()} cpus)",
         "step_path": "sampled" if args.sampled_steps else "mean + planner noise",
         "tile_rows": tile_rows,
@@ -166,8 +175,7 @@ def main(argv=None) -> int:
         "load_average_1min": os.getloadavg()[0],
     }
     if batch:
-        result.update({"batch": batch, "batch_mode": "vmap" if args.vmap or jax.default_backend() != "cpu"
-                       else "sequential", "call_seconds_median": median,
+        result.update({"batch": batch, "batch_mode": "vmap" if vmapped else "sequential", "call_seconds_median": median,
                        "plans_per_second_median": batch / median, "plans_per_second_min": batch / max(seconds),
                        "plans_per_second_max": batch / min(seconds)})
     if args.breakdown:
@@ -182,7 +190,7 @@ def main(argv=None) -> int:
         print(f"plan: median {median / plans:.3f} s (min {min(seconds) / plans:.3f}, max {max(seconds) / plans:.3f}) "
               f"over {args.repeats}, compile {compile_seconds:.1f} s, matmul {matmul_dtype}")
         print(f"forward passes: {gflop / plans:.1f} GFLOP/plan -> {achieved:.0f} GFLOP/s achieved")
-        print(f"ceiling (batched matmul [{dyn.ensemble_size},{rows},{width}]x[{width},{width}]): "
+        print(f"ceiling (batched matmul [{dyn.ensemble_size},{ceiling_rows},{width}]x[{width},{width}]): "
               f"f32 {ceiling_f32:.0f} GFLOP/s, bf16-in/f32-acc {ceiling_bf16:.0f} GFLOP/s; "
               f"ratio to {matmul_dtype} ceiling {achieved / ceiling:.2f}")
         for name, value in result.items():

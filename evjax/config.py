@@ -209,6 +209,7 @@ class PlannerConfig(Section):
     nan_reward: float = -1e6  # reward given to a non-finite rollout
     nan_cost: float = 1e6  # cost given to a non-finite rollout
     matmul_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # input dtype of the ensemble matmuls (f32 accumulation)
+    hidden_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # storage of the hidden matmul products in planning (XLA path); auto: bfloat16 on GPU/TPU with bfloat16 matmuls, float32 on CPU
     scan_unroll: int = 0  # horizon-scan unroll factor; 0 = auto (full on GPU/TPU, none on CPU)
     kernel: Literal["xla", "pallas"] = "xla"  # ensemble forward in planning: XLA ops, or one fused Pallas kernel (GPU only)
     tile_rows: int = 0  # XLA forward on CPU: samples per member per tile, run one tile after another; 0 = auto (600), >= N*P/E untiled; unused on GPU/TPU

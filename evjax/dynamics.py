@@ -183,10 +183,15 @@ def swish_via_tanh(x: jax.Array) -> jax.Array:
     return half * jnp.tanh(half) + half
 
 
-def _dense(h: jax.Array, layer: dict, dtype) -> jax.Array:
-    """h @ W + b with ``dtype`` matmul inputs and float32 accumulation."""
-    out = jnp.dot(h.astype(dtype), layer["w"].astype(dtype), preferred_element_type=jnp.float32)
-    return out + layer["b"]
+def _dense(h: jax.Array, layer: dict, dtype, out_dtype=jnp.float32) -> jax.Array:
+    """h @ W + b with ``dtype`` matmul inputs and float32 accumulation, the product stored as ``out_dtype``.
+
+    A bfloat16 ``out_dtype`` rounds the accumulated product once before the
+    float32 bias add: half the bytes of the [M, width] product written and read
+    again by the bias + activation pass (the planner on a GPU, README "Benchmarks").
+    """
+    out = jnp.dot(h.astype(dtype), layer["w"].astype(dtype), preferred_element_type=out_dtype)
+    return out.astype(jnp.float32) + layer["b"]
 
 
 def init_params(key: jax.Array, *, layout: Layout, init_truncation: float, max_logvar_init: float,
@@ -233,8 +238,8 @@ def member_forward(member_params: dict, x_norm: jax.Array, dtype=jnp.float32, *,
     return mean, logvar
 
 
-def member_step_forward(member_params: dict, x_norm: jax.Array, dtype, *,
-                        layout: Layout) -> tuple[jax.Array, jax.Array]:
+def member_step_forward(member_params: dict, x_norm: jax.Array, dtype, *, layout: Layout,
+                        hidden_dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
     """``member_forward`` laid out for the planner's hot path: (mean [M, S+2], bounded logvar^T [W, M]).
 
     Same maths, two changes for XLA CPU: swish as ``swish_via_tanh``, and
@@ -242,23 +247,25 @@ def member_step_forward(member_params: dict, x_norm: jax.Array, dtype, *,
     (11 at the defaults) as the minor dimension, the fused nested softplus
     (4 transcendental functions per element, 5 with the std's exp) is not
     vectorised and took ~30% of a plan; with M minor it is ~5x faster.
+    ``hidden_dtype`` stores the hidden layers' matmul products (``_dense``'s ``out_dtype``).
     """
     h = x_norm
     for name in layout.layer_names[:-1]:
-        h = swish_via_tanh(_dense(h, member_params[name], dtype))
+        h = swish_via_tanh(_dense(h, member_params[name], dtype, hidden_dtype))
     out = _dense(h, member_params["head"], dtype)  # [M, S+2+W]: one matmul, head kept row-major
     return split_head(out, member_params["max_logvar"], member_params["min_logvar"], layout=layout)
 
 
 def tiled_step_forward(params: dict, x_norm: jax.Array, dtype, *, layout: Layout,
-                       tile_rows: int) -> tuple[jax.Array, jax.Array]:
+                       tile_rows: int, hidden_dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
     """``member_step_forward`` of every member, x_norm [E, M, S+A] -> ([E, M, S+2], [E, W, M]), tile by tile.
 
     The samples are split into ceil(M / ``tile_rows``) equal tiles (M zero-padded
     to a multiple) run one after another with ``lax.map``, so that a tile's
     activations [E, M/tiles, 256] stay in cache across the layers; 0 = one tile.
     """
-    forward = jax.vmap(functools.partial(member_step_forward, layout=layout), in_axes=(0, 0, None))
+    forward = jax.vmap(functools.partial(member_step_forward, layout=layout, hidden_dtype=hidden_dtype),
+                       in_axes=(0, 0, None))
     members, samples, input_dim = x_norm.shape
     tiles = -(-samples // tile_rows) if tile_rows else 1
     if tiles <= 1:
@@ -610,7 +617,7 @@ def predict(state: ModelState, obs: jax.Array, act: jax.Array, key: Optional[jax
 
 def step(state: ModelState, obs: jax.Array, act: jax.Array, key: Optional[jax.Array], *, layout: Layout,
          matmul_dtype: str = "float32", mean_only: bool = False, kernel: str = "xla",
-         tile_rows: int = 0) -> Prediction:
+         tile_rows: int = 0, hidden_dtype: str = "float32") -> Prediction:
     """Member-major step: obs [E, M, S], act [E, M, A]; row e advanced by member e.
 
     One batched matmul per layer (members vmapped with in_axes 0), matmul
@@ -623,7 +630,9 @@ def step(state: ModelState, obs: jax.Array, act: jax.Array, key: Optional[jax.Ar
     bounds and std on [E, W, M], transposed back to [E, M, W]): the same
     outputs as ``predict`` to float32 rounding, ~40% less time per plan.
     ``tile_rows`` > 0 runs the XLA layers tile by tile over the samples
-    (``tiled_step_forward``; the planner's setting on CPU).
+    (``tiled_step_forward``; the planner's setting on CPU). ``hidden_dtype``
+    "bfloat16" stores the XLA path's hidden matmul products in bfloat16 before
+    the float32 bias and activation (the planner's setting on a GPU).
     ``kernel="pallas"`` runs the layers as one fused Pallas kernel instead
     (``fused_mlp.ensemble_head``; the same maths, on a GPU); on other backends
     it runs in Pallas interpret mode, a test path far too slow to plan with.
@@ -635,8 +644,8 @@ def step(state: ModelState, obs: jax.Array, act: jax.Array, key: Optional[jax.Ar
     chex.assert_tree_shape_prefix(state.params, (members,))
     x_norm = (jnp.concatenate([obs, act], axis=-1) - state.norm_mean) / state.norm_std
     if kernel == "xla":
-        mean, logvar_t = tiled_step_forward(state.params, x_norm, dtype, layout=layout,
-                                            tile_rows=tile_rows)  # [E, M, S+2], [E, W, M]
+        mean, logvar_t = tiled_step_forward(state.params, x_norm, dtype, layout=layout, tile_rows=tile_rows,
+                                            hidden_dtype=_matmul_dtype(hidden_dtype))  # [E, M, S+2], [E, W, M]
     elif kernel == "pallas":
         head = fused_mlp.ensemble_head(state.params, x_norm, dtype, layer_names=layout.layer_names,
                                        activation=swish_via_tanh, interpret=jax.default_backend() != "gpu")
@@ -711,7 +720,7 @@ def make_dynamics(model_cfg: ModelConfig, obs_dim: int, action_dim: int) -> Dyna
         fit=functools.partial(fit, layout=layout, batch_size=model_cfg.batch_size,
                               fit_fn=jax.jit(functools.partial(fit_padded, **settings))),
         predict=jax.jit(functools.partial(predict, layout=layout), static_argnames=dtype_options),
-        step=jax.jit(functools.partial(step, layout=layout), static_argnames=dtype_options + ("kernel", "tile_rows")),
+        step=jax.jit(functools.partial(step, layout=layout), static_argnames=dtype_options + ("kernel", "tile_rows", "hidden_dtype")),
         select_elites=functools.partial(select_elites, optimizer=optimizer,
                                         has_holdout=model_cfg.holdout_fraction > 0.0),
         layout=layout,

@@ -651,10 +651,23 @@ def make_cost_fn(cfg) -> Optional[Callable]:
         carbon_scale=cfg.env.carbon_obs_scale, carbon_limit=cfg.carbon.limit, carbon_divisor=cfg.carbon.cost_divisor)
 
 
+def resolve_hidden_dtype(hidden_dtype: str, matmul_dtype: str, backend: str) -> str:
+    """``planner.hidden_dtype`` "auto": bfloat16 products on accelerators with bfloat16 matmuls, else float32.
+
+    On a GPU the planner's forward is bound by the bytes of the hidden products written and read back by the
+    bias + activation pass, so bfloat16 storage saves time; XLA CPU turns a bfloat16-output dot into a float32
+    matmul and a cast, which costs time (README, "Benchmarks").
+    """
+    if hidden_dtype != "auto":
+        return hidden_dtype
+    return "bfloat16" if matmul_dtype == "bfloat16" and backend != "cpu" else "float32"
+
+
 def make_model_planner(cfg, dyn, mesh: Optional[jax.sharding.Mesh] = None) -> Planner:
     """The planner of ``cfg`` (an ``evjax.config.Config``) over the ensemble ``dyn`` (``make_dynamics``).
 
-    Binds ``dyn.step`` with ``planner.matmul_dtype``, ``planner.kernel`` and, on CPU,
+    Binds ``dyn.step`` with ``planner.matmul_dtype``, ``planner.hidden_dtype`` (``resolve_hidden_dtype``),
+    ``planner.kernel`` and, on CPU,
     ``planner.tile_rows`` both as ``step_fn`` and, with ``mean_only=True``, as
     ``mean_step_fn``; plans over ``dyn.num_planning_members`` members, so pass
     ``dyn.select_elites(model)`` when the model has a holdout. ``planner.kernel: pallas`` needs a GPU backend
@@ -670,7 +683,8 @@ def make_model_planner(cfg, dyn, mesh: Optional[jax.sharding.Mesh] = None) -> Pl
                          f"use planner.kernel 'xla'")
     # tiles of the population kept in cache across the layers help XLA CPU only (README, "Benchmarks")
     tile_rows = (cfg.planner.tile_rows or CPU_TILE_ROWS) if backend == "cpu" else 0
-    settings = dict(matmul_dtype=matmul_dtype, kernel=kernel, tile_rows=tile_rows)
+    settings = dict(matmul_dtype=matmul_dtype, kernel=kernel, tile_rows=tile_rows,
+                    hidden_dtype=resolve_hidden_dtype(cfg.planner.hidden_dtype, matmul_dtype, backend))
     step_fn = functools.partial(dyn.step, **settings)
     mean_step_fn = functools.partial(dyn.step, key=None, mean_only=True, **settings)
     cost_fn, step_weights_fn = make_cost_fn(cfg), None

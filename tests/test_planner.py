@@ -636,22 +636,36 @@ def test_bfloat16_plan_matches_float32_plan(fitted_ensemble):
     """Paper sizes (500 candidates, 30 particles, horizon 12, 5 iterations, 5 x 4 x 256 members).
 
     Same model, observation and key: the bfloat16-matmul plan's predicted return is
-    within 1 % of the float32 plan's and its first action within 2 % of each price range.
+    within 1 % of the float32 plan's and its first action within 2 % of each price range,
+    also with the hidden products stored in bfloat16 (``planner.hidden_dtype``, the GPU's setting).
     """
     from evjax.planner import make_model_planner
 
     cfg, dyn, model, obs = fitted_ensemble
     results = {}
-    for dtype in ("float32", "bfloat16"):
-        dtype_cfg = dataclasses.replace(cfg, planner=dataclasses.replace(cfg.planner, matmul_dtype=dtype))
+    for dtype, hidden in (("float32", "float32"), ("bfloat16", "float32"), ("bfloat16", "bfloat16")):
+        dtype_cfg = dataclasses.replace(cfg, planner=dataclasses.replace(cfg.planner, matmul_dtype=dtype,
+                                                                         hidden_dtype=hidden))
         planner = make_model_planner(dtype_cfg, dyn)
-        results[dtype] = planner.plan(jax.random.key(3), model, obs, planner.initial_warm_start(), 0.0)
-    (action32, _, diag32), (action16, _, diag16) = results["float32"], results["bfloat16"]
+        results[dtype, hidden] = planner.plan(jax.random.key(3), model, obs, planner.initial_warm_start(), 0.0)
+    action32, _, diag32 = results["float32", "float32"]
     assert 0.0 < float(diag32.feasible_fraction) < 1.0  # the constraint binds: reward and cost both matter
     assert abs(float(diag32.elite_reward)) > 1.0  # a non-trivial predicted return
-    assert abs(float(diag16.elite_reward) - float(diag32.elite_reward)) <= 0.01 * abs(float(diag32.elite_reward))
     price_range = np.asarray(cfg.env.price_upper) - np.asarray(cfg.env.price_lower)
-    assert np.all(np.abs(np.asarray(action16) - np.asarray(action32)) <= 0.02 * price_range)
+    for hidden in ("float32", "bfloat16"):
+        action16, _, diag16 = results["bfloat16", hidden]
+        assert abs(float(diag16.elite_reward) - float(diag32.elite_reward)) <= 0.01 * abs(float(diag32.elite_reward))
+        assert np.all(np.abs(np.asarray(action16) - np.asarray(action32)) <= 0.02 * price_range)
+
+
+def test_hidden_dtype_auto_is_bfloat16_on_accelerators_only():
+    from evjax.planner import resolve_hidden_dtype
+
+    assert resolve_hidden_dtype("auto", "bfloat16", "gpu") == "bfloat16"
+    assert resolve_hidden_dtype("auto", "bfloat16", "tpu") == "bfloat16"
+    assert resolve_hidden_dtype("auto", "bfloat16", "cpu") == "float32"
+    assert resolve_hidden_dtype("auto", "float32", "gpu") == "float32"  # float32 matmuls keep float32 products
+    assert resolve_hidden_dtype("bfloat16", "float32", "cpu") == "bfloat16"  # an explicit choice is kept
 
 
 def test_without_particle_noise_one_particle_per_member_scores_like_all_of_them(fitted_ensemble):
