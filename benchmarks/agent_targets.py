@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-AGENT, FIXED, RANDOM, ORACLE = "cap_adaptive", ("fixed_mid", "fixed_upper"), "random", "oracle"
+AGENT, FIXED, RANDOM, ORACLE = "cap_adaptive", ("fixed_mid", "fixed_upper", "fixed_tuned"), "random", "oracle"
 FORECAST = "forecast_oracle"
 
 

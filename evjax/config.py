@@ -231,6 +231,7 @@ class TrainingConfig(Section):
     epochs: int = 50  # episodes of training
     model_train_freq: int = 12  # refit the model on all data every this many steps
     random_episodes: int = 5  # the first episodes post uniform random prices (exploration; the planner takes over after them, and never before the first model fit)
+    random_hold: Literal["step", "episode"] = "step"  # random-price episodes draw new prices every step, or once per episode and hold them
     best_cost_threshold: float = 0.2  # "best" checkpoint only among episodes with cost <= this (SPEC: 3.6, README)
     best_selection: Literal["paired", "reward"] = "paired"  # rank episodes for "best" by reward minus a fixed-price episode's on the same day and seed, or by raw reward
     run_root: str = "runs"  # parent of timestamped run directories
@@ -254,6 +255,8 @@ class EvaluationConfig(Section):
     host_oracle_popsize: int = 24  # candidates per iteration of the host snapshot oracle
     host_oracle_iterations: int = 2  # its CEM iterations
     host_oracle_horizon: int = 3  # its planning horizon (steps)
+    tuned_levels: int = 5  # fixed_tuned: prices per station in the grid searched (evenly from price_lower to price_upper)
+    tuned_days: int = 40  # fixed_tuned: training days the grid is scored on (spread over the train split; seeds 0..)
     forecast_scenarios: int = 4  # demand draws of the day the forecast oracle plans on in place of the future arrivals
     methods: tuple[str, ...] = _tuple(*DEFAULT_METHODS)  # methods to compare (SPEC 12); forecast_oracle also exists
 
@@ -448,6 +451,8 @@ FIELD_RULES: dict[str, dict[str, Rule | tuple[Rule, ...]]] = {
         "host_oracle_iterations": POSITIVE,
         "host_oracle_horizon": POSITIVE,
         "forecast_scenarios": POSITIVE,
+        "tuned_levels": at_least(2),
+        "tuned_days": POSITIVE,
         "methods": (NON_EMPTY, each(Rule(lambda v: v in EVALUATION_METHODS, f"be one of {list(EVALUATION_METHODS)}",
                                          ("greedy",)))),
     },

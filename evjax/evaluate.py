@@ -21,6 +21,7 @@ import copy
 import csv
 import dataclasses
 import functools
+import itertools
 import math
 import sys
 import time
@@ -151,6 +152,8 @@ def make_policies(cfg: Config, parts, model, trained_kappa: float, methods: Sequ
             policies[method] = FixedPolicy((lower + upper) / 2)
         elif method == "fixed_upper":
             policies[method] = FixedPolicy(upper)
+        elif method == "fixed_tuned":
+            policies[method] = FixedPolicy(tuned_fixed_prices(cfg))
         elif method == "random":
             policies[method] = RandomPolicy(lower, upper)
         elif method == "oracle":
@@ -165,7 +168,7 @@ def make_policies(cfg: Config, parts, model, trained_kappa: float, methods: Sequ
     return policies
 
 
-TWIN_METHODS = ("fixed_mid", "fixed_upper", "random", "oracle", "forecast_oracle")  # the methods that can run on the twin
+TWIN_METHODS = ("fixed_mid", "fixed_upper", "fixed_tuned", "random", "oracle", "forecast_oracle")  # the methods that can run on the twin
 TWIN_PLANNERS = ("oracle", "forecast_oracle")  # of those, the ones that plan (CEM on the twin), the rest open loop
 
 
@@ -273,6 +276,32 @@ def twin_rows(method: str, prices, info, active, scenarios, day_ids, plan_ms: fl
     return rows
 
 
+def twin_days(cfg: Config, split: str, day_ids: Sequence[int], seeds: Sequence[int], *, mesh: jax.sharding.Mesh,
+              env=None, forecast: bool = False):
+    """The twin's inputs for episodes (day_ids[i], seeds[i]) of ``split``, day axis sharded over ``mesh``. Host side.
+
+    Returns (keys [D], days [D, ...], params, the host scenarios, the forecast oracle's alternative draws
+    [D, S, ...] with ``forecast`` else []); D is padded to a multiple of the mesh size (``shard_days``).
+    """
+    from evjax import oracle, twin
+
+    steps = cfg.env.episode_steps
+    scenarios = [episode_scenario(cfg, split, day, seed) for day, seed in zip(day_ids, seeds)]
+    alternatives = ([forecast_scenarios(cfg, split, day, seed) for day, seed in zip(day_ids, seeds)]
+                    if forecast else [])
+    max_evs = oracle.forecast_max_evs(scenarios, alternatives, steps) if alternatives else None
+    travel = env.travel if env is not None else None
+    params = twin.make_params(cfg, **({"feeder": env.grid, "travel": env.travel} if env is not None else {}))
+    with jax.enable_x64(True):
+        days = shard_days(twin.stack_scenarios(scenarios, cfg, max_evs, travel=travel), mesh)
+        if alternatives:  # [D, S, V]
+            alternatives = shard_days(jax.tree.map(lambda *days: jnp.stack(days), *[
+                twin.stack_scenarios(alts, cfg, max_evs, travel=travel) for alts in alternatives]), mesh)
+        keys = shard_days(jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32)), mesh)
+        params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    return keys, days, params, scenarios, alternatives
+
+
 def run_on_twin(cfg: Config, methods: Sequence[str], day_ids: Sequence[int], seeds: Sequence[int], *,
                 env=None, mesh: jax.sharding.Mesh | None = None) -> tuple[dict[str, list[dict]], dict]:
     """Non-learned ``methods`` (of ``TWIN_METHODS``) on the twin, every day of ``day_ids`` at once. Host side.
@@ -286,26 +315,15 @@ def run_on_twin(cfg: Config, methods: Sequence[str], day_ids: Sequence[int], see
     ``plan_ms`` of the oracle's rows is its run time / (days x steps), 0 for the open-loop methods.
     ``env`` (a host ``EVPricingEnv`` of ``cfg``) lends its feeder and road tables.
     """
-    from evjax import oracle, twin
+    from evjax import oracle
 
     unknown = [m for m in methods if m not in TWIN_METHODS]
     if unknown:
         raise ValueError(f"methods {unknown} cannot run on the twin (only {list(TWIN_METHODS)})")
     mesh = mesh if mesh is not None else day_mesh()
     split, steps = cfg.evaluation.split, cfg.env.episode_steps
-    scenarios = [episode_scenario(cfg, split, day, seed) for day, seed in zip(day_ids, seeds)]
-    alternatives = ([forecast_scenarios(cfg, split, day, seed) for day, seed in zip(day_ids, seeds)]
-                    if "forecast_oracle" in methods else [])
-    max_evs = oracle.forecast_max_evs(scenarios, alternatives, steps) if alternatives else None
-    travel = env.travel if env is not None else None
-    params = twin.make_params(cfg, **({"feeder": env.grid, "travel": env.travel} if env is not None else {}))
-    with jax.enable_x64(True):
-        days = shard_days(twin.stack_scenarios(scenarios, cfg, max_evs, travel=travel), mesh)
-        if alternatives:  # [D, S, V]
-            alternatives = shard_days(jax.tree.map(lambda *days: jnp.stack(days), *[
-                twin.stack_scenarios(alts, cfg, max_evs, travel=travel) for alts in alternatives]), mesh)
-        keys = shard_days(jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32)), mesh)
-        params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    keys, days, params, scenarios, alternatives = twin_days(cfg, split, day_ids, seeds, mesh=mesh, env=env,
+                                                            forecast="forecast_oracle" in methods)
     lower, upper = np.asarray(cfg.env.price_lower), np.asarray(cfg.env.price_upper)
     count = len(day_ids)
     per_method, timings = {}, {}
@@ -318,7 +336,8 @@ def run_on_twin(cfg: Config, methods: Sequence[str], day_ids: Sequence[int], see
             if method == "random":
                 prices = np.stack([random_prices(cfg, seed) for seed in seeds])
             else:
-                fixed = (lower + upper) / 2 if method == "fixed_mid" else upper
+                fixed = {"fixed_mid": lambda: (lower + upper) / 2, "fixed_upper": lambda: upper,
+                         "fixed_tuned": lambda: tuned_fixed_prices(cfg, env=env)}[method]()
                 prices = np.broadcast_to(np.asarray(fixed, np.float32), (count, steps, len(lower)))
             fn = oracle.open_loop_episodes
             args = (keys, days, shard_days(jnp.asarray(prices, jnp.float32), mesh), params)
@@ -329,6 +348,80 @@ def run_on_twin(cfg: Config, methods: Sequence[str], day_ids: Sequence[int], see
         per_method[method] = twin_rows(method, crop(prices), jax.tree.map(crop, info), crop(active), scenarios,
                                        day_ids, ms if method in TWIN_PLANNERS else 0.0)
     return per_method, timings
+
+
+class OpenLoopTwin:
+    """Fixed price vectors on the twin over one set of episodes (day_ids[i], seeds[i]) of ``split``. Host side.
+
+    The day-vmapped ``oracle.open_loop_episodes`` is compiled once; ``rows(name, prices[A])`` runs one vector
+    over every day (the rows of ``twin_rows``).
+    """
+
+    def __init__(self, cfg: Config, split: str, day_ids: Sequence[int], seeds: Sequence[int], env=None):
+        from evjax import oracle
+
+        mesh = day_mesh()
+        self.day_ids, self.count, self.steps = list(day_ids), len(day_ids), cfg.env.episode_steps
+        self.keys, self.days, self.params, self.scenarios, _ = twin_days(cfg, split, day_ids, seeds, mesh=mesh,
+                                                                         env=env)
+        self.padded = jax.tree.leaves(self.days)[0].shape[0]
+        self.sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("days"))
+        prices = jax.ShapeDtypeStruct((self.padded, self.steps, cfg.action_dim), jnp.float32, sharding=self.sharding)
+        with jax.enable_x64(True):
+            self.compiled = jax.jit(oracle.open_loop_episodes).lower(self.keys, self.days, prices,
+                                                                     self.params).compile()
+
+    def rows(self, name: str, prices) -> list[dict]:
+        prices = np.broadcast_to(np.asarray(prices, np.float32), (self.padded, self.steps, len(prices)))
+        with jax.enable_x64(True):
+            prices, info, active = self.compiled(self.keys, self.days, jax.device_put(prices, self.sharding),
+                                                 self.params)
+        crop = lambda x: np.asarray(x)[:self.count]  # noqa: E731  drop the padding days
+        return twin_rows(name, crop(prices), jax.tree.map(crop, info), crop(active), self.scenarios,
+                         self.day_ids, 0.0)
+
+
+def spread_day_ids(cfg: Config, split: str, count: int) -> np.ndarray:
+    """``count`` day indices spread evenly over ``split`` (all of it when it has fewer)."""
+    from evjax.data.scenarios import num_days
+
+    available = num_days(cfg, split)
+    return np.unique(np.linspace(0, available - 1, min(count, available)).round().astype(int))
+
+
+def fixed_price_grid(cfg: Config) -> list[np.ndarray]:
+    """Every vector of ``evaluation.tuned_levels`` evenly spaced prices per station, bounds included."""
+    lower, upper = np.asarray(cfg.env.price_lower), np.asarray(cfg.env.price_upper)
+    levels = cfg.evaluation.tuned_levels
+    return [lower + (upper - lower) * np.asarray(index) / (levels - 1)
+            for index in itertools.product(range(levels), repeat=len(lower))]
+
+
+def score_fixed_prices(cfg: Config, env=None) -> list[tuple[float, float, np.ndarray]]:
+    """Every grid vector on ``evaluation.tuned_days`` training days: (violation-step %, welfare, prices), best first.
+
+    Best = fewest steps with any violation, then the highest mean welfare per episode. Training day i runs
+    with episode seed i; no test day is seen.
+    """
+    day_ids = spread_day_ids(cfg, "train", cfg.evaluation.tuned_days)
+    twin = OpenLoopTwin(cfg, "train", day_ids, list(range(len(day_ids))), env=env)
+    scored = []
+    for prices in fixed_price_grid(cfg):
+        s = summarise("fixed_tuned", twin.rows("fixed_tuned", prices), cfg)
+        scored.append((s["steps_any_violation_pct"], s["welfare_cny"], prices))
+    return sorted(scored, key=lambda entry: (entry[0], -entry[1]))
+
+
+_TUNED: dict = {}
+
+
+def tuned_fixed_prices(cfg: Config, env=None) -> np.ndarray:
+    """The ``fixed_tuned`` baseline's prices [A]: the best constant vector of ``score_fixed_prices`` (cached)."""
+    key = (cfg.evaluation.tuned_levels, cfg.evaluation.tuned_days,
+           *(repr(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.name != "evaluation"))
+    if key not in _TUNED:
+        _TUNED[key] = np.asarray(score_fixed_prices(cfg, env=env)[0][2], np.float32)
+    return _TUNED[key]
 
 
 ARRAY_FIELDS = ("price", "evs_present", "line_loading")

@@ -22,6 +22,7 @@ class Method(NamedTuple):
 METHODS = (  # the baselines and the trained agent, in table order
     Method("fixed_mid", "fixed mid-range prices", None, None),
     Method("fixed_upper", "fixed upper-bound prices", None, None),
+    Method("fixed_tuned", "fixed prices tuned on training days", None, None),
     Method("random", "uniform random prices", None, None),
     Method("cem_unconstrained", "CEM, rewards only", "unconstrained", "zero"),
     Method("ccem", "constrained CEM, no penalty (CCEM)", "ccem", "zero"),

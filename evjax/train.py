@@ -156,9 +156,13 @@ class Trainer:
         model = episode_model = self._planning_model()
         kappa_planned = agent.kappa
         explore = epoch < cfg.training.random_episodes
+        held = None  # the episode's random prices with training.random_hold "episode"
         for _ in range(cfg.env.episode_steps):
             tic = time.perf_counter()
             action = agent.act(self._next_key(), model, obs, explore=explore)
+            if explore and cfg.training.random_hold == "episode":
+                held = action if held is None else held
+                action = held
             if agent.last_diagnostics is not None:
                 plan_seconds.append(time.perf_counter() - tic)
                 diagnostics.append(agent.last_diagnostics)

@@ -197,3 +197,38 @@ def test_planner_days_in_lockstep_equal_day_by_day_episodes():
         assert (b["day"], b["step"]) == (s["day"], s["step"])
         np.testing.assert_allclose(b["price"], s["price"], atol=1e-5)
         assert b["welfare"] == pytest.approx(s["welfare"], rel=1e-6, abs=1e-6)
+
+
+def test_fixed_price_grid_spans_the_bounds():
+    import dataclasses
+
+    cfg = dataclasses.replace(CFG, evaluation=dataclasses.replace(CFG.evaluation, tuned_levels=3))
+    grid = np.asarray(evaluate.fixed_price_grid(cfg))
+    lower, upper = np.asarray(CFG.env.price_lower), np.asarray(CFG.env.price_upper)
+    assert grid.shape == (27, 3)
+    assert len({tuple(v) for v in grid.round(9)}) == 27  # all distinct
+    for vector in (lower, upper, (lower + upper) / 2, np.array([upper[0], upper[1], lower[2]])):
+        assert np.any(np.all(np.isclose(grid, vector), axis=1)), vector
+
+
+def test_tuned_fixed_prices_beat_every_other_grid_vector_on_the_training_days():
+    """The open-loop twin of the tuning equals ``run_on_twin``'s fixed prices on the same episodes, and the
+    chosen vector has the fewest violating steps (then the most welfare) of the grid, upper bounds included."""
+    import dataclasses
+
+    cfg = dataclasses.replace(CFG, evaluation=dataclasses.replace(CFG.evaluation, tuned_levels=2, tuned_days=3,
+                                                                  split="train"))
+    scored = evaluate.score_fixed_prices(cfg)
+    assert len(scored) == 8
+    keys = [(viol, -welfare) for viol, welfare, _ in scored]
+    assert keys == sorted(keys)
+    upper = np.asarray(cfg.env.price_upper)
+    upper_entry = next(e for e in scored if np.allclose(e[2], upper))
+    assert scored[0][0] <= upper_entry[0]
+    np.testing.assert_allclose(evaluate.tuned_fixed_prices(cfg), scored[0][2], rtol=1e-6)
+    day_ids = evaluate.spread_day_ids(cfg, "train", 3)
+    runs, _ = evaluate.run_on_twin(cfg, ["fixed_upper"], day_ids, [0, 1, 2])
+    summary = evaluate.summarise("fixed_upper", runs["fixed_upper"], cfg)
+    assert summary["steps_any_violation_pct"] == pytest.approx(upper_entry[0])
+    assert summary["welfare_cny"] == pytest.approx(upper_entry[1], rel=1e-9)
+    assert len({round(e[1], 3) for e in scored}) > 1  # the prices change the welfare: the search has a signal

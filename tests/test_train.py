@@ -106,8 +106,8 @@ def test_evaluate_runs_every_method_on_the_same_days(trained):
     out = trained / "eval"
     with open(out / "metrics.csv") as f:
         table = {row["method"]: row for row in csv.DictReader(f)}
-    assert set(table) == {"fixed_mid", "fixed_upper", "random", "cem_unconstrained", "ccem", "cap_fixed_kappa",
-                          "cap_adaptive", "oracle"}
+    assert set(table) == {"fixed_mid", "fixed_upper", "fixed_tuned", "random", "cem_unconstrained", "ccem",
+                          "cap_fixed_kappa", "cap_adaptive", "oracle"}
     for row in table.values():
         line, carbon, any_ = (float(row[k]) for k in ("steps_line_over_limit_pct", "steps_carbon_over_limit_pct",
                                                       "steps_any_violation_pct"))
@@ -131,6 +131,11 @@ def test_evaluate_runs_every_method_on_the_same_days(trained):
             assert prices == pytest.approx(mid, abs=1e-3)
         if row["method"] == "fixed_upper":
             assert prices == pytest.approx(list(cfg.env.price_upper), abs=1e-3)
+        if row["method"] == "fixed_tuned":  # one vector of the 2-level grid: each price at one of its bounds
+            assert all(min(abs(p - lo), abs(p - hi)) < 1e-3
+                       for p, lo, hi in zip(prices, cfg.env.price_lower, cfg.env.price_upper))
+    tuned = {tuple(float(x) for x in r["price"].split()) for r in steps if r["method"] == "fixed_tuned"}
+    assert len(tuned) == 1  # constant over every step and day
     # the same days for every method
     days = {m: sorted({r["date"] for r in steps if r["method"] == m}) for m in table}
     assert len({tuple(d) for d in days.values()}) == 1
