@@ -219,6 +219,7 @@ class PlannerConfig(Section):
     particle_noise: bool = False  # true: particles sample the model's predicted std (trajectory sampling, SPEC 10); false: each follows its member's means, one particle per member computed (needs the mean-step path)
     shared_noise: bool = True  # every candidate's particles get the same model noise draws (common random numbers across candidates, not only across CEM iterations)
     stop_at_episode_end: bool = True  # horizon steps after the episode's end count nothing (read from the time feature; without env.time_features it has no effect)
+    prior_prices: tuple[float, ...] = ()  # CEM's prior mean: the first plan's warm start and the price appended to each shifted warm start, per station (CNY/kWh); empty = mid-range
     kappa_per_constraint: bool = False  # one kappa for the line and one for the carbon margin (needs cost_model observation)
     permissible_constraint_costs: tuple[float, ...] = _tuple(0.05, 0.05)  # C_perm of the line and carbon kappa (kappa_per_constraint)
 
@@ -607,9 +608,14 @@ def validate(cfg: Config) -> None:
         "env.price_upper": cfg.env.price_upper,
         "env.initial_prices": cfg.env.initial_prices,
     }
+    if cfg.planner.prior_prices:
+        per_station["planner.prior_prices"] = cfg.planner.prior_prices
     for key, values in per_station.items():
         if len(values) != n:
             _fail(key, f"needs one value per station ({n}, the length of grid.station_buses), got {len(values)}")
+    for k, (lo, hi, price) in enumerate(zip(cfg.env.price_lower, cfg.env.price_upper, cfg.planner.prior_prices)):
+        if not lo <= price <= hi:
+            _fail("planner.prior_prices", f"station {k + 1} price {price} outside env's bounds [{lo}, {hi}]")
     steps = cfg.env.episode_steps
     if len(cfg.grid.load_multiplier) < steps:
         _fail("grid.load_multiplier", f"needs at least env.episode_steps ({steps}) values")

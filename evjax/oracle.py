@@ -66,6 +66,7 @@ class OracleSettings(NamedTuple):
     truncation_sigma: float
     smoothing: float
     cost_limit: float
+    prior: tuple[float, ...] = ()  # planner.prior_prices: first warm start and appended action; () = mid-range
 
 
 def settings(cfg: Config) -> OracleSettings:
@@ -77,7 +78,7 @@ def settings(cfg: Config) -> OracleSettings:
     ev, pl = cfg.evaluation, cfg.planner
     num_elites = min(ev.oracle_popsize, max(2, round(ev.oracle_popsize * pl.num_elites / pl.popsize)))
     return OracleSettings(ev.oracle_popsize, num_elites, ev.oracle_iterations, pl.min_variance,
-                          pl.truncation_sigma, pl.smoothing, ev.oracle_cost_limit)
+                          pl.truncation_sigma, pl.smoothing, ev.oracle_cost_limit, tuple(pl.prior_prices))
 
 
 def twin_rollout(model: TwinModel, obs: jax.Array, candidates: jax.Array, kappa: jax.Array,
@@ -192,7 +193,8 @@ def plan(key: jax.Array, state: twin.EnvState, warm_start: jax.Array, params: tw
         rollout_fn=rollout_fn, noise_fn=lambda noise_key, num_candidates, state_dim: noise_key,
         lower=lower, upper=upper, num_candidates=oracle.num_candidates, num_elites=oracle.num_elites,
         iterations=oracle.iterations, min_variance=oracle.min_variance, truncation_sigma=oracle.truncation_sigma,
-        smoothing=oracle.smoothing, cost_limit=oracle.cost_limit)
+        smoothing=oracle.smoothing, cost_limit=oracle.cost_limit,
+        prior=jnp.asarray(oracle.prior, jnp.float32) if oracle.prior else None)
     return action, next_warm_start
 
 
@@ -210,12 +212,13 @@ def episodes(keys: jax.Array, days: twin.ScenarioArrays, params: twin.EnvParams,
 
     Returns (prices [D, T, A] it posted, per-step ``info`` [D, T, ...] of the
     twin, ``active`` [D, T]: the step ran before the episode ended). The first
-    warm start is the mid-range price at every step, as the agent's.
+    warm start is ``planner.prior_prices`` (default the mid-range price) at every step, as the agent's.
     """
     steps = params.settings.episode_steps
     state, _ = jax.vmap(twin.reset, in_axes=(0, 0, None))(keys, days, params)
     mid = ((params.price_lower + params.price_upper) / 2.0).astype(jnp.float32)  # [A]
-    warm_start = jnp.broadcast_to(mid, (keys.shape[0], steps, mid.shape[0]))  # [D, H, A]
+    prior = jnp.asarray(oracle.prior, jnp.float32) if oracle.prior else mid
+    warm_start = jnp.broadcast_to(prior, (keys.shape[0], steps, mid.shape[0]))  # [D, H, A]
     plan_days = jax.vmap(lambda key, state, warm, alts: plan(key, state, warm, params, oracle=oracle,
                                                              alternatives=alts))
     step_days = jax.vmap(twin.step, in_axes=(0, 0, 0, None))

@@ -79,7 +79,7 @@ class Planner(NamedTuple):
     plan_batch: Callable[..., tuple[jax.Array, jax.Array, PlanDiagnostics]]  # jitted B plans, one model; see ``make_planner``
     plan_batch_fn: Callable[..., tuple[jax.Array, jax.Array, PlanDiagnostics]]  # the same, not jitted (``batch_plans``)
     evaluate: Callable[..., CandidateValues]  # (key, model, obs[S], actions[N,H,A], kappa) -> values, pure
-    initial_warm_start: Callable[[], jax.Array]  # () -> [H, A] mid-range prices
+    initial_warm_start: Callable[[], jax.Array]  # () -> [H, A] planner.prior_prices (default mid-range) at every step
     price_lower: jax.Array  # [A]
     price_upper: jax.Array  # [A]
     horizon: int  # H
@@ -380,7 +380,7 @@ def rollout(model: Any, obs: jax.Array, actions: jax.Array, kappa: jax.Array, no
 def cem_plan(key: jax.Array, model: Any, obs: jax.Array, warm_start: jax.Array, kappa: jax.Array, *,
              rollout_fn: Callable, noise_fn: Callable, lower: jax.Array, upper: jax.Array, num_candidates: int,
              num_elites: int, iterations: int, min_variance: float, truncation_sigma: float, smoothing: float,
-             cost_limit: Optional[float], shard: Callable = no_sharding):
+             cost_limit: Optional[float], shard: Callable = no_sharding, prior: Optional[jax.Array] = None):
     """One constrained CEM plan; pure, jit-compatible. Returns (action [A], next warm start [H, A], PlanDiagnostics).
 
     1. mean mu = warm start (clipped into the bounds), variance
@@ -405,7 +405,7 @@ def cem_plan(key: jax.Array, model: Any, obs: jax.Array, warm_start: jax.Array, 
 
     The action is the first step of the final mean; the next warm start is the
     final mean shifted one step along time, ``roll(mu, -1, axis=0)``, with the
-    mid-range action appended. The model noise ``noise_fn(key, num_candidates,
+    ``prior`` action appended (default the mid-range action). The model noise ``noise_fn(key, num_candidates,
     state_dim)`` is drawn once per plan; ``cost_limit`` None counts every
     candidate as feasible (mode ``unconstrained``).
     """
@@ -445,8 +445,8 @@ def cem_plan(key: jax.Array, model: Any, obs: jax.Array, warm_start: jax.Array, 
     init = CemCarry(jnp.zeros((), jnp.int32), mean, var, key, diag0)
     final = jax.lax.while_loop(keep_going, cem_iteration, init)
     action = jnp.clip(final.mean[0], lower, upper)  # [A]
-    mid = (lower + upper) / 2.0  # [A]
-    next_warm_start = jnp.roll(final.mean, -1, axis=0).at[-1].set(mid)  # [H, A]
+    appended = (lower + upper) / 2.0 if prior is None else prior  # [A]
+    next_warm_start = jnp.roll(final.mean, -1, axis=0).at[-1].set(appended)  # [H, A]
     return action, next_warm_start, final.diag
 
 
@@ -556,6 +556,8 @@ def make_planner(
     lower = jnp.asarray(lower_np, dtype=jnp.float32)  # [A]
     upper = jnp.asarray(upper_np, dtype=jnp.float32)  # [A]
     particles_per_member = rollout_particles_per_member(cfg, num_members, mean_step=mean_step_fn is not None)
+    # the warm start of an episode's first plan and the action appended to a shifted warm start
+    prior = jnp.asarray(cfg.prior_prices, jnp.float32) if cfg.prior_prices else (lower + upper) / 2.0  # [A]
     # 0 = auto: unrolled on accelerators (fewer kernel launches: 5.7 -> 4.9 ms per plan on an H100), rolled on CPU
     scan_unroll = cfg.scan_unroll or (cfg.horizon if jax.default_backend() != "cpu" else 1)
     rollout_fn = functools.partial(
@@ -574,7 +576,7 @@ def make_planner(
         rollout_fn=rollout_fn, noise_fn=noise_fn, lower=lower, upper=upper, num_candidates=cfg.popsize,
         num_elites=cfg.num_elites, iterations=cfg.iterations, min_variance=cfg.min_variance,
         truncation_sigma=cfg.truncation_sigma, smoothing=cfg.smoothing,
-        cost_limit=cfg.cost_limit if cfg.mode != "unconstrained" else None, shard=shard)
+        cost_limit=cfg.cost_limit if cfg.mode != "unconstrained" else None, shard=shard, prior=prior)
 
     def plan_fn(key: jax.Array, model: Any, obs: jax.Array, warm_start: jax.Array, kappa: jax.Array):
         """One constrained CEM plan with this planner's settings (``cem_plan``); pure, jit-compatible."""
@@ -605,10 +607,9 @@ def make_planner(
         """Predicted reward, penalised cost and penalty of candidates actions [N, H, A] (pure)."""
         return rollout_fn(model, obs, actions, kappa, noise_fn(key, actions.shape[0], obs.shape[-1]))
 
-    mid = (lower + upper) / 2.0  # [A]
     return Planner(plan=plan, plan_fn=plan_fn, plan_batch=plan_batch, plan_batch_fn=plan_batch_fn,
                    evaluate=evaluate,
-                   initial_warm_start=lambda: jnp.broadcast_to(mid, (cfg.horizon, lower.size)),
+                   initial_warm_start=lambda: jnp.broadcast_to(prior, (cfg.horizon, lower.size)),
                    price_lower=lower, price_upper=upper, horizon=cfg.horizon, mode=cfg.mode)
 
 

@@ -202,6 +202,8 @@ CROSS_CASES = [
     (["planner.nan_cost=0.05"], "planner.nan_cost"),
     (["planner.kappa_per_constraint=true", "planner.cost_model=learned"], "planner.kappa_per_constraint"),
     (["planner.particles=31"], "planner.particles"),
+    (["planner.prior_prices=[1.4, 1.5]"], "planner.prior_prices"),
+    (["planner.prior_prices=[1.4, 1.5, 1.0]"], "planner.prior_prices"),  # below station 3's lower bound
     (["model.holdout_fraction=0.2", "model.num_elites=4"], "planner.particles"),  # plans over the 4 elites
     (["evaluation.methods=[ccem, ccem]"], "evaluation.methods"),
     (["evaluation.host_oracle_horizon=13"], "evaluation.host_oracle_horizon"),

@@ -19,6 +19,21 @@ def test_settings_keep_the_planner_elite_fraction():
     assert oracle.settings(small_oracle_config()).num_elites == 3  # round(16 x 80 / 500)
 
 
+def test_a_prior_on_the_bounds_holds_the_oracle_there():
+    """``planner.prior_prices`` is the oracle's first warm start and appended action; CEM's variance cap is 0 at a
+    bound, so a prior at the upper bounds makes the oracle post the upper bounds at every step (a known answer)."""
+    import dataclasses
+
+    cfg = small_oracle_config()
+    upper = tuple(cfg.env.price_upper)
+    cfg = dataclasses.replace(cfg, planner=dataclasses.replace(cfg.planner, prior_prices=upper))
+    assert oracle.settings(cfg).prior == upper
+    runs, _ = evaluate.run_on_twin(cfg, ["oracle"], [0], [1000])
+    assert len(runs["oracle"]) == cfg.env.episode_steps
+    for r in runs["oracle"]:
+        np.testing.assert_allclose(r["price"], upper, rtol=1e-6)
+
+
 def test_oracle_removes_violations_of_fixed_and_random_prices(twin_evaluation):
     """Test days 0 and 162: every non-learned price rule violates a limit; the oracle (16 x 2) none on day 0, less on 162."""
     cfg, _, _, runs, _ = twin_evaluation

@@ -286,6 +286,17 @@ def test_warm_start_shifts_along_time():
     np.testing.assert_allclose(next_warm[-1], MID, rtol=1e-6)
 
 
+def test_prior_prices_start_the_episode_and_fill_the_shifted_warm_start():
+    """``prior_prices``: the first warm start holds them at every step, and each plan appends them (not mid)."""
+    prior = (1.35, 1.45, 1.25)
+    cfg = dataclasses.replace(SMALL, smoothing=1.0, horizon=4, prior_prices=prior)
+    planner = cached_planner(cfg, bowl_step)
+    np.testing.assert_allclose(planner.initial_warm_start(), np.broadcast_to(prior, (4, 3)), rtol=1e-6)
+    action, next_warm, _ = plan_once(cfg, bowl_step)
+    np.testing.assert_allclose(action, prior, rtol=1e-6)  # smoothing 1: the mean stays at the prior
+    np.testing.assert_allclose(next_warm, np.broadcast_to(prior, (4, 3)), rtol=1e-6)
+
+
 def test_planned_sequence_tracks_a_time_varying_optimum():
     """Target at step t is TARGET + t * 0.02 on station 3: warm start row t holds the step t + 1 optimum."""
     def step(model, obs, act, key):
