@@ -190,9 +190,8 @@ def evaluation_day_ids(cfg: Config) -> np.ndarray:
     """Day indices of ``evaluation.split``: ``evaluation.days`` of them spread evenly, or all when it is 0."""
     from evjax.data.scenarios import num_days
 
-    available = num_days(cfg, cfg.evaluation.split)
-    count = available if cfg.evaluation.days == 0 else min(cfg.evaluation.days, available)
-    return np.unique(np.linspace(0, available - 1, count).round().astype(int))
+    split = cfg.evaluation.split
+    return spread_day_ids(cfg, split, cfg.evaluation.days or num_days(cfg, split))
 
 
 def forecast_scenarios(cfg: Config, split: str, day: int, seed: int) -> list:
