@@ -148,12 +148,8 @@ def make_policies(cfg: Config, parts, model, trained_kappa: float, methods: Sequ
     planners = {}  # one compiled planner per mode; the CAP variants differ only in kappa
     policies = {}
     for method in (cfg.evaluation.methods if methods is None else methods):
-        if method == "fixed_mid":
-            policies[method] = FixedPolicy((lower + upper) / 2)
-        elif method == "fixed_upper":
-            policies[method] = FixedPolicy(upper)
-        elif method == "fixed_tuned":
-            policies[method] = FixedPolicy(tuned_fixed_prices(cfg))
+        if method in FIXED_METHODS:
+            policies[method] = FixedPolicy(fixed_prices(cfg, method))
         elif method == "random":
             policies[method] = RandomPolicy(lower, upper)
         elif method == "oracle":
@@ -168,6 +164,7 @@ def make_policies(cfg: Config, parts, model, trained_kappa: float, methods: Sequ
     return policies
 
 
+FIXED_METHODS = ("fixed_mid", "fixed_upper", "fixed_tuned")  # constant prices at every step (``fixed_prices``)
 TWIN_METHODS = ("fixed_mid", "fixed_upper", "fixed_tuned", "random", "oracle", "forecast_oracle")  # the methods that can run on the twin
 TWIN_PLANNERS = ("oracle", "forecast_oracle")  # of those, the ones that plan (CEM on the twin), the rest open loop
 
@@ -323,7 +320,6 @@ def run_on_twin(cfg: Config, methods: Sequence[str], day_ids: Sequence[int], see
     split, steps = cfg.evaluation.split, cfg.env.episode_steps
     keys, days, params, scenarios, alternatives = twin_days(cfg, split, day_ids, seeds, mesh=mesh, env=env,
                                                             forecast="forecast_oracle" in methods)
-    lower, upper = np.asarray(cfg.env.price_lower), np.asarray(cfg.env.price_upper)
     count = len(day_ids)
     per_method, timings = {}, {}
     for method in methods:
@@ -335,9 +331,7 @@ def run_on_twin(cfg: Config, methods: Sequence[str], day_ids: Sequence[int], see
             if method == "random":
                 prices = np.stack([random_prices(cfg, seed) for seed in seeds])
             else:
-                fixed = {"fixed_mid": lambda: (lower + upper) / 2, "fixed_upper": lambda: upper,
-                         "fixed_tuned": lambda: tuned_fixed_prices(cfg, env=env)}[method]()
-                prices = np.broadcast_to(np.asarray(fixed, np.float32), (count, steps, len(lower)))
+                prices = np.broadcast_to(fixed_prices(cfg, method, env=env), (count, steps, cfg.action_dim))
             fn = oracle.open_loop_episodes
             args = (keys, days, shard_days(jnp.asarray(prices, jnp.float32), mesh), params)
         (prices, info, active), compile_s, run_s = _compiled_call(fn, *args)
@@ -412,6 +406,14 @@ def score_fixed_prices(cfg: Config, env=None) -> list[tuple[float, float, np.nda
 
 
 _TUNED: dict = {}
+
+
+def fixed_prices(cfg: Config, method: str, env=None) -> np.ndarray:
+    """The constant prices [A] (float32) a method of ``FIXED_METHODS`` posts: mid-range, upper bounds or tuned."""
+    lower, upper = np.asarray(cfg.env.price_lower), np.asarray(cfg.env.price_upper)
+    if method == "fixed_tuned":
+        return tuned_fixed_prices(cfg, env=env)
+    return np.asarray({"fixed_mid": (lower + upper) / 2, "fixed_upper": upper}[method], np.float32)
 
 
 def tuned_fixed_prices(cfg: Config, env=None) -> np.ndarray:

@@ -194,7 +194,7 @@ def plan(key: jax.Array, state: twin.EnvState, warm_start: jax.Array, params: tw
         lower=lower, upper=upper, num_candidates=oracle.num_candidates, num_elites=oracle.num_elites,
         iterations=oracle.iterations, min_variance=oracle.min_variance, truncation_sigma=oracle.truncation_sigma,
         smoothing=oracle.smoothing, cost_limit=oracle.cost_limit,
-        prior=jnp.asarray(oracle.prior, jnp.float32) if oracle.prior else None)
+        prior=planner_lib.prior_action(oracle.prior, lower, upper))
     return action, next_warm_start
 
 
@@ -216,9 +216,8 @@ def episodes(keys: jax.Array, days: twin.ScenarioArrays, params: twin.EnvParams,
     """
     steps = params.settings.episode_steps
     state, _ = jax.vmap(twin.reset, in_axes=(0, 0, None))(keys, days, params)
-    mid = ((params.price_lower + params.price_upper) / 2.0).astype(jnp.float32)  # [A]
-    prior = jnp.asarray(oracle.prior, jnp.float32) if oracle.prior else mid
-    warm_start = jnp.broadcast_to(prior, (keys.shape[0], steps, mid.shape[0]))  # [D, H, A]
+    prior = planner_lib.prior_action(oracle.prior, params.price_lower, params.price_upper)  # [A]
+    warm_start = jnp.broadcast_to(prior, (keys.shape[0], steps, prior.shape[0]))  # [D, H, A]
     plan_days = jax.vmap(lambda key, state, warm, alts: plan(key, state, warm, params, oracle=oracle,
                                                              alternatives=alts))
     step_days = jax.vmap(twin.step, in_axes=(0, 0, 0, None))
