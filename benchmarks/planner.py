@@ -19,6 +19,7 @@ steps left in the episode, on CPU).
 
     python benchmarks/planner.py [--json] [--matmul-dtype bfloat16|float32] [--repeats 10] [--batch B] [--tile-rows R]
                                 [--steps-done T] [--particle-noise true|false] [--hidden-dtype auto|float32|bfloat16]
+                                [--profile DIR]
 """
 
 from __future__ import annotations
@@ -74,20 +75,17 @@ def main(argv=None) -> int:
                              "(member, candidate)")
     parser.add_argument("--hidden-dtype", choices=("auto", "float32", "bfloat16"), default=None,
                         help="planner.hidden_dtype (default: the config's; auto is bfloat16 on a GPU)")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="also write a jax.profiler trace of three plans to DIR (Perfetto/TensorBoard)")
     parser.add_argument("--steps-done", type=int, default=0,
                         help="steps of the episode already done, in the observation's time feature (default 0)")
     args = parser.parse_args(argv)
 
     cfg = Config()
-    if args.matmul_dtype:
-        cfg = dataclasses.replace(cfg, planner=dataclasses.replace(cfg.planner, matmul_dtype=args.matmul_dtype))
-    if args.tile_rows is not None:
-        cfg = dataclasses.replace(cfg, planner=dataclasses.replace(cfg.planner, tile_rows=args.tile_rows))
-    if args.particle_noise is not None:
-        cfg = dataclasses.replace(cfg, planner=dataclasses.replace(
-            cfg.planner, particle_noise=args.particle_noise == "true"))
-    if args.hidden_dtype is not None:
-        cfg = dataclasses.replace(cfg, planner=dataclasses.replace(cfg.planner, hidden_dtype=args.hidden_dtype))
+    overrides = {"matmul_dtype": args.matmul_dtype, "tile_rows": args.tile_rows, "hidden_dtype": args.hidden_dtype,
+                 "particle_noise": None if args.particle_noise is None else args.particle_noise == "true"}
+    cfg = dataclasses.replace(cfg, planner=dataclasses.replace(
+        cfg.planner, **{name: value for name, value in overrides.items() if value is not None}))
     matmul_dtype = cfg.planner.matmul_dtype
     pcfg = cfg.planner
     hidden_dtype = resolve_hidden_dtype(pcfg.hidden_dtype, matmul_dtype, jax.default_backend())
@@ -141,6 +139,10 @@ def main(argv=None) -> int:
         for name, (run, _) in chains.items():
             ceiling_seconds[name].append(min(seconds_of(run) for _ in range(3)))
     _, _, diag = compiled(make_key(jax.random.key(2)), model, obs, warm, kappa)
+    if args.profile:
+        with jax.profiler.trace(args.profile, create_perfetto_trace=True):
+            for _ in range(3):
+                jax.block_until_ready(compiled(make_key(jax.random.key(3)), model, obs, warm, kappa))
 
     layer_sizes = [obs_dim + action_dim, *cfg.model.hidden_sizes, 2 * (obs_dim + 2)]
     # forward rows actually evaluated: with mean_step_fn the first step runs once per (member, candidate)

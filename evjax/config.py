@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import math
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -34,6 +35,8 @@ from evjax.methods import DEFAULT_METHODS, EVALUATION_METHODS
 FEEDER_BUSES = 33  # case33bw: buses 0..32, bus 0 the slack
 FEEDER_LINES = 32  # its in-service lines 0..31 (the five tie lines 32..36 are open)
 
+
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 def _tuple(*values):
     return dataclasses.field(default_factory=lambda: tuple(values))
@@ -677,6 +680,8 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
             _fail(key, f"expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 (PyYAML) reads 5e-5, without a dot, as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(key, f"expected a number, got {value!r}")
         try:

@@ -108,6 +108,15 @@ def test_missing_and_invalid_files_are_named(tmp_path):
         C.load(bad)
 
 
+def test_exponent_numbers_without_a_dot_are_numbers():
+    """PyYAML reads 5e-5 as a string (YAML 1.1 needs 5.0e-5): a float key takes it as the number it spells."""
+    cfg = C.load(overrides=["model.learning_rate=2e-3", "model.weight_decays=[1e-5, 2E-5, 3.5e-5, -0e0, 1e+0]"])
+    assert cfg.model.learning_rate == 2e-3
+    assert cfg.model.weight_decays == (1e-5, 2e-5, 3.5e-5, 0.0, 1.0)
+    with pytest.raises(C.ConfigError, match="model.learning_rate"):
+        C.load(overrides=["model.learning_rate=5e"])  # not a number: still the one-line error
+
+
 @pytest.mark.parametrize("module", ["evjax.train", "evjax.evaluate"])
 @pytest.mark.parametrize("args, needle", [
     (["--set", "planner.popsize=-1"], "planner.popsize"),
