@@ -249,6 +249,7 @@ class EvaluationConfig(Section):
     days: int = 30  # number of days, spread evenly over the split; 0 = every day of the split
     seed: int = 1000  # seed of the evaluation episodes (day i gets seed + i)
     fixed_kappa: float = 0.5  # kappa of the "CAP with fixed kappa" baseline (planner.kappa_init's scale)
+    cost_limit: Optional[float] = None  # cost limit the planner methods with one (CCEM, CAP) plan with here; null: the run's planner.cost_limit; 0: feasible only without a predicted violation
     batch_days: bool = True  # the planner methods plan all days of a step in one planner.plan_batch call (equal plans)
     reference: str = "oracle"  # method the paired per-day differences of the table are taken against
     baseline_simulator: Literal["twin", "host"] = "twin"  # where fixed_mid, fixed_upper and random run (twin: all days in one vmapped call)
@@ -451,6 +452,7 @@ FIELD_RULES: dict[str, dict[str, Rule | tuple[Rule, ...]]] = {
         "oracle_popsize": at_least(2),
         "oracle_iterations": POSITIVE,
         "oracle_cost_limit": NON_NEGATIVE,
+        "cost_limit": NON_NEGATIVE,
         "host_oracle_popsize": at_least(2),
         "host_oracle_iterations": POSITIVE,
         "host_oracle_horizon": POSITIVE,
@@ -642,6 +644,9 @@ def validate(cfg: Config) -> None:
                   f"drivers charge at any posted price, got {cfg.economics.user_value_cny_per_kwh}")
     if cfg.evaluation.host_oracle_horizon > steps:
         _fail("evaluation.host_oracle_horizon", f"exceeds env.episode_steps ({steps})")
+    if cfg.evaluation.cost_limit is not None and cfg.planner.nan_cost <= cfg.evaluation.cost_limit:
+        _fail("evaluation.cost_limit", f"{cfg.evaluation.cost_limit} must stay below planner.nan_cost "
+              f"({cfg.planner.nan_cost}) so that a non-finite rollout is never feasible")
 
 
 # ------------------------------------------------------------- type checking

@@ -139,7 +139,8 @@ def make_policies(cfg: Config, parts, model, trained_kappa: float, methods: Sequ
 
     The planner variants (the methods of ``evjax.methods.METHODS`` with a planner
     mode) keep kappa fixed during evaluation: 0 for CEM and CCEM,
-    ``evaluation.fixed_kappa`` for fixed-kappa CAP, the trained kappa for the agent.
+    ``evaluation.fixed_kappa`` for fixed-kappa CAP, the trained kappa for the agent;
+    they plan with ``evaluation.cost_limit`` where it is set (else ``planner.cost_limit``).
     """
     from evjax.agent import Agent, planner_variant
     from evjax.planner import make_model_planner
@@ -156,6 +157,8 @@ def make_policies(cfg: Config, parts, model, trained_kappa: float, methods: Sequ
             policies[method] = OraclePolicy(cfg)
         else:
             planner_cfg = planner_variant(cfg.planner, BY_NAME[method], cfg.evaluation.fixed_kappa, trained_kappa)
+            if cfg.evaluation.cost_limit is not None:
+                planner_cfg = dataclasses.replace(planner_cfg, cost_limit=cfg.evaluation.cost_limit)
             if planner_cfg.mode not in planners:
                 planners[planner_cfg.mode] = make_model_planner(dataclasses.replace(cfg, planner=planner_cfg),
                                                                 parts.dynamics)
@@ -751,6 +754,9 @@ def evaluate(run_dir: Path, evaluation: EvaluationConfig | None = None, split: s
     summaries = summaries_of(per_run, cfg)
     header = (f"Checkpoint '{kind}' (epoch {epoch}, kappa {np.array2string(trained_kappa, precision=3)}); {len(day_ids)} {cfg.evaluation.split} "
               f"day(s), seeds {cfg.evaluation.seed}..{cfg.evaluation.seed + len(day_ids) - 1}. {note}").strip()
+    if cfg.evaluation.cost_limit is not None:
+        header += (f"\n\nThe planner methods plan with cost limit {cfg.evaluation.cost_limit:g} (evaluation.cost_limit; "
+                   f"the run trained with planner.cost_limit {cfg.planner.cost_limit:g}).")
     timing = "; ".join(f"{m} compile {t['compile_s']:.1f} s, run {t['run_s']:.1f} s" for m, t in timings.items())
     if timing:
         header += (f"\n\nTwin runs on {len(jax.devices())} {jax.default_backend()} device(s): {timing}; "

@@ -232,3 +232,35 @@ def test_tuned_fixed_prices_beat_every_other_grid_vector_on_the_training_days():
     assert summary["steps_any_violation_pct"] == pytest.approx(upper_entry[0])
     assert summary["welfare_cny"] == pytest.approx(upper_entry[1], rel=1e-9)
     assert len({round(e[1], 3) for e in scored}) > 1  # the prices change the welfare: the search has a signal
+
+
+@pytest.mark.parametrize("override", [None, 0.0])
+def test_evaluation_cost_limit_replaces_the_planners_limit(monkeypatch, override):
+    """CCEM and CAP plan with ``evaluation.cost_limit`` where it is set (rewards-only CEM ignores any limit)."""
+    import dataclasses
+    import types
+
+    import evjax.planner as planner_module
+    from evjax.dynamics import make_dynamics
+
+    cfg = Config()
+    cfg = dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, cost_limit=override))
+    limits = {}
+    real = planner_module.make_model_planner
+
+    def recording(run_cfg, dyn):
+        limits[run_cfg.planner.mode] = run_cfg.planner.cost_limit
+        return real(run_cfg, dyn)
+
+    monkeypatch.setattr(planner_module, "make_model_planner", recording)
+    parts = types.SimpleNamespace(dynamics=make_dynamics(cfg.model, cfg.obs_dim, cfg.action_dim))
+    evaluate.make_policies(cfg, parts, None, 0.7, ["cem_unconstrained", "ccem", "cap_adaptive"])
+    expected = cfg.planner.cost_limit if override is None else override
+    assert limits == {"unconstrained": expected, "ccem": expected, "cap": expected}
+    assert cfg.planner.cost_limit == 0.1  # the run's own limit is left alone
+
+
+def test_evaluation_cost_limit_must_stay_below_the_nan_cost():
+    with pytest.raises(ConfigError, match="evaluation.cost_limit"):
+        from evjax import config as C
+        C.load(overrides=["evaluation.cost_limit=2e6"])
