@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from evjax import evaluate as ev
+from evjax.cli import entry_point
+from evjax.errors import UserError
 
 PRICES = {"A (CS3 cheap)": [1.4, 1.5, 1.2], "B (CS1 cheap)": [1.1, 1.5, 1.4], "C (CS2 cheap)": [1.4, 1.3, 1.4],
           "U (upper bounds)": [1.4, 1.5, 1.4]}
@@ -39,7 +41,7 @@ def responses(run_dir: Path, days: int, steps: int) -> dict:
     model = dyn.select_elites(trainer.state["model"])
     k = cfg.num_stations
     if len(cfg.env.price_lower) != 3:
-        raise SystemExit(f"price_response: the probe prices are for 3 stations, the run has {k}")
+        raise UserError(f"{run_dir}: the probe prices are for 3 stations, the run has {k}")
     day_ids = ev.evaluation_day_ids(dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation,
                                                                                            days=days)))
     mid = (np.asarray(cfg.env.price_lower) + np.asarray(cfg.env.price_upper)) / 2
@@ -72,6 +74,7 @@ def responses(run_dir: Path, days: int, steps: int) -> dict:
                           - (means["env"][name] - means["env"][REFERENCE])) for name in prices if name != REFERENCE])))}
 
 
+@entry_point("price_response")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", type=Path, required=True)
