@@ -60,6 +60,14 @@ def test_new_definitions_are_the_defaults_and_the_source_preset_restores_the_old
     assert source.training == dataclasses.replace(cfg.training, random_episodes=1)
 
 
+def test_epochs30_limit0_preset_changes_two_settings():
+    preset = C.load(ROOT / "configs" / "epochs30_limit0.yaml")
+    cfg = C.Config()
+    assert preset.model == dataclasses.replace(cfg.model, epochs=30)
+    assert preset.evaluation == dataclasses.replace(cfg.evaluation, cost_limit=0.0)
+    assert dataclasses.replace(preset, model=cfg.model, evaluation=cfg.evaluation) == cfg
+
+
 @pytest.mark.parametrize("override, key", [
     ("economics.user_value_cny_per_kwh=1.45", "economics.user_value_cny_per_kwh"),
     ("economics.carbon_price_cny_per_t=-1", "economics.carbon_price_cny_per_t"),
