@@ -760,9 +760,9 @@ def _apply_override(data: dict, override: str) -> None:
     data[section][name] = value
 
 
-def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Load ``path`` (YAML; None = built-in defaults) and apply ``section.key=value`` overrides."""
-    data: dict = {}
+def load(path: str | Path | None = None, overrides: Sequence[str] = (), base: Config | None = None) -> Config:
+    """Load ``path`` (YAML; None = ``base``, else the built-in defaults) and apply ``section.key=value`` overrides."""
+    data: dict = to_dict(base) if base is not None and path is None else {}
     if path is not None:
         path = Path(path)
         if not path.is_file():

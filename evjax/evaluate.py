@@ -808,7 +808,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dir = Path(args.run_dir)
     if not checkpoint.exists(run_dir, "latest") and not checkpoint.exists(run_dir, "best"):
         raise UserError(f"{run_dir / 'checkpoints'}: no checkpoint found; train first")
-    evaluation = user_cfg.evaluation if (args.config is not None or args.overrides) else None
+    evaluation = None  # the checkpoint's own evaluation section
+    if args.config is not None:
+        evaluation = user_cfg.evaluation
+    elif args.overrides:  # layered on the run's saved settings (evaluation.cost_limit of a preset, say)
+        saved = checkpoint.restore_meta(run_dir, "latest" if checkpoint.exists(run_dir, "latest") else "best")[1]
+        evaluation = load(None, args.overrides, base=saved).evaluation
     out = run_dir / ("eval" if args.checkpoint == "best" else "eval_latest")
     if args.plots_only:
         if not (out / "steps.csv").is_file():

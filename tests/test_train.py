@@ -1,6 +1,7 @@
 """End-to-end: smoke training, kill-and-resume, checkpoint errors, evaluation (subprocesses, smoke config)."""
 
 import csv
+import dataclasses
 import os
 import signal
 import subprocess
@@ -181,3 +182,30 @@ def test_killed_run_resumes_to_the_same_metrics(trained, tmp_path):
             proc.wait()
     _train(run_dir, "--resume", env=env)
     assert _rows(run_dir) == _rows(trained)
+
+
+def test_evaluate_overrides_layer_on_the_runs_saved_evaluation_settings(trained, monkeypatch, tmp_path):
+    """``--set evaluation.x=...`` changes x and keeps the rest of the run's evaluation section (smoke sizes, a
+    preset's cost limit); ``--config`` replaces the section."""
+    import shutil
+
+    from evjax import evaluate
+    from evjax.config import load
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    seen = []
+
+    def fake_evaluate(run_dir, evaluation, *args, **kwargs):
+        seen.append(evaluation)
+        (Path(run_dir) / "eval").mkdir(exist_ok=True)
+        (Path(run_dir) / "eval" / "metrics.md").write_text("table\n")
+
+    monkeypatch.setattr(evaluate, "evaluate", fake_evaluate)
+    saved = load(SMOKE).evaluation
+    assert evaluate.main(["--run-dir", str(run), "--set", "evaluation.cost_limit=0"]) == 0
+    assert seen[-1] == dataclasses.replace(saved, cost_limit=0.0)  # smoke's 1 day and small oracle kept
+    assert evaluate.main(["--run-dir", str(run)]) == 0
+    assert seen[-1] is None  # the checkpoint's own section
+    assert evaluate.main(["--run-dir", str(run), "--config", SMOKE, "--set", "evaluation.days=2"]) == 0
+    assert seen[-1] == dataclasses.replace(saved, days=2)
