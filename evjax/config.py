@@ -36,7 +36,8 @@ FEEDER_BUSES = 33  # case33bw: buses 0..32, bus 0 the slack
 FEEDER_LINES = 32  # its in-service lines 0..31 (the five tie lines 32..36 are open)
 
 
-_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # 5e-5, 1E+3: floats PyYAML leaves as text
+
 
 def _tuple(*values):
     return dataclasses.field(default_factory=lambda: tuple(values))

@@ -156,9 +156,8 @@ def make_policies(cfg: Config, parts, model, trained_kappa: float, methods: Sequ
         elif method == "oracle":
             policies[method] = OraclePolicy(cfg)
         else:
-            planner_cfg = planner_variant(cfg.planner, BY_NAME[method], cfg.evaluation.fixed_kappa, trained_kappa)
-            if cfg.evaluation.cost_limit is not None:
-                planner_cfg = dataclasses.replace(planner_cfg, cost_limit=cfg.evaluation.cost_limit)
+            planner_cfg = planner_variant(cfg.planner, BY_NAME[method], cfg.evaluation.fixed_kappa, trained_kappa,
+                                          cfg.evaluation.cost_limit)
             if planner_cfg.mode not in planners:
                 planners[planner_cfg.mode] = make_model_planner(dataclasses.replace(cfg, planner=planner_cfg),
                                                                 parts.dynamics)
@@ -413,9 +412,9 @@ _TUNED: dict = {}
 
 def fixed_prices(cfg: Config, method: str, env=None) -> np.ndarray:
     """The constant prices [A] (float32) a method of ``FIXED_METHODS`` posts: mid-range, upper bounds or tuned."""
-    lower, upper = np.asarray(cfg.env.price_lower), np.asarray(cfg.env.price_upper)
     if method == "fixed_tuned":
         return tuned_fixed_prices(cfg, env=env)
+    lower, upper = np.asarray(cfg.env.price_lower), np.asarray(cfg.env.price_upper)
     return np.asarray({"fixed_mid": (lower + upper) / 2, "fixed_upper": upper}[method], np.float32)
 
 
@@ -799,7 +798,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--plots-only", action="store_true", help="redraw the plots from an existing steps.csv")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    user_cfg = load(args.config, args.overrides)
+    user_cfg = load(args.config, args.overrides)  # a bad value fails here, before the run directory is read
     others = [o.split("=")[0] for o in args.overrides if not o.strip().startswith("evaluation.")]
     if others:
         raise ConfigError(f"config key '{others[0]}': evaluate only takes evaluation.* settings; "
