@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -29,17 +30,20 @@ from safety_while_learning import train_one  # noqa: E402
 ABLATIONS = {  # name -> (what changes, overrides of the default config)
     "learned_cost": ("step cost = the model's cost output, CAP u = its largest std (kappa0 19, lr 0.01, limit 6)",
                      ["planner.cost_model=learned", "planner.cost_limit=6.0", "planner.kappa_init=19.0",
-                      "planner.kappa_lr=0.01", "evaluation.fixed_kappa=19.0"]),
+                      "planner.kappa_lr=0.01", "evaluation.fixed_kappa=19.0", "evaluation.cost_limit=null"]),
     "predicted_margin": ("CAP margin in each particle's predicted stds instead of member disagreement",
                          ["planner.margin_std=predicted"]),
     "particle_noise": ("particles sample the model's predicted std along the horizon (SPEC's trajectory sampling, "
                        "30 per candidate, noise shared across candidates)", ["planner.particle_noise=true"]),
     "one_random_episode": ("random prices in the first episode only (SPEC's minimum; default 5 episodes)",
                            ["training.random_episodes=1"]),
-    "cost_limit_1": ("cost limit 1.0 instead of 0.1 (more candidates feasible: the planner weighs reward more)",
+    "epochs_5": ("the ensemble fitted 5 epochs per round (SPEC 8) instead of 30", ["model.epochs=5"]),
+    "deploy_trained_limit": ("CCEM and CAP deployed with the trained cost limit 0.1 instead of 0 (no step predicted "
+                             "to violate)", ["evaluation.cost_limit=null"]),
+    "cost_limit_1": ("training cost limit 1.0 instead of 0.1 (more candidates feasible while learning; deployed with 0)",
                      ["planner.cost_limit=1.0"]),
-    "cost_limit_0": ("cost limit 0 (the oracle's rule: a candidate is feasible only if no step is predicted to "
-                     "violate)", ["planner.cost_limit=0.0"]),
+    "cost_limit_0": ("training cost limit 0 instead of 0.1 (the deployment's rule while learning too)",
+                     ["planner.cost_limit=0.0"]),
     "kappa_per_constraint": ("one kappa for the lines and one for carbon", ["planner.kappa_per_constraint=true"]),
     "full_horizon": ("horizon steps after the episode's end count", ["planner.stop_at_episode_end=false"]),
     "horizon_6": ("planning horizon 6 steps", ["planner.horizon=6"]),
@@ -53,8 +57,15 @@ def run_dir(out: Path, name: str) -> Path:
     return out / "runs" / (name if name == REFERENCE else f"ablation-{name}")
 
 
+def deploy_only(name: str) -> bool:
+    """An ablation that changes only evaluation settings deploys the default agent itself: nothing to train."""
+    return all(o.startswith("evaluation.") for o in ABLATIONS[name][1])
+
+
 def train(args) -> None:
     def one(name):
+        if deploy_only(name):
+            return
         seconds = train_one(run_dir(args.out, name), ABLATIONS[name][1] + ["training.seed=0"], args.config,
                             args.out / "runs" / f"ablation-{name}.log")
         print(f"{name}: trained in {seconds:.0f} s", flush=True)
@@ -69,6 +80,11 @@ def evaluate(args) -> None:
         command = [sys.executable, "-m", "evjax.evaluate", "--run-dir", str(run_dir(args.out, name)), "--days",
                    str(args.days), "--no-progress", "--no-plots", "--set", f"evaluation.methods=[{METHOD}]",
                    "--set", f"evaluation.reference={METHOD}"]
+        if deploy_only(name):  # a copy of the default agent's run, evaluated with the ablation's settings
+            shutil.rmtree(run_dir(args.out, name), ignore_errors=True)
+            shutil.copytree(run_dir(args.out, REFERENCE), run_dir(args.out, name), ignore=shutil.ignore_patterns("eval*"))
+            for override in ABLATIONS[name][1]:
+                command += ["--set", override]
         with (args.out / "runs" / f"ablation-{name}.eval.log").open("w") as f:
             if subprocess.run(command, stdout=f, stderr=subprocess.STDOUT).returncode:
                 raise RuntimeError(f"evaluation of {name} failed; see its .eval.log")

@@ -176,7 +176,7 @@ class ModelConfig(Section):
     weight_decays: tuple[float, ...] = _tuple(2.5e-5, 5e-5, 7.5e-5, 7.5e-5, 1e-4)  # per hidden layer, then the heads
     learning_rate: float = 1e-3  # Adam step size
     batch_size: int = 128  # minibatch size
-    epochs: int = 5  # passes over the data per training round
+    epochs: int = 30  # passes over the data per training round (SPEC: 5; 30 learns the price response, README "Results")
     max_logvar_init: float = 0.5  # initial soft upper log-variance bound
     min_logvar_init: float = -10.0  # initial soft lower log-variance bound
     logvar_bound_weight: float = 0.01  # weight of sum(max_lv) - sum(min_lv) in the loss
@@ -250,7 +250,7 @@ class EvaluationConfig(Section):
     days: int = 30  # number of days, spread evenly over the split; 0 = every day of the split
     seed: int = 1000  # seed of the evaluation episodes (day i gets seed + i)
     fixed_kappa: float = 0.5  # kappa of the "CAP with fixed kappa" baseline (planner.kappa_init's scale)
-    cost_limit: Optional[float] = None  # cost limit the planner methods with one (CCEM, CAP) plan with here; null: the run's planner.cost_limit; 0: feasible only without a predicted violation
+    cost_limit: Optional[float] = 0.0  # cost limit the planner methods with one (CCEM, CAP) deploy with; 0: feasible only without a predicted violation; null: the run's planner.cost_limit
     batch_days: bool = True  # the planner methods plan all days of a step in one planner.plan_batch call (equal plans)
     reference: str = "oracle"  # method the paired per-day differences of the table are taken against
     baseline_simulator: Literal["twin", "host"] = "twin"  # where fixed_mid, fixed_upper and random run (twin: all days in one vmapped call)

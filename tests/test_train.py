@@ -203,8 +203,9 @@ def test_evaluate_overrides_layer_on_the_runs_saved_evaluation_settings(trained,
 
     monkeypatch.setattr(evaluate, "evaluate", fake_evaluate)
     saved = load(SMOKE).evaluation
-    assert evaluate.main(["--run-dir", str(run), "--set", "evaluation.cost_limit=0"]) == 0
-    assert seen[-1] == dataclasses.replace(saved, cost_limit=0.0)  # smoke's 1 day and small oracle kept
+    assert saved.cost_limit == 0.0
+    assert evaluate.main(["--run-dir", str(run), "--set", "evaluation.cost_limit=null"]) == 0
+    assert seen[-1] == dataclasses.replace(saved, cost_limit=None)  # smoke's 1 day and small oracle kept
     assert evaluate.main(["--run-dir", str(run)]) == 0
     assert seen[-1] is None  # the checkpoint's own section
     assert evaluate.main(["--run-dir", str(run), "--config", SMOKE, "--set", "evaluation.days=2"]) == 0
