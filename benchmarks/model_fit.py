@@ -2,7 +2,7 @@
 
 One round is ``dyn.fit`` on 600 transitions (the whole replay buffer at the end
 of training; obs 9, action 3) at the default model config: 5 members of
-4 x 256 swish layers, batch 128, 5 epochs, no holdout. The data is padded to
+4 x 256 swish layers, batch 128, 30 epochs, no holdout. The data is padded to
 the 1024-row bucket, so each epoch runs 5 real minibatches and skips 3 empty
 ones. Reports the compile time of the jitted fit, the median, min and max
 seconds of a round after compilation (host padding and metric transfer
