@@ -647,6 +647,11 @@ def read_steps(path: Path) -> dict[str, list[dict]]:
     return per_method
 
 
+def _run_config(run_dir: Path) -> Config:
+    """The config a trained run saved with its checkpoints (the latest's, else the best's; both hold the same)."""
+    return checkpoint.restore_meta(run_dir, "latest" if checkpoint.exists(run_dir, "latest") else "best")[1]
+
+
 def _load_trained(run_dir: Path, which: str = "best"):
     """Config, run parts and restored state of the best (else latest) checkpoint, from the checkpoint alone."""
     from evjax.train import Trainer
@@ -811,15 +816,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.config is not None:
         evaluation = user_cfg.evaluation
     elif args.overrides:  # layered on the run's saved settings (evaluation.cost_limit of a preset, say)
-        saved = checkpoint.restore_meta(run_dir, "latest" if checkpoint.exists(run_dir, "latest") else "best")[1]
-        evaluation = load(None, args.overrides, base=saved).evaluation
+        evaluation = load(None, args.overrides, base=_run_config(run_dir)).evaluation
     out = run_dir / ("eval" if args.checkpoint == "best" else "eval_latest")
     if args.plots_only:
         if not (out / "steps.csv").is_file():
             raise UserError(f"{out / 'steps.csv'}: not found; run the evaluation first")
         from evjax import plots as plotting
 
-        cfg = checkpoint.restore_meta(run_dir, "latest")[1]
+        cfg = _run_config(run_dir)
         runs = read_steps(out / "steps.csv")
         plotting.evaluation_plots(out, {k: v for k, v in runs.items() if "@" not in k}, cfg)
         plotting.welfare_vs_violations(out / "welfare_vs_violations.png", summaries_of(runs, cfg), cfg)

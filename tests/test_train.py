@@ -3,6 +3,7 @@
 import csv
 import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -85,8 +86,6 @@ def test_resume_errors_name_the_problem(trained, tmp_path):
 
 
 def test_corrupt_checkpoint_is_a_clear_error(trained, tmp_path):
-    import shutil
-
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     copy = tmp_path / "corrupt"
     shutil.copytree(trained, copy)
@@ -187,8 +186,6 @@ def test_killed_run_resumes_to_the_same_metrics(trained, tmp_path):
 def test_evaluate_overrides_layer_on_the_runs_saved_evaluation_settings(trained, monkeypatch, tmp_path):
     """``--set evaluation.x=...`` changes x and keeps the rest of the run's evaluation section (smoke sizes, a
     preset's cost limit); ``--config`` replaces the section."""
-    import shutil
-
     from evjax import evaluate
     from evjax.config import load
 
