@@ -226,6 +226,7 @@ class PlannerConfig(Section):
     prior_prices: tuple[float, ...] = ()  # CEM's prior mean: the first plan's warm start and the price appended to each shifted warm start, per station (CNY/kWh); empty = mid-range
     kappa_per_constraint: bool = False  # one kappa for the line and one for the carbon margin (needs cost_model observation)
     permissible_constraint_costs: tuple[float, ...] = _tuple(0.05, 0.05)  # C_perm of the line and carbon kappa (kappa_per_constraint)
+    constraint_backoff: tuple[float, ...] = _tuple(0.0, 0.0)  # the planner's cost counts a line loading above loading_limit - this[0] and a carbon measure above carbon.limit - this[1] (kg/MWh): a tightened constraint (cost_model observation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -433,6 +434,7 @@ FIELD_RULES: dict[str, dict[str, Rule | tuple[Rule, ...]]] = {
         "kappa_lr": POSITIVE,
         "permissible_episode_cost": NON_NEGATIVE,
         "permissible_constraint_costs": each(NON_NEGATIVE),
+        "constraint_backoff": each(NON_NEGATIVE),
         "state_clip": POSITIVE,
         "scan_unroll": NON_NEGATIVE,
         "tile_rows": NON_NEGATIVE,
@@ -529,6 +531,11 @@ def _check_planner(planner: PlannerConfig) -> None:
     if len(planner.permissible_constraint_costs) != 2:
         _fail("planner.permissible_constraint_costs", f"needs two values (line, carbon), got "
               f"{len(planner.permissible_constraint_costs)}")
+    if len(planner.constraint_backoff) != 2:
+        _fail("planner.constraint_backoff", f"needs two values (line loading, carbon kg/MWh), got "
+              f"{len(planner.constraint_backoff)}")
+    if any(planner.constraint_backoff) and planner.cost_model != "observation":
+        _fail("planner.constraint_backoff", "needs planner.cost_model observation (it tightens the limits of that cost)")
     if planner.kappa_per_constraint and planner.cost_model != "observation":
         _fail("planner.kappa_per_constraint", "needs planner.cost_model observation (the margins are per quantity)")
 

@@ -79,7 +79,7 @@ def episode_diagnostics(cfg: Config, dynamics, model, kappa, obs: np.ndarray, ac
         row[f"err_{name}_carbon"] = carbon_scale * _rmse(predicted[:, carbon_index], next_obs[:, carbon_index])
         row[f"err_{name}_welfare"] = reward_scale * _rmse(predicted_reward, reward)
     # predicted step cost of each executed transition, with and without the margin, per member then averaged
-    cost_fn = make_cost_fn(cfg)
+    cost_fn = make_cost_fn(cfg, backoff=False)
     if cost_fn is not None:
         if cfg.planner.margin_std == "predicted":
             obs_std = one.std[..., :cfg.obs_dim]

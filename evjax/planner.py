@@ -649,14 +649,20 @@ def episode_step_weights(obs: jax.Array, *, horizon: int, episode_steps: int) ->
     return (jnp.arange(horizon) < episode_steps - steps_done).astype(jnp.float32)
 
 
-def make_cost_fn(cfg) -> Optional[Callable]:
-    """``observation_cost`` bound to the observation layout of ``cfg``, or None with ``planner.cost_model: learned``."""
+def make_cost_fn(cfg, backoff: bool = True) -> Optional[Callable]:
+    """``observation_cost`` bound to the observation layout of ``cfg``, or None with ``planner.cost_model: learned``.
+
+    With ``backoff`` the limits are tightened by ``planner.constraint_backoff`` (the planner's cost); without,
+    it is the environment's own cost (model diagnostics).
+    """
     if cfg.planner.cost_model != "observation":
         return None
     k = cfg.num_stations
+    line_backoff, carbon_backoff = cfg.planner.constraint_backoff if backoff else (0.0, 0.0)
     return functools.partial(
-        observation_cost, num_stations=k, loading_limit=cfg.grid.loading_limit, carbon_index=2 * k + 1,
-        carbon_scale=cfg.env.carbon_obs_scale, carbon_limit=cfg.carbon.limit, carbon_divisor=cfg.carbon.cost_divisor)
+        observation_cost, num_stations=k, loading_limit=cfg.grid.loading_limit - line_backoff,
+        carbon_index=2 * k + 1, carbon_scale=cfg.env.carbon_obs_scale, carbon_limit=cfg.carbon.limit - carbon_backoff,
+        carbon_divisor=cfg.carbon.cost_divisor)
 
 
 def resolve_hidden_dtype(hidden_dtype: str, matmul_dtype: str, backend: str) -> str:

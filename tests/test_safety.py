@@ -145,6 +145,9 @@ def test_kappa_per_constraint_follows_each_constraints_own_cost():
 @pytest.mark.parametrize("change, key", [
     (dict(planner={"kappa_per_constraint": True, "cost_model": "learned"}), "planner.kappa_per_constraint"),
     (dict(planner={"permissible_constraint_costs": [0.1]}), "planner.permissible_constraint_costs"),
+    (dict(planner={"constraint_backoff": [0.02]}), "planner.constraint_backoff"),
+    (dict(planner={"constraint_backoff": [0.02, -5.0]}), "planner.constraint_backoff"),
+    (dict(planner={"constraint_backoff": [0.0, 20.0], "cost_model": "learned"}), "planner.constraint_backoff"),
 ])
 def test_inconsistent_safety_settings_name_their_key(change, key, tmp_path):
     import yaml
@@ -161,6 +164,15 @@ def test_cost_fn_follows_the_config_layout():
     cfg = Config()
     obs = obs_vector([0.95, 0.8, 0.8], 850.0 + 85.0)
     assert float(make_cost_fn(cfg)(obs, np.zeros(9, np.float32), 0.0)) == pytest.approx(0.05 + 0.1, abs=1e-5)
+
+
+def test_constraint_backoff_tightens_the_planners_limits_not_the_diagnostics():
+    cfg = dataclasses.replace(Config(), planner=dataclasses.replace(Config().planner, constraint_backoff=(0.05, 20.0)))
+    # line 1 at 0.87 is over 0.9 - 0.05 by 0.02, the others at 0.8 are under; CI 840 is over 850 - 20 by 10 kg/MWh
+    obs = obs_vector([0.87, 0.8, 0.8], 840.0)
+    assert float(make_cost_fn(cfg)(obs, None, 0.0)) == pytest.approx(0.02 + 10.0 / 850.0, abs=1e-5)
+    assert float(make_cost_fn(cfg, backoff=False)(obs, None, 0.0)) == pytest.approx(0.0, abs=1e-7)
+    assert float(make_cost_fn(Config())(obs, None, 0.0)) == pytest.approx(0.0, abs=1e-7)
 
 
 def test_horizon_prediction_of_each_member_is_its_own_mean_rollout():
