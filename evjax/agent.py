@@ -45,9 +45,11 @@ def kappa_shape(planner_cfg: PlannerConfig) -> tuple[int, ...]:
 
 
 def planner_variant(planner_cfg: PlannerConfig, method: Method, fixed_kappa: float,
-                    trained_kappa: float, cost_limit: Optional[float] = None) -> PlannerConfig:
+                    trained_kappa: float, cost_limit: Optional[float] = None, prior_prices=None,
+                    constraint_backoff=None) -> PlannerConfig:
     """The planner config of evaluation ``method``: its planner mode, kappa held fixed by its kappa rule, and
-    ``cost_limit`` (``evaluation.cost_limit``) in place of the trained one where it is given.
+    ``cost_limit``, ``prior_prices`` and ``constraint_backoff`` (the ``evaluation.*`` deployment settings) in
+    place of the trained ones where they are given (not None).
 
     With one kappa per constraint ``kappa_init`` holds their mean; pass the
     method's kappa (``method_kappa``) to ``Agent`` to plan with both.
@@ -55,9 +57,11 @@ def planner_variant(planner_cfg: PlannerConfig, method: Method, fixed_kappa: flo
     if method.planner_mode is None:
         raise ValueError(f"method {method.name!r} does not plan on the model")
     kappa = float(np.mean(method_kappa(method, fixed_kappa, trained_kappa)))
-    limit = planner_cfg.cost_limit if cost_limit is None else cost_limit
+    deployed = {name: tuple(value) if isinstance(value, (list, tuple)) else value
+                for name, value in (("cost_limit", cost_limit), ("prior_prices", prior_prices),
+                                    ("constraint_backoff", constraint_backoff)) if value is not None}
     return dataclasses.replace(planner_cfg, mode=method.planner_mode, learn_kappa=False, kappa_init=kappa,
-                               cost_limit=limit)
+                               **deployed)
 
 
 class Agent:

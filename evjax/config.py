@@ -252,6 +252,8 @@ class EvaluationConfig(Section):
     seed: int = 1000  # seed of the evaluation episodes (day i gets seed + i)
     fixed_kappa: float = 0.5  # kappa of the "CAP with fixed kappa" baseline (planner.kappa_init's scale)
     cost_limit: Optional[float] = 0.0  # cost limit the planner methods with one (CCEM, CAP) deploy with; 0: feasible only without a predicted violation; null: the run's planner.cost_limit
+    prior_prices: Optional[tuple[float, ...]] = None  # CEM prior the learned planners deploy with (planner.prior_prices' meaning); null: the run's own
+    constraint_backoff: Optional[tuple[float, ...]] = None  # limit back-off the learned planners deploy with (planner.constraint_backoff's meaning); null: the run's own
     batch_days: bool = True  # the planner methods plan all days of a step in one planner.plan_batch call (equal plans)
     reference: str = "oracle"  # method the paired per-day differences of the table are taken against
     baseline_simulator: Literal["twin", "host"] = "twin"  # where fixed_mid, fixed_upper and random run (twin: all days in one vmapped call)
@@ -456,6 +458,7 @@ FIELD_RULES: dict[str, dict[str, Rule | tuple[Rule, ...]]] = {
         "oracle_iterations": POSITIVE,
         "oracle_cost_limit": NON_NEGATIVE,
         "cost_limit": NON_NEGATIVE,
+        "constraint_backoff": each(NON_NEGATIVE),
         "host_oracle_popsize": at_least(2),
         "host_oracle_iterations": POSITIVE,
         "host_oracle_horizon": POSITIVE,
@@ -621,14 +624,15 @@ def validate(cfg: Config) -> None:
         "env.price_upper": cfg.env.price_upper,
         "env.initial_prices": cfg.env.initial_prices,
     }
-    if cfg.planner.prior_prices:
-        per_station["planner.prior_prices"] = cfg.planner.prior_prices
+    priors = {"planner.prior_prices": cfg.planner.prior_prices, "evaluation.prior_prices": cfg.evaluation.prior_prices}
+    per_station.update({key: prior for key, prior in priors.items() if prior})
     for key, values in per_station.items():
         if len(values) != n:
             _fail(key, f"needs one value per station ({n}, the length of grid.station_buses), got {len(values)}")
-    for k, (lo, hi, price) in enumerate(zip(cfg.env.price_lower, cfg.env.price_upper, cfg.planner.prior_prices)):
-        if not lo <= price <= hi:
-            _fail("planner.prior_prices", f"station {k + 1} price {price} outside env's bounds [{lo}, {hi}]")
+    for key, prior in priors.items():
+        for k, (lo, hi, price) in enumerate(zip(cfg.env.price_lower, cfg.env.price_upper, prior or ())):
+            if not lo <= price <= hi:
+                _fail(key, f"station {k + 1} price {price} outside env's bounds [{lo}, {hi}]")
     steps = cfg.env.episode_steps
     if len(cfg.grid.load_multiplier) < steps:
         _fail("grid.load_multiplier", f"needs at least env.episode_steps ({steps}) values")
@@ -652,6 +656,11 @@ def validate(cfg: Config) -> None:
                   f"drivers charge at any posted price, got {cfg.economics.user_value_cny_per_kwh}")
     if cfg.evaluation.host_oracle_horizon > steps:
         _fail("evaluation.host_oracle_horizon", f"exceeds env.episode_steps ({steps})")
+    backoff = cfg.evaluation.constraint_backoff
+    if backoff is not None and len(backoff) != 2:
+        _fail("evaluation.constraint_backoff", f"needs two values (line loading, carbon kg/MWh), got {len(backoff)}")
+    if backoff is not None and any(backoff) and cfg.planner.cost_model != "observation":
+        _fail("evaluation.constraint_backoff", "needs planner.cost_model observation (it tightens the limits of that cost)")
     if cfg.evaluation.cost_limit is not None and cfg.planner.nan_cost <= cfg.evaluation.cost_limit:
         _fail("evaluation.cost_limit", f"{cfg.evaluation.cost_limit} must stay below planner.nan_cost "
               f"({cfg.planner.nan_cost}) so that a non-finite rollout is never feasible")

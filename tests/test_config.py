@@ -158,7 +158,8 @@ def _with_first_element(container, element):
     return [element, *list(container)[1:]]
 
 
-BASES = {("demand", "origin_weights"): [1.0] * 13}  # a valid value where the default is None
+BASES = {("demand", "origin_weights"): [1.0] * 13,  # a valid value where the default is None
+         ("evaluation", "constraint_backoff"): [0.0, 20.0]}
 
 
 def _generated_cases():

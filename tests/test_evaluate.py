@@ -260,6 +260,48 @@ def test_evaluation_cost_limit_replaces_the_planners_limit(monkeypatch, override
     assert cfg.planner.cost_limit == 0.1  # the run's own limit is left alone
 
 
+def test_deployment_prior_and_backoff_replace_the_runs_own(monkeypatch):
+    """evaluation.prior_prices / constraint_backoff reach every learned planner; null keeps the run's settings."""
+    import dataclasses
+    import types
+
+    import evjax.planner as planner_module
+    from evjax.dynamics import make_dynamics
+
+    seen = {}
+    real = planner_module.make_model_planner
+
+    def recording(run_cfg, dyn):
+        seen[run_cfg.planner.mode] = (run_cfg.planner.prior_prices, run_cfg.planner.constraint_backoff)
+        return real(run_cfg, dyn)
+
+    monkeypatch.setattr(planner_module, "make_model_planner", recording)
+    base = Config()
+    parts = types.SimpleNamespace(dynamics=make_dynamics(base.model, base.obs_dim, base.action_dim))
+    evaluate.make_policies(base, parts, None, 0.7, ["ccem", "cap_adaptive"])
+    assert seen == {"ccem": ((), (0.0, 0.0)), "cap": ((), (0.0, 0.0))}
+    cfg = dataclasses.replace(base, evaluation=dataclasses.replace(
+        base.evaluation, prior_prices=(1.325, 1.45, 1.25), constraint_backoff=(0.0, 20.0)))
+    policies = evaluate.make_policies(cfg, parts, None, 0.7, ["ccem", "cap_adaptive"])
+    assert seen == {"ccem": ((1.325, 1.45, 1.25), (0.0, 20.0)), "cap": ((1.325, 1.45, 1.25), (0.0, 20.0))}
+    # the prior is where the deployed CEM starts: the first warm start holds it at every horizon step
+    warm = np.asarray(policies["cap_adaptive"].agent.planner.initial_warm_start())
+    np.testing.assert_allclose(warm, np.broadcast_to([1.325, 1.45, 1.25], warm.shape), rtol=1e-6)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("evaluation.prior_prices=[1.3, 1.4]", "evaluation.prior_prices"),
+    ("evaluation.prior_prices=[1.3, 1.4, 1.5]", "evaluation.prior_prices"),  # CS3's upper bound is 1.4
+    ("evaluation.constraint_backoff=[20.0]", "evaluation.constraint_backoff"),
+    ("evaluation.constraint_backoff=[0.0, -1.0]", "evaluation.constraint_backoff"),
+])
+def test_bad_deployment_settings_name_their_key(override, key):
+    from evjax import config as C
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        C.load(overrides=[override])
+
+
 def test_evaluation_cost_limit_must_stay_below_the_nan_cost():
     with pytest.raises(ConfigError, match="evaluation.cost_limit"):
         from evjax import config as C
