@@ -1,14 +1,15 @@
 """Which constant prices does a trained model rate best? The fixed-price search, on the agent's own model.
 
 Restores a run's checkpoint ("best", else "latest") and scores every constant price vector of
-``--levels`` prices per station (the grid of ``benchmarks/fixed_price_search.py``) held over the
+``--levels`` prices per station (``evaluate.fixed_price_grid``, the grid of
+``benchmarks/fixed_price_search.py``) held over the
 planner's horizon, from each episode-start state in the checkpoint's replay buffer (the agent's own
 data, no simulator): the planner's candidate evaluation (``planner.evaluate``, kappa 0: the nominal
 predicted cost without the CAP margin, the run's ``planner.constraint_backoff`` included) averaged over
 those states. It prints the vectors ranked by predicted cost (rounded to 1e-4), then predicted
 reward: what the model believes, to compare with the simulator's tuned constant [1.4, 1.5, 1.2]
-(README, "Results") and to choose a CEM prior from the model alone (``--prior``: mid-range moved
-halfway to the best vector, as ``evaluation.prior_prices`` takes it).
+(README, "Results"), and a CEM prior chosen from the model alone: mid-range moved halfway to the best
+vector, as ``--set evaluation.prior_prices=...`` takes it.
 
     python benchmarks/model_constant.py --run-dir RUN [--levels 5] [--top 5] [--json]
 """
@@ -16,7 +17,7 @@ halfway to the best vector, as ``evaluation.prior_prices`` takes it).
 from __future__ import annotations
 
 import argparse
-import itertools
+import dataclasses
 import json
 from pathlib import Path
 
@@ -28,12 +29,6 @@ from evjax import evaluate as ev
 from evjax import replay
 from evjax.cli import entry_point
 from evjax.errors import UserError
-
-
-def constant_grid(lower, upper, levels: int) -> np.ndarray:
-    """[levels ** K, K] every vector of ``levels`` evenly spaced prices per station, bounds included."""
-    axes = [np.linspace(lo, hi, levels) for lo, hi in zip(lower, upper)]
-    return np.array(list(itertools.product(*axes)), np.float32)
 
 
 def rank(cost: np.ndarray, reward: np.ndarray) -> np.ndarray:
@@ -52,7 +47,8 @@ def score(run_dir: Path, levels: int) -> dict:
     starts = obs[obs[:, -1] == 0.0]
     if len(starts) == 0:
         raise UserError(f"{run_dir}: the checkpoint's replay buffer holds no episode start")
-    vectors = constant_grid(cfg.env.price_lower, cfg.env.price_upper, levels)
+    grid_cfg = dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, tuned_levels=levels))
+    vectors = np.asarray(ev.fixed_price_grid(grid_cfg), np.float32)  # [levels ** K, K]
     actions = jnp.asarray(np.repeat(vectors[:, None, :], cfg.planner.horizon, axis=1))
     kappa = jnp.zeros(np.shape(trainer.parts.agent.kappa), jnp.float32)
     rewards, costs = [], []

@@ -57,9 +57,8 @@ def planner_variant(planner_cfg: PlannerConfig, method: Method, fixed_kappa: flo
     if method.planner_mode is None:
         raise ValueError(f"method {method.name!r} does not plan on the model")
     kappa = float(np.mean(method_kappa(method, fixed_kappa, trained_kappa)))
-    deployed = {name: tuple(value) if isinstance(value, (list, tuple)) else value
-                for name, value in (("cost_limit", cost_limit), ("prior_prices", prior_prices),
-                                    ("constraint_backoff", constraint_backoff)) if value is not None}
+    deployed = {name: value for name, value in (("cost_limit", cost_limit), ("prior_prices", prior_prices),
+                                                ("constraint_backoff", constraint_backoff)) if value is not None}
     return dataclasses.replace(planner_cfg, mode=method.planner_mode, learn_kappa=False, kappa_init=kappa,
                                **deployed)
 

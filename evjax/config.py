@@ -525,6 +525,14 @@ def _check_model(model: ModelConfig) -> None:
         _fail("model.min_logvar_init", "must be below model.max_logvar_init")
 
 
+def _check_backoff(key: str, backoff: tuple[float, ...], cost_model: str) -> None:
+    """A limit back-off (planner's or deployed): [line loading, carbon], on the observation cost only."""
+    if len(backoff) != 2:
+        _fail(key, f"needs two values (line loading, carbon kg/MWh), got {len(backoff)}")
+    if any(backoff) and cost_model != "observation":
+        _fail(key, "needs planner.cost_model observation (it tightens the limits of that cost)")
+
+
 def _check_planner(planner: PlannerConfig) -> None:
     if planner.num_elites > planner.popsize:
         _fail("planner.num_elites", f"{planner.num_elites} elites exceed popsize {planner.popsize}")
@@ -534,11 +542,7 @@ def _check_planner(planner: PlannerConfig) -> None:
     if len(planner.permissible_constraint_costs) != 2:
         _fail("planner.permissible_constraint_costs", f"needs two values (line, carbon), got "
               f"{len(planner.permissible_constraint_costs)}")
-    if len(planner.constraint_backoff) != 2:
-        _fail("planner.constraint_backoff", f"needs two values (line loading, carbon kg/MWh), got "
-              f"{len(planner.constraint_backoff)}")
-    if any(planner.constraint_backoff) and planner.cost_model != "observation":
-        _fail("planner.constraint_backoff", "needs planner.cost_model observation (it tightens the limits of that cost)")
+    _check_backoff("planner.constraint_backoff", planner.constraint_backoff, planner.cost_model)
     if planner.kappa_per_constraint and planner.cost_model != "observation":
         _fail("planner.kappa_per_constraint", "needs planner.cost_model observation (the margins are per quantity)")
 
@@ -656,11 +660,8 @@ def validate(cfg: Config) -> None:
                   f"drivers charge at any posted price, got {cfg.economics.user_value_cny_per_kwh}")
     if cfg.evaluation.host_oracle_horizon > steps:
         _fail("evaluation.host_oracle_horizon", f"exceeds env.episode_steps ({steps})")
-    backoff = cfg.evaluation.constraint_backoff
-    if backoff is not None and len(backoff) != 2:
-        _fail("evaluation.constraint_backoff", f"needs two values (line loading, carbon kg/MWh), got {len(backoff)}")
-    if backoff is not None and any(backoff) and cfg.planner.cost_model != "observation":
-        _fail("evaluation.constraint_backoff", "needs planner.cost_model observation (it tightens the limits of that cost)")
+    if cfg.evaluation.constraint_backoff is not None:
+        _check_backoff("evaluation.constraint_backoff", cfg.evaluation.constraint_backoff, cfg.planner.cost_model)
     if cfg.evaluation.cost_limit is not None and cfg.planner.nan_cost <= cfg.evaluation.cost_limit:
         _fail("evaluation.cost_limit", f"{cfg.evaluation.cost_limit} must stay below planner.nan_cost "
               f"({cfg.planner.nan_cost}) so that a non-finite rollout is never feasible")

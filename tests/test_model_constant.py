@@ -1,9 +1,13 @@
-"""benchmarks/model_constant.py: the grid of constant prices and the ranking rule, by hand."""
+"""benchmarks/model_constant.py: the grid of constant prices it scores and its ranking rule, by hand."""
 
+import dataclasses
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from evjax import evaluate
+from evjax.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -12,7 +16,9 @@ import model_constant  # noqa: E402
 
 
 def test_grid_holds_every_vector_with_the_bounds():
-    grid = model_constant.constant_grid([1.1, 1.3, 1.2], [1.4, 1.5, 1.4], 3)
+    cfg = Config()  # price bounds [1.1, 1.3, 1.2] to [1.4, 1.5, 1.4]
+    grid = np.asarray(evaluate.fixed_price_grid(
+        dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, tuned_levels=3))))
     assert grid.shape == (27, 3)
     np.testing.assert_allclose(grid[0], [1.1, 1.3, 1.2], rtol=1e-6)
     np.testing.assert_allclose(grid[-1], [1.4, 1.5, 1.4], rtol=1e-6)
