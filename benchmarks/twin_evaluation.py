@@ -9,15 +9,15 @@ episode), and prints per method: compile s, run s, ms per decision
 and the paired per-day difference to the oracle. No checkpoint needed.
 
     python benchmarks/twin_evaluation.py [--days 30] [--methods fixed_mid fixed_upper random oracle]
-        [--popsize 500] [--iterations 5] [--scenarios 4] [--json] [--steps-dir DIR]
+        [--popsize 500] [--iterations 5] [--scenarios 4] [--prior P1 P2 P3] [--json] [--steps-dir DIR]
 
 ``--methods ... forecast_oracle`` adds the oracle without foresight of the arrivals (``evjax.oracle``), planning
-on ``--scenarios`` other draws of each day's demand (``evaluation.forecast_scenarios``).
+on ``--scenarios`` other draws of each day's demand (``evaluation.forecast_scenarios``). ``--prior`` sets
+``planner.prior_prices``, the oracles' first warm start (default mid-range).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -27,24 +27,30 @@ from pathlib import Path
 import jax
 
 from evjax import evaluate
+from evjax import cli, config as config_lib
 from evjax.config import Config
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+@cli.entry_point("twin_evaluation.py")
+def main(argv=None) -> None:
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--days", type=int, default=30, help="test days spread over the split; 0 = all")
     parser.add_argument("--methods", nargs="+", default=list(evaluate.TWIN_METHODS))
     parser.add_argument("--popsize", type=int, default=None, help="evaluation.oracle_popsize (default: config's)")
     parser.add_argument("--iterations", type=int, default=None, help="evaluation.oracle_iterations")
     parser.add_argument("--scenarios", type=int, default=None, help="evaluation.forecast_scenarios")
+    parser.add_argument("--prior", type=float, nargs="+", default=None,
+                        help="planner.prior_prices: the oracles' first CEM mean, one price per station")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--steps-dir", type=Path, help="also write every step of every method to DIR/steps.csv")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     cfg = Config()
     changes = {"days": args.days, **({"oracle_popsize": args.popsize} if args.popsize else {}),
                **({"oracle_iterations": args.iterations} if args.iterations else {}),
                **({"forecast_scenarios": args.scenarios} if args.scenarios else {})}
     cfg = dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, **changes))
+    if args.prior:
+        cfg = config_lib.load(overrides=[f"planner.prior_prices={list(args.prior)}"], base=cfg)
     day_ids = evaluate.evaluation_day_ids(cfg)
     seeds = [cfg.evaluation.seed + i for i in range(len(day_ids))]
     tic = time.perf_counter()
@@ -57,7 +63,8 @@ def main() -> None:
     result = {"days": len(day_ids), "devices": len(jax.devices()), "backend": jax.default_backend(),
               "cpu_count": os.cpu_count(), "load_average": os.getloadavg()[0], "wall_s": wall,
               "oracle": f"{cfg.evaluation.oracle_popsize} x {cfg.evaluation.oracle_iterations}",
-              "forecast_scenarios": cfg.evaluation.forecast_scenarios, "methods": {}}
+              "forecast_scenarios": cfg.evaluation.forecast_scenarios,
+              "prior": list(cfg.planner.prior_prices) or "mid-range", "methods": {}}
     for method, rows in runs.items():
         s = evaluate.summarise(method, rows, cfg)
         entry = {**timings[method], "welfare_cny": s["welfare_cny"], "welfare_ci95": s["welfare_ci95"],
@@ -79,4 +86,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
