@@ -1,4 +1,4 @@
-"""The planner on a GPU, XLA path and fused Pallas kernel side by side: one plan and batched plans.
+"""The planner on a GPU, XLA path and fused Pallas kernels side by side: one plan and batched plans.
 
 At the paper's settings with a freshly initialised ensemble (as ``planner.py``):
 
@@ -6,14 +6,16 @@ At the paper's settings with a freshly initialised ensemble (as ``planner.py``):
    chunk) of a small sweep, against the XLA step (max abs difference) and its
    time; the fastest setting that compiles and agrees is used below;
 2. seconds per plan (``plan_fn``) and plans per second of ``plan_batch`` at
-   B = 64 and 256, for ``planner.kernel`` xla and pallas, interleaved with the
+   B = 64 and 256, for each ``planner.kernel`` of ``--kernels`` (``pallas_layers`` once per block
+   setting of ``--layer-settings``), interleaved with the
    ceiling of a chain of batched bf16 matmuls of the hidden layers' shape
    [E, N*P/E*B, 256] x [E, 256, 256] measured in the same run.
 
 Prints one JSON line per measurement as it goes (so a timeout keeps what was
 done) and a summary line last. About 2-3 minutes on an H100/H200.
 
-    python benchmarks/gpu_planner.py [--repeats 20] [--batches 64,256] [--quick]
+    python benchmarks/gpu_planner.py [--repeats 20] [--batches 64,256] [--quick] [--kernels xla,pallas]
+        [--layer-settings "64,128,64,4,3;32,128,64,4,3"]
 """
 
 from __future__ import annotations
@@ -83,6 +85,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--batches", default="64,256", help="comma-separated batch sizes for plan_batch")
     parser.add_argument("--quick", action="store_true", help="skip the tile sweep (use the module defaults)")
+    parser.add_argument("--kernels", default="xla,pallas", help="comma-separated planner.kernel values")
+    parser.add_argument("--layer-settings", default="64,128,64,4,3",
+                        help="pallas_layers blocks: 'BM,BN,BK,warps,stages' separated by ';' (fused_mlp.LAYER_*)")
     parser.add_argument("--particle-noise", choices=("true", "false"), default=None,
                         help="planner.particle_noise (default: the config's; true steps P/E particles per member)")
     args = parser.parse_args(argv)
@@ -101,7 +106,9 @@ def main(argv=None) -> int:
     emit({"what": "device", "device": device, "backend": jax.default_backend(), "jax": jax.__version__,
           "particle_noise": pcfg.particle_noise, "rows_per_member": rows})
 
-    best = None if args.quick else sweep_kernel(dyn, model, rows, args.repeats)
+    kernels = [k for k in args.kernels.split(",") if k]
+    layer_settings = [tuple(int(v) for v in setting.split(",")) for setting in args.layer_settings.split(";") if setting]
+    best = None if args.quick or "pallas" not in kernels else sweep_kernel(dyn, model, rows, args.repeats)
     if best is not None:
         fused_mlp.DEFAULT_TILE, fused_mlp.DEFAULT_NUM_WARPS, fused_mlp.DEFAULT_CHUNK = best
     choice = {"tile": fused_mlp.DEFAULT_TILE, "num_warps": fused_mlp.DEFAULT_NUM_WARPS,
@@ -114,12 +121,18 @@ def main(argv=None) -> int:
         run, flops = make_matmul_chain(dyn.num_planning_members, rows * batch, cfg.model.hidden_sizes[0],
                                        jnp.bfloat16)
         ceilings[batch] = (run, flops)
-    for kernel in ("xla", "pallas"):
+    variants = [(kernel, setting) for kernel in kernels
+                for setting in (layer_settings if kernel == "pallas_layers" else [None])]
+    for kernel, setting in variants:
+        if setting is not None:
+            (fused_mlp.LAYER_BLOCK_M, fused_mlp.LAYER_BLOCK_N, fused_mlp.LAYER_BLOCK_K, fused_mlp.LAYER_NUM_WARPS,
+             fused_mlp.LAYER_NUM_STAGES) = setting
+        name = kernel if setting is None else f"{kernel}_" + "_".join(map(str, setting))
         kernel_cfg = dataclasses.replace(cfg, planner=dataclasses.replace(pcfg, kernel=kernel))
         try:
             planner = make_model_planner(kernel_cfg, dyn)
         except ValueError as exc:
-            emit({"what": "plan", "kernel": kernel, "error": str(exc)})
+            emit({"what": "plan", "kernel": name, "error": str(exc)})
             continue
         for batch in [1] + batches:
             obs = np.random.default_rng(batch).normal(size=(batch, cfg.obs_dim))
@@ -149,19 +162,19 @@ def main(argv=None) -> int:
                     seconds.append(time.perf_counter() - start)
                     ceiling_seconds.append(min(timed(run, 2)))
             except Exception as exc:
-                emit({"what": "plan", "kernel": kernel, "batch": batch,
+                emit({"what": "plan", "kernel": name, "batch": batch,
                       "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
                 traceback.print_exc(file=sys.stderr)
                 continue
             median = statistics.median(seconds)
-            record = {"what": "plan", "kernel": kernel, "batch": batch, "compile_seconds": compile_seconds,
+            record = {"what": "plan", "kernel": name, "batch": batch, "compile_seconds": compile_seconds,
                       "call_seconds": spread(seconds), "plan_ms_median": 1e3 * median / batch,
                       "plans_per_second_median": batch / median,
                       "plans_per_second_range": [batch / max(seconds), batch / min(seconds)],
                       "ceiling_bf16_gflops": flops / statistics.median(ceiling_seconds) / 1e9,
                       "ceiling_shape": [dyn.num_planning_members, rows * batch, cfg.model.hidden_sizes[0]]}
             emit(record)
-            summary[f"{kernel}_b{batch}"] = {"plan_ms": record["plan_ms_median"],
+            summary[f"{name}_b{batch}"] = {"plan_ms": record["plan_ms_median"],
                                              "plans_per_second": record["plans_per_second_median"]}
     summary["wall_seconds"] = time.perf_counter() - started
     emit({"what": "summary", **summary})

@@ -75,6 +75,8 @@ def main(argv=None) -> int:
                              "(member, candidate)")
     parser.add_argument("--hidden-dtype", choices=("auto", "float32", "bfloat16"), default=None,
                         help="planner.hidden_dtype (default: the config's; auto is bfloat16 on a GPU)")
+    parser.add_argument("--kernel", choices=("xla", "pallas", "pallas_layers"), default=None,
+                        help="planner.kernel (default: the config's; the Pallas kernels need a GPU)")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="also write a jax.profiler trace of three plans to DIR (Perfetto/TensorBoard)")
     parser.add_argument("--steps-done", type=int, default=0,
@@ -83,6 +85,7 @@ def main(argv=None) -> int:
 
     cfg = Config()
     overrides = {"matmul_dtype": args.matmul_dtype, "tile_rows": args.tile_rows, "hidden_dtype": args.hidden_dtype,
+                 "kernel": args.kernel,
                  "particle_noise": None if args.particle_noise is None else args.particle_noise == "true"}
     cfg = dataclasses.replace(cfg, planner=dataclasses.replace(
         cfg.planner, **{name: value for name, value in overrides.items() if value is not None}))
@@ -166,7 +169,7 @@ def main(argv=None) -> int:
         "ceiling_gflops_bf16": ceiling_bf16,
         "ratio_to_ceiling": achieved / ceiling,
         "matmul_dtype": matmul_dtype,
-        "hidden_dtype": hidden_dtype,
+        "hidden_dtype": hidden_dtype, "kernel": pcfg.kernel,
         "ceiling_shape": [dyn.ensemble_size, ceiling_rows, width],
         "device": f"{jax.devices()[0].device_kind} x{len(jax.devices())} ({os.cpu_count()} cpus)",
         "step_path": "sampled" if args.sampled_steps else "mean + planner noise",

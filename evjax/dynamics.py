@@ -634,8 +634,10 @@ def step(state: ModelState, obs: jax.Array, act: jax.Array, key: Optional[jax.Ar
     "bfloat16" stores the XLA path's hidden matmul products in bfloat16 before
     the float32 bias and activation (the planner's setting on a GPU).
     ``kernel="pallas"`` runs the layers as one fused Pallas kernel instead
-    (``fused_mlp.ensemble_head``; the same maths, on a GPU); on other backends
-    it runs in Pallas interpret mode, a test path far too slow to plan with.
+    (``fused_mlp.ensemble_head``; the same maths, on a GPU), ``"pallas_layers"``
+    one Pallas matmul per hidden layer with the bias + activation in its
+    epilogue (``fused_mlp.ensemble_head_layers``); on other backends both run
+    in Pallas interpret mode, a test path far too slow to plan with.
     """
     dtype = _matmul_dtype(matmul_dtype)
     members, samples = obs.shape[:2]
@@ -651,8 +653,13 @@ def step(state: ModelState, obs: jax.Array, act: jax.Array, key: Optional[jax.Ar
                                        activation=swish_via_tanh, interpret=jax.default_backend() != "gpu")
         mean, logvar_t = jax.vmap(functools.partial(split_head, layout=layout))(
             head, state.params["max_logvar"], state.params["min_logvar"])
+    elif kernel == "pallas_layers":
+        head = fused_mlp.ensemble_head_layers(state.params, x_norm, dtype, layer_names=layout.layer_names,
+                                              activation=swish_via_tanh, interpret=jax.default_backend() != "gpu")
+        mean, logvar_t = jax.vmap(functools.partial(split_head, layout=layout))(
+            head, state.params["max_logvar"], state.params["min_logvar"])
     else:
-        raise ValueError(f"kernel must be 'xla' or 'pallas', got {kernel!r}")
+        raise ValueError(f"kernel must be 'xla', 'pallas' or 'pallas_layers', got {kernel!r}")
     std = jnp.swapaxes(jnp.exp(0.5 * logvar_t) * state.target_std[:layout.num_gaussian, None], 1, 2)  # [E, M, W]
     noise = None if mean_only else jax.random.normal(key, (members, samples, layout.output_dim))
     return _decode(state, obs, mean, std, noise, layout=layout)

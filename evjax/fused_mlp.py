@@ -117,3 +117,88 @@ def ensemble_head(params: dict, x_norm: jax.Array, dtype, *, layer_names: tuple[
         name="ensemble_mlp",
     )(*operands)
     return out[:, :samples, :widths[-1]]  # [E, M, O]
+
+
+# ------------------------------------------------------------------ one kernel per layer (``planner.kernel: pallas_layers``)
+
+LAYER_BLOCK_M = 64  # rows of one kernel instance (read at trace time, like the DEFAULT_* above)
+LAYER_BLOCK_N = 128  # output columns of one kernel instance
+LAYER_BLOCK_K = 64  # the contraction is a loop over blocks of K columns, which Triton pipelines (num_stages)
+LAYER_NUM_WARPS = 4
+LAYER_NUM_STAGES = 3
+
+
+def _dense_kernel(x_ref, w_ref, b_ref, o_ref, *, block_k: int, precision, activation):
+    """One [BM, BN] block of activation(x @ w + b): a loop over K in blocks, float32 accumulation and epilogue."""
+    num_k = x_ref.shape[1] // block_k
+
+    def accumulate(k, acc):
+        columns = pl.ds(pl.multiple_of(k * block_k, block_k), block_k)
+        return acc + jnp.dot(x_ref[:, columns], w_ref[columns, :], preferred_element_type=jnp.float32,
+                             precision=precision)
+
+    acc = jax.lax.fori_loop(0, num_k, accumulate, jnp.zeros(o_ref.shape, jnp.float32))
+    z = acc + b_ref[...][None, :]
+    o_ref[...] = activation(z).astype(o_ref.dtype)
+
+
+def dense(x: jax.Array, w: jax.Array, b: jax.Array, *, activation, interpret: bool = False) -> jax.Array:
+    """activation(x @ w + b) of every member, one Pallas kernel: x [E, M, K], w [E, K, N] (x's dtype), b [E, N].
+
+    The bias add, the activation and the cast back to x's dtype run in the
+    matmul's epilogue, on the float32 accumulator, so the product is never
+    written to memory. M, K and N must be multiples of the blocks
+    (``LAYER_BLOCK_*``, each capped at the dimension) and powers of two >= 16
+    where smaller than a block; ``ensemble_head_layers`` pads them so.
+    """
+    members, rows, depth = x.shape
+    width = w.shape[-1]
+    block_m, block_n, block_k = (min(LAYER_BLOCK_M, rows), min(LAYER_BLOCK_N, width), min(LAYER_BLOCK_K, depth))
+    for name, size, block in (("M", rows, block_m), ("N", width, block_n), ("K", depth, block_k)):
+        if size % block or block < 16 or block & (block - 1):
+            raise ValueError(f"dense: {name} = {size} is no multiple of a power-of-two block >= 16 (block {block})")
+    precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+    compiler_params = None
+    if not interpret:
+        from jax.experimental.pallas import triton as plgpu
+        compiler_params = plgpu.CompilerParams(num_warps=LAYER_NUM_WARPS, num_stages=LAYER_NUM_STAGES)
+    return pl.pallas_call(
+        functools.partial(_dense_kernel, block_k=block_k, precision=precision, activation=activation),
+        out_shape=jax.ShapeDtypeStruct((members, rows, width), x.dtype),
+        grid=(members, rows // block_m, width // block_n),
+        in_specs=[pl.BlockSpec((None, block_m, depth), lambda e, i, j: (e, i, 0)),
+                  pl.BlockSpec((None, depth, block_n), lambda e, i, j: (e, 0, j)),
+                  pl.BlockSpec((None, block_n), lambda e, i, j: (e, j))],
+        out_specs=pl.BlockSpec((None, block_m, block_n), lambda e, i, j: (e, i, j)),
+        interpret=interpret,
+        compiler_params=compiler_params,
+        name="ensemble_dense",
+    )(x, w, b.astype(jnp.float32))
+
+
+def ensemble_head_layers(params: dict, x_norm: jax.Array, dtype, *, layer_names: tuple[str, ...], activation,
+                         interpret: bool = False) -> jax.Array:
+    """Raw head outputs [E, M, O], like ``ensemble_head``, with one ``dense`` kernel per hidden layer.
+
+    Each hidden layer is a Pallas matmul with the bias + activation + cast
+    fused into its epilogue (on the XLA path they are a separate pass over
+    the [E, M, 256] product after every matmul); the head is an XLA matmul.
+    Inputs, widths and M are zero-padded once (exact, as in ``ensemble_head``)
+    and the padding is sliced off the head's output.
+    """
+    members, samples, input_dim = x_norm.shape
+    rows = -(-samples // LAYER_BLOCK_M) * LAYER_BLOCK_M if samples > LAYER_BLOCK_M else _padded(samples)
+    widths = [input_dim] + [params[name]["w"].shape[-1] for name in layer_names]
+    padded = [_padded(width) if width < LAYER_BLOCK_K else -(-width // LAYER_BLOCK_K) * LAYER_BLOCK_K
+              for width in widths[:-1]] + [widths[-1]]
+    h = jnp.pad(x_norm.astype(dtype), ((0, 0), (0, rows - samples), (0, padded[0] - input_dim)))
+    for name, fan_in, fan_out, pad_in, pad_out in zip(layer_names[:-1], widths[:-2], widths[1:-1], padded[:-2],
+                                                      padded[1:-1]):
+        w = jnp.pad(params[name]["w"].astype(dtype), ((0, 0), (0, pad_in - fan_in), (0, pad_out - fan_out)))
+        b = jnp.pad(params[name]["b"], ((0, 0), (0, pad_out - fan_out)))
+        h = dense(h, w, b, activation=activation, interpret=interpret)
+    head = params[layer_names[-1]]
+    w = jnp.pad(head["w"].astype(dtype), ((0, 0), (0, padded[-2] - widths[-2]), (0, 0)))
+    precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+    out = jnp.einsum("emk,eko->emo", h, w, preferred_element_type=jnp.float32, precision=precision)
+    return (out + head["b"][:, None, :])[:, :samples]  # [E, M, O]

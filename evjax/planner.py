@@ -692,8 +692,8 @@ def make_model_planner(cfg, dyn, mesh: Optional[jax.sharding.Mesh] = None) -> Pl
     """
     matmul_dtype, kernel = cfg.planner.matmul_dtype, cfg.planner.kernel
     backend = jax.default_backend()
-    if kernel == "pallas" and backend != "gpu":
-        raise ValueError(f"planner.kernel 'pallas' needs a GPU backend, this one is {backend!r}: "
+    if kernel != "xla" and backend != "gpu":
+        raise ValueError(f"planner.kernel {kernel!r} needs a GPU backend, this one is {backend!r}: "
                          f"use planner.kernel 'xla'")
     # tiles of the population kept in cache across the layers help XLA CPU only (README, "Benchmarks")
     tile_rows = (cfg.planner.tile_rows or CPU_TILE_ROWS) if backend == "cpu" else 0

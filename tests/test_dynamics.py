@@ -339,9 +339,10 @@ def test_step_fast_path_matches_predict(fitted, binary_cost):
         assert np.all(np.asarray(got.std[..., -1]) == 0.0) and np.all((got.cost > 0.0) & (got.cost < 1.0))
 
 
+@pytest.mark.parametrize("kernel", ["pallas", "pallas_layers"])
 @pytest.mark.parametrize("binary_cost", [False, True])
-def test_fused_kernel_matches_the_xla_step(fitted, binary_cost):
-    """The Pallas kernel (interpret mode on CPU) gives ``step``'s outputs: bfloat16 and float32, padded shapes.
+def test_fused_kernel_matches_the_xla_step(fitted, binary_cost, kernel):
+    """The Pallas kernels (interpret mode on CPU) give ``step``'s outputs: bfloat16 and float32, padded shapes.
 
     Hidden widths 24 and 40 and 37 samples per member are no powers of two and
     no multiple of the tile, so the kernel's zero padding is exercised everywhere.
@@ -360,7 +361,7 @@ def test_fused_kernel_matches_the_xla_step(fitted, binary_cost):
     for dtype in ("float32", "bfloat16"):
         key = jax.random.key(8)
         want = dyn.step(state, obs, act, key, matmul_dtype=dtype)
-        got = dyn.step(state, obs, act, key, matmul_dtype=dtype, kernel="pallas")
+        got = dyn.step(state, obs, act, key, matmul_dtype=dtype, kernel=kernel)
         for name, g, w, unit in zip(got._fields, got, want, (scale[:OBS_DIM], scale[OBS_DIM], scale[-1], scale)):
             g, w = np.asarray(g), np.asarray(w)
             if dtype == "float32":
@@ -482,3 +483,18 @@ def test_fit_rejects_bad_input():
     reward[3] = np.nan
     with pytest.raises(ValueError, match="non-finite"):
         dyn.fit(jax.random.key(0), dyn.init(jax.random.key(0)), obs, act, reward, cost, next_obs)
+
+
+def test_dense_kernel_is_the_layer_by_hand():
+    """``fused_mlp.dense`` (interpret mode) is swish(x @ w + b) per member, computed here in numpy; bad blocks fail."""
+    from evjax import fused_mlp
+
+    rng = np.random.default_rng(0)
+    x, w, b = rng.normal(size=(2, 32, 128)), rng.normal(size=(2, 128, 16)) / 8.0, rng.normal(size=(2, 16))
+    got = fused_mlp.dense(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), jnp.asarray(b, jnp.float32),
+                          activation=swish_via_tanh, interpret=True)
+    z = np.einsum("emk,ekn->emn", x, w) + b[:, None, :]
+    np.testing.assert_allclose(np.asarray(got), z / (1.0 + np.exp(-z)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="M = 40"):
+        fused_mlp.dense(jnp.ones((1, 40, 16)), jnp.ones((1, 16, 16)), jnp.zeros((1, 16)), activation=swish_via_tanh,
+                        interpret=True)

@@ -708,8 +708,9 @@ def test_without_particle_noise_one_particle_per_member_scores_like_all_of_them(
                                    rtol=1e-5, atol=1e-6, err_msg=name)
 
 
-def test_pallas_kernel_plans_like_the_xla_path():
-    """Batched plans through the fused Pallas kernel (interpret mode on CPU) match the XLA path's.
+@pytest.mark.parametrize("kernel", ["pallas", "pallas_layers"])
+def test_pallas_kernel_plans_like_the_xla_path(kernel):
+    """Batched plans through a fused Pallas kernel (interpret mode on CPU) match the XLA path's.
 
     A small random ensemble (2 x 32 hidden units) and population keep interpret
     mode quick; ``make_model_planner`` refuses the kernel off the GPU.
@@ -728,17 +729,17 @@ def test_pallas_kernel_plans_like_the_xla_path():
     batch = 2
     obs = jax.random.normal(jax.random.key(2), (batch, cfg.obs_dim))  # [B, S]
     results = {}
-    for kernel in ("xla", "pallas"):
-        step = functools.partial(dyn.step, matmul_dtype="bfloat16", kernel=kernel)
+    for name in ("xla", kernel):
+        step = functools.partial(dyn.step, matmul_dtype="bfloat16", kernel=name)
         planner = make_planner(planner_cfg, cfg.env.price_lower, cfg.env.price_upper, dyn.num_planning_members,
                                step, mean_step_fn=functools.partial(step, key=None, mean_only=True))
         warm = jnp.broadcast_to(planner.initial_warm_start(), (batch, planner_cfg.horizon, cfg.action_dim))
-        results[kernel] = planner.plan_batch(jax.random.split(jax.random.key(3), batch), model, obs, warm, 1.0)
+        results[name] = planner.plan_batch(jax.random.split(jax.random.key(3), batch), model, obs, warm, 1.0)
     price_range = np.asarray(cfg.env.price_upper) - np.asarray(cfg.env.price_lower)
-    (action_xla, warm_xla, diag_xla), (action_pallas, warm_pallas, diag_pallas) = results["xla"], results["pallas"]
+    (action_xla, warm_xla, diag_xla), (action_pallas, warm_pallas, diag_pallas) = results["xla"], results[kernel]
     assert np.all(np.abs(np.asarray(action_pallas) - np.asarray(action_xla)) <= 0.02 * price_range)
     assert np.all(np.abs(np.asarray(warm_pallas) - np.asarray(warm_xla)) <= 0.02 * price_range)
     np.testing.assert_allclose(diag_pallas.elite_reward, diag_xla.elite_reward, rtol=0.01)
-    pallas_cfg = dataclasses.replace(cfg, planner=dataclasses.replace(cfg.planner, kernel="pallas"))
+    pallas_cfg = dataclasses.replace(cfg, planner=dataclasses.replace(cfg.planner, kernel=kernel))
     with pytest.raises(ValueError, match="planner.kernel"):
         make_model_planner(pallas_cfg, dyn)
