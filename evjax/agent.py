@@ -46,9 +46,10 @@ def kappa_shape(planner_cfg: PlannerConfig) -> tuple[int, ...]:
 
 def planner_variant(planner_cfg: PlannerConfig, method: Method, fixed_kappa: float,
                     trained_kappa: float, cost_limit: Optional[float] = None, prior_prices=None,
-                    constraint_backoff=None) -> PlannerConfig:
+                    constraint_backoff=None, reward_pessimism=None) -> PlannerConfig:
     """The planner config of evaluation ``method``: its planner mode, kappa held fixed by its kappa rule, and
-    ``cost_limit``, ``prior_prices`` and ``constraint_backoff`` (the ``evaluation.*`` deployment settings) in
+    ``cost_limit``, ``prior_prices``, ``constraint_backoff`` and ``reward_pessimism`` (the ``evaluation.*``
+    deployment settings) in
     place of the trained ones where they are given (not None).
 
     With one kappa per constraint ``kappa_init`` holds their mean; pass the
@@ -58,7 +59,8 @@ def planner_variant(planner_cfg: PlannerConfig, method: Method, fixed_kappa: flo
         raise ValueError(f"method {method.name!r} does not plan on the model")
     kappa = float(np.mean(method_kappa(method, fixed_kappa, trained_kappa)))
     deployed = {name: value for name, value in (("cost_limit", cost_limit), ("prior_prices", prior_prices),
-                                                ("constraint_backoff", constraint_backoff)) if value is not None}
+                                                ("constraint_backoff", constraint_backoff),
+                                                ("reward_pessimism", reward_pessimism)) if value is not None}
     return dataclasses.replace(planner_cfg, mode=method.planner_mode, learn_kappa=False, kappa_init=kappa,
                                **deployed)
 

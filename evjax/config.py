@@ -226,6 +226,7 @@ class PlannerConfig(Section):
     prior_prices: tuple[float, ...] = ()  # CEM's prior mean: the first plan's warm start and the price appended to each shifted warm start, per station (CNY/kWh); empty = mid-range
     kappa_per_constraint: bool = False  # one kappa for the line and one for the carbon margin (needs cost_model observation)
     permissible_constraint_costs: tuple[float, ...] = _tuple(0.05, 0.05)  # C_perm of the line and carbon kappa (kappa_per_constraint)
+    reward_pessimism: float = 0.0  # candidates ranked by the members' mean predicted return minus this many stds of it across members (a pessimistic return against model exploitation); 0 = the mean
     constraint_backoff: tuple[float, ...] = _tuple(0.0, 0.0)  # the planner's cost counts a line loading above loading_limit - this[0] and a carbon measure above carbon.limit - this[1] (kg/MWh): a tightened constraint (cost_model observation)
 
 
@@ -254,6 +255,7 @@ class EvaluationConfig(Section):
     cost_limit: Optional[float] = 0.0  # cost limit the planner methods with one (CCEM, CAP) deploy with; 0: feasible only without a predicted violation; null: the run's planner.cost_limit
     prior_prices: Optional[tuple[float, ...]] = None  # CEM prior the learned planners deploy with (planner.prior_prices' meaning); null: the run's own
     constraint_backoff: Optional[tuple[float, ...]] = None  # limit back-off the learned planners deploy with (planner.constraint_backoff's meaning); null: the run's own
+    reward_pessimism: Optional[float] = None  # planner.reward_pessimism the learned planners deploy with; null: the run's own
     batch_days: bool = True  # the planner methods plan all days of a step in one planner.plan_batch call (equal plans)
     reference: str = "oracle"  # method the paired per-day differences of the table are taken against
     baseline_simulator: Literal["twin", "host"] = "twin"  # where fixed_mid, fixed_upper and random run (twin: all days in one vmapped call)
@@ -437,6 +439,7 @@ FIELD_RULES: dict[str, dict[str, Rule | tuple[Rule, ...]]] = {
         "permissible_episode_cost": NON_NEGATIVE,
         "permissible_constraint_costs": each(NON_NEGATIVE),
         "constraint_backoff": each(NON_NEGATIVE),
+        "reward_pessimism": NON_NEGATIVE,
         "state_clip": POSITIVE,
         "scan_unroll": NON_NEGATIVE,
         "tile_rows": NON_NEGATIVE,
@@ -459,6 +462,7 @@ FIELD_RULES: dict[str, dict[str, Rule | tuple[Rule, ...]]] = {
         "oracle_cost_limit": NON_NEGATIVE,
         "cost_limit": NON_NEGATIVE,
         "constraint_backoff": each(NON_NEGATIVE),
+        "reward_pessimism": NON_NEGATIVE,
         "host_oracle_popsize": at_least(2),
         "host_oracle_iterations": POSITIVE,
         "host_oracle_horizon": POSITIVE,

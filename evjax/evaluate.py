@@ -140,7 +140,8 @@ def make_policies(cfg: Config, parts, model, trained_kappa: float, methods: Sequ
     The planner variants (the methods of ``evjax.methods.METHODS`` with a planner
     mode) keep kappa fixed during evaluation: 0 for CEM and CCEM,
     ``evaluation.fixed_kappa`` for fixed-kappa CAP, the trained kappa for the agent;
-    they plan with ``evaluation.cost_limit``, ``prior_prices`` and ``constraint_backoff`` where they are set
+    they plan with ``evaluation.cost_limit``, ``prior_prices``, ``constraint_backoff`` and ``reward_pessimism``
+    where they are set
     (else the run's ``planner.*``).
     """
     from evjax.agent import Agent, planner_variant
@@ -159,7 +160,7 @@ def make_policies(cfg: Config, parts, model, trained_kappa: float, methods: Sequ
         else:
             planner_cfg = planner_variant(cfg.planner, BY_NAME[method], cfg.evaluation.fixed_kappa, trained_kappa,
                                           cfg.evaluation.cost_limit, cfg.evaluation.prior_prices,
-                                          cfg.evaluation.constraint_backoff)
+                                          cfg.evaluation.constraint_backoff, cfg.evaluation.reward_pessimism)
             if planner_cfg.mode not in planners:
                 planners[planner_cfg.mode] = make_model_planner(dataclasses.replace(cfg, planner=planner_cfg),
                                                                 parts.dynamics)
@@ -763,10 +764,12 @@ def evaluate(run_dir: Path, evaluation: EvaluationConfig | None = None, split: s
     if cfg.evaluation.cost_limit is not None:
         header += (f"\n\nThe planner methods plan with cost limit {cfg.evaluation.cost_limit:g} (evaluation.cost_limit; "
                    f"the run trained with planner.cost_limit {cfg.planner.cost_limit:g}).")
-    for name in ("prior_prices", "constraint_backoff"):
-        if getattr(cfg.evaluation, name) is not None:
-            header += (f" The learned planners deploy with evaluation.{name} {list(getattr(cfg.evaluation, name))} "
-                       f"(trained with planner.{name} {list(getattr(cfg.planner, name))}).")
+    for name in ("prior_prices", "constraint_backoff", "reward_pessimism"):
+        deployed, trained = getattr(cfg.evaluation, name), getattr(cfg.planner, name)
+        if deployed is not None:
+            deployed, trained = (deployed, trained) if name == "reward_pessimism" else (list(deployed), list(trained))
+            header += (f" The learned planners deploy with evaluation.{name} {deployed} "
+                       f"(trained with planner.{name} {trained}).")
     timing = "; ".join(f"{m} compile {t['compile_s']:.1f} s, run {t['run_s']:.1f} s" for m, t in timings.items())
     if timing:
         header += (f"\n\nTwin runs on {len(jax.devices())} {jax.default_backend()} device(s): {timing}; "

@@ -233,7 +233,7 @@ def rollout(model: Any, obs: jax.Array, actions: jax.Array, kappa: jax.Array, no
             scan_unroll: int, shard: Callable = no_sharding, cost_fn: Optional[Callable] = None,
             penalise: bool = True, step_weights_fn: Optional[Callable] = None,
             margin_std_kind: str = "disagreement", skip_unweighted: bool = True,
-            sample_noise: bool = True) -> CandidateValues:
+            sample_noise: bool = True, reward_pessimism: float = 0.0) -> CandidateValues:
     """Roll N candidate sequences actions [N, H, A] out from obs [S] through the ensemble and score them.
 
     Step 3 of ``cem_plan``; ``noise`` comes from ``draw_model_noise``.
@@ -275,6 +275,11 @@ def rollout(model: Any, obs: jax.Array, actions: jax.Array, kappa: jax.Array, no
     std (aleatoric: the particles already sample that noise, and measured, a
     margin of a few of them drowned the cost differences between candidates:
     README, "Safety").
+
+    ``reward_pessimism`` lambda > 0 scores a candidate's reward as the mean over
+    members of each member's predicted return (its particles' mean) minus
+    lambda times their std across members: a return the members agree on beats
+    one only some of them predict (MOPO-style pessimism, no extra forward passes).
 
     ``sample_noise`` False (with a ``mean_step_fn``): every particle follows its
     member's predicted means, no aleatoric samples (``planner.particle_noise``).
@@ -363,6 +368,9 @@ def rollout(model: Any, obs: jax.Array, actions: jax.Array, kappa: jax.Array, no
         return x.reshape(num_members, num_cand, particles_per_member).mean(axis=(0, 2))
 
     reward = particle_mean(carry.reward_sum)
+    if reward_pessimism:
+        member_returns = carry.reward_sum.reshape(num_members, num_cand, particles_per_member).mean(axis=2)  # [E, N]
+        reward = reward - reward_pessimism * member_returns.std(axis=0)
     if cost_fn is not None:
         penalty = particle_mean(carry.margin_sum) * scale
     elif uncertainty is not None:
@@ -575,7 +583,8 @@ def make_planner(
         penalise=cfg.mode == "cap", step_weights_fn=step_weights_fn, margin_std_kind=cfg.margin_std,
         # on CPU the skip saves the skipped steps' work; on a GPU a conditional inside the unrolled horizon
         # costs a predicate read per step, and a plan with it took 6.6 ms on an H200 (README, "Benchmarks")
-        skip_unweighted=jax.default_backend() == "cpu", sample_noise=cfg.particle_noise)
+        skip_unweighted=jax.default_backend() == "cpu", sample_noise=cfg.particle_noise,
+        reward_pessimism=cfg.reward_pessimism)
     noise_fn = functools.partial(draw_model_noise, horizon=cfg.horizon, num_members=num_members,
                                  particles_per_member=particles_per_member, planner_samples=mean_step_fn is not None,
                                  shared=cfg.shared_noise, shard=shard)

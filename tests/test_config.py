@@ -159,7 +159,7 @@ def _with_first_element(container, element):
 
 
 BASES = {("demand", "origin_weights"): [1.0] * 13,  # a valid value where the default is None
-         ("evaluation", "constraint_backoff"): [0.0, 20.0]}
+         ("evaluation", "constraint_backoff"): [0.0, 20.0], ("evaluation", "reward_pessimism"): 1.0}
 
 
 def _generated_cases():

@@ -261,7 +261,8 @@ def test_evaluation_cost_limit_replaces_the_planners_limit(monkeypatch, override
 
 
 def test_deployment_prior_and_backoff_replace_the_runs_own(monkeypatch):
-    """evaluation.prior_prices / constraint_backoff reach every learned planner; null keeps the run's settings."""
+    """evaluation.prior_prices / constraint_backoff / reward_pessimism reach every learned planner; null keeps the
+    run's settings."""
     import dataclasses
     import types
 
@@ -272,18 +273,19 @@ def test_deployment_prior_and_backoff_replace_the_runs_own(monkeypatch):
     real = planner_module.make_model_planner
 
     def recording(run_cfg, dyn):
-        seen[run_cfg.planner.mode] = (run_cfg.planner.prior_prices, run_cfg.planner.constraint_backoff)
+        seen[run_cfg.planner.mode] = (run_cfg.planner.prior_prices, run_cfg.planner.constraint_backoff,
+                                      run_cfg.planner.reward_pessimism)
         return real(run_cfg, dyn)
 
     monkeypatch.setattr(planner_module, "make_model_planner", recording)
     base = Config()
     parts = types.SimpleNamespace(dynamics=make_dynamics(base.model, base.obs_dim, base.action_dim))
     evaluate.make_policies(base, parts, None, 0.7, ["ccem", "cap_adaptive"])
-    assert seen == {"ccem": ((), (0.0, 0.0)), "cap": ((), (0.0, 0.0))}
+    assert seen == {"ccem": ((), (0.0, 0.0), 0.0), "cap": ((), (0.0, 0.0), 0.0)}
     cfg = dataclasses.replace(base, evaluation=dataclasses.replace(
-        base.evaluation, prior_prices=(1.325, 1.45, 1.25), constraint_backoff=(0.0, 20.0)))
+        base.evaluation, prior_prices=(1.325, 1.45, 1.25), constraint_backoff=(0.0, 20.0), reward_pessimism=1.5))
     policies = evaluate.make_policies(cfg, parts, None, 0.7, ["ccem", "cap_adaptive"])
-    assert seen == {"ccem": ((1.325, 1.45, 1.25), (0.0, 20.0)), "cap": ((1.325, 1.45, 1.25), (0.0, 20.0))}
+    assert seen == {"ccem": ((1.325, 1.45, 1.25), (0.0, 20.0), 1.5), "cap": ((1.325, 1.45, 1.25), (0.0, 20.0), 1.5)}
     # the prior is where the deployed CEM starts: the first warm start holds it at every horizon step
     warm = np.asarray(policies["cap_adaptive"].agent.planner.initial_warm_start())
     np.testing.assert_allclose(warm, np.broadcast_to([1.325, 1.45, 1.25], warm.shape), rtol=1e-6)
@@ -294,6 +296,7 @@ def test_deployment_prior_and_backoff_replace_the_runs_own(monkeypatch):
     ("evaluation.prior_prices=[1.3, 1.4, 1.5]", "evaluation.prior_prices"),  # CS3's upper bound is 1.4
     ("evaluation.constraint_backoff=[20.0]", "evaluation.constraint_backoff"),
     ("evaluation.constraint_backoff=[0.0, -1.0]", "evaluation.constraint_backoff"),
+    ("evaluation.reward_pessimism=-1.0", "evaluation.reward_pessimism"),
 ])
 def test_bad_deployment_settings_name_their_key(override, key):
     from evjax import config as C

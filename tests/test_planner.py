@@ -743,3 +743,29 @@ def test_pallas_kernel_plans_like_the_xla_path(kernel):
     pallas_cfg = dataclasses.replace(cfg, planner=dataclasses.replace(cfg.planner, kernel=kernel))
     with pytest.raises(ValueError, match="planner.kernel"):
         make_model_planner(pallas_cfg, dyn)
+
+
+@pytest.mark.parametrize("pessimism", [0.5, 2.0])
+def test_reward_pessimism_subtracts_the_members_return_spread(pessimism):
+    """Member e predicts reward bowl + e every step: over H steps the members' returns H*bowl + H*e have mean
+    H*bowl + 2H and std H*sqrt(2) (std of 0..4), so the scored reward drops by exactly pessimism * H * sqrt(2)."""
+    def offset_step(model, obs, act):
+        out = bowl_step(model, obs, act, None)
+        member = jnp.arange(obs.shape[0], dtype=jnp.float32)[:, None]
+        return out._replace(reward=out.reward + member)
+
+    actions = jax.random.uniform(jax.random.key(4), (6, SMALL.horizon, len(LOWER)), minval=jnp.asarray(LOWER),
+                                 maxval=jnp.asarray(UPPER))
+    noise = cem.draw_model_noise(jax.random.key(3), actions.shape[0], STATE_DIM, horizon=SMALL.horizon,
+                                 num_members=MEMBERS, particles_per_member=2, planner_samples=True, shared=True)
+    values = {}
+    for lam in (0.0, pessimism):
+        values[lam] = cem.rollout({"target": jnp.asarray(TARGET, jnp.float32)}, jnp.zeros(STATE_DIM), actions,
+                                  jnp.float32(0.0), noise, step_fn=None, mean_step_fn=offset_step,
+                                  num_members=MEMBERS, particles_per_member=2, state_clip=1e6, uncertainty=None,
+                                  scale=1.0, nan_reward=-1e6, nan_cost=1e6, scan_unroll=1, sample_noise=False,
+                                  reward_pessimism=lam)
+    bowl = -np.sum(np.square(np.asarray(actions) - np.asarray(TARGET)), axis=-1).sum(axis=1)  # [N]
+    np.testing.assert_allclose(np.asarray(values[0.0].reward), bowl + 2.0 * SMALL.horizon, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(values[0.0].reward - values[pessimism].reward),
+                               pessimism * SMALL.horizon * np.sqrt(2.0), rtol=1e-5)
