@@ -1,0 +1,82 @@
+"""Paired per-day difference of two methods' episodes, each read from a ``steps.csv`` (the same or two runs).
+
+    python benchmarks/paired_steps.py RUN_A/steps.csv:METHOD_A RUN_B/steps.csv:METHOD_B [--json]
+
+Prints METHOD_A minus METHOD_B per day, averaged over the days with a 95 %
+t-interval (``evaluate.paired_differences``): welfare (CNY per episode) and
+the share of steps with any violation (pp), with both methods' own means.
+The two must cover the same days with the same dates (the same
+``evaluation.days``, split and seed), else it stops naming the first
+mismatch. A ``steps.csv`` is what ``evjax.evaluate`` writes to ``eval/`` and
+``benchmarks/twin_evaluation.py --steps-dir DIR`` to ``DIR``; a method's rows
+on a second simulator are ``METHOD@host``. Example (README, "What is achievable
+without foresight"): the forecast oracle of an H200 run against the tuned
+constant of an agent's evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from evjax import cli, evaluate
+from evjax.errors import UserError
+
+
+def load_run(spec: str) -> tuple[str, list[dict]]:
+    """``PATH:METHOD`` -> (label, that method's step rows); a one-line ``UserError`` for a bad path or method."""
+    path, sep, method = spec.rpartition(":")
+    if not sep or not path or not method:
+        raise UserError(f"'{spec}': expected PATH:METHOD, e.g. runs/x/eval/steps.csv:cap_adaptive")
+    if not Path(path).is_file():
+        raise UserError(f"'{path}': no such steps file")
+    try:
+        runs = evaluate.read_steps(Path(path))
+    except (KeyError, ValueError) as exc:
+        raise UserError(f"'{path}': not a steps.csv written by evjax ({exc})") from None
+    if method not in runs:
+        raise UserError(f"'{path}': no method '{method}' (it has {sorted(runs)})")
+    return f"{method} ({path})", runs[method]
+
+
+def compare(rows_a: list[dict], rows_b: list[dict]) -> dict:
+    """Paired differences A - B and each side's means over the days; the days must agree in number and date."""
+    dates_a = {r["day"]: r.get("date") for r in rows_a}
+    dates_b = {r["day"]: r.get("date") for r in rows_b}
+    if sorted(dates_a) != sorted(dates_b):
+        raise UserError(f"the runs cover different days: {len(dates_a)} against {len(dates_b)}")
+    for day in sorted(dates_a):
+        if dates_a[day] != dates_b[day]:
+            raise UserError(f"day {day} is {dates_a[day]} in one run and {dates_b[day]} in the other")
+    mine, ref = evaluate.per_day(rows_a), evaluate.per_day(rows_b)
+    return {"days": len(mine), **evaluate.paired_differences(rows_a, rows_b),
+            "welfare_a_cny": float(np.mean([v[0] for v in mine.values()])),
+            "welfare_b_cny": float(np.mean([v[0] for v in ref.values()])),
+            "violation_a_pct": float(np.mean([v[2] for v in mine.values()])),
+            "violation_b_pct": float(np.mean([v[2] for v in ref.values()]))}
+
+
+@cli.entry_point("paired_steps.py")
+def main(argv=None) -> int:
+    parser = cli.ArgumentParser(prog="paired_steps.py", description=__doc__.splitlines()[0])
+    parser.add_argument("a", metavar="PATH:METHOD", help="the method whose differences are reported")
+    parser.add_argument("b", metavar="PATH:METHOD", help="the reference")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    (label_a, rows_a), (label_b, rows_b) = load_run(args.a), load_run(args.b)
+    result = {"a": label_a, "b": label_b, **compare(rows_a, rows_b)}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{label_a} minus {label_b}, {result['days']} days paired:")
+    print(f"  welfare   {result['welfare_a_cny']:.0f} - {result['welfare_b_cny']:.0f} CNY per episode: "
+          f"{result['welfare_diff_cny']:+.0f} ± {result['welfare_diff_ci95']:.0f}")
+    print(f"  violation {result['violation_a_pct']:.1f} % - {result['violation_b_pct']:.1f} % of steps: "
+          f"{result['violation_diff_pct']:+.1f} ± {result['violation_diff_ci95']:.1f} pp")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
