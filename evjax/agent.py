@@ -49,8 +49,7 @@ def planner_variant(planner_cfg: PlannerConfig, method: Method, fixed_kappa: flo
                     constraint_backoff=None, reward_pessimism=None) -> PlannerConfig:
     """The planner config of evaluation ``method``: its planner mode, kappa held fixed by its kappa rule, and
     ``cost_limit``, ``prior_prices``, ``constraint_backoff`` and ``reward_pessimism`` (the ``evaluation.*``
-    deployment settings) in
-    place of the trained ones where they are given (not None).
+    deployment settings) in place of the trained ones where they are given (not None).
 
     With one kappa per constraint ``kappa_init`` holds their mean; pass the
     method's kappa (``method_kappa``) to ``Agent`` to plan with both.

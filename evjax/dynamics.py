@@ -615,6 +615,10 @@ def predict(state: ModelState, obs: jax.Array, act: jax.Array, key: Optional[jax
     return _decode(state, obs, mean, std, noise, layout=layout)
 
 
+# planner.kernel values that run the layers as Pallas kernels: the raw head outputs [E, M, S+2+W]
+PALLAS_HEADS = {"pallas": fused_mlp.ensemble_head, "pallas_layers": fused_mlp.ensemble_head_layers}
+
+
 def step(state: ModelState, obs: jax.Array, act: jax.Array, key: Optional[jax.Array], *, layout: Layout,
          matmul_dtype: str = "float32", mean_only: bool = False, kernel: str = "xla",
          tile_rows: int = 0, hidden_dtype: str = "float32") -> Prediction:
@@ -648,14 +652,9 @@ def step(state: ModelState, obs: jax.Array, act: jax.Array, key: Optional[jax.Ar
     if kernel == "xla":
         mean, logvar_t = tiled_step_forward(state.params, x_norm, dtype, layout=layout, tile_rows=tile_rows,
                                             hidden_dtype=_matmul_dtype(hidden_dtype))  # [E, M, S+2], [E, W, M]
-    elif kernel == "pallas":
-        head = fused_mlp.ensemble_head(state.params, x_norm, dtype, layer_names=layout.layer_names,
-                                       activation=swish_via_tanh, interpret=jax.default_backend() != "gpu")
-        mean, logvar_t = jax.vmap(functools.partial(split_head, layout=layout))(
-            head, state.params["max_logvar"], state.params["min_logvar"])
-    elif kernel == "pallas_layers":
-        head = fused_mlp.ensemble_head_layers(state.params, x_norm, dtype, layer_names=layout.layer_names,
-                                              activation=swish_via_tanh, interpret=jax.default_backend() != "gpu")
+    elif kernel in PALLAS_HEADS:
+        head = PALLAS_HEADS[kernel](state.params, x_norm, dtype, layer_names=layout.layer_names,
+                                    activation=swish_via_tanh, interpret=jax.default_backend() != "gpu")
         mean, logvar_t = jax.vmap(functools.partial(split_head, layout=layout))(
             head, state.params["max_logvar"], state.params["min_logvar"])
     else:

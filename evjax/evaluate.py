@@ -141,8 +141,7 @@ def make_policies(cfg: Config, parts, model, trained_kappa: float, methods: Sequ
     mode) keep kappa fixed during evaluation: 0 for CEM and CCEM,
     ``evaluation.fixed_kappa`` for fixed-kappa CAP, the trained kappa for the agent;
     they plan with ``evaluation.cost_limit``, ``prior_prices``, ``constraint_backoff`` and ``reward_pessimism``
-    where they are set
-    (else the run's ``planner.*``).
+    where they are set (else the run's ``planner.*``).
     """
     from evjax.agent import Agent, planner_variant
     from evjax.planner import make_model_planner
@@ -764,12 +763,12 @@ def evaluate(run_dir: Path, evaluation: EvaluationConfig | None = None, split: s
     if cfg.evaluation.cost_limit is not None:
         header += (f"\n\nThe planner methods plan with cost limit {cfg.evaluation.cost_limit:g} (evaluation.cost_limit; "
                    f"the run trained with planner.cost_limit {cfg.planner.cost_limit:g}).")
+    shown = lambda value: list(value) if isinstance(value, tuple) else value  # noqa: E731  (as in the YAML)
     for name in ("prior_prices", "constraint_backoff", "reward_pessimism"):
         deployed, trained = getattr(cfg.evaluation, name), getattr(cfg.planner, name)
         if deployed is not None:
-            deployed, trained = (deployed, trained) if name == "reward_pessimism" else (list(deployed), list(trained))
-            header += (f" The learned planners deploy with evaluation.{name} {deployed} "
-                       f"(trained with planner.{name} {trained}).")
+            header += (f" The learned planners deploy with evaluation.{name} {shown(deployed)} "
+                       f"(trained with planner.{name} {shown(trained)}).")
     timing = "; ".join(f"{m} compile {t['compile_s']:.1f} s, run {t['run_s']:.1f} s" for m, t in timings.items())
     if timing:
         header += (f"\n\nTwin runs on {len(jax.devices())} {jax.default_backend()} device(s): {timing}; "

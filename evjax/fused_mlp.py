@@ -39,6 +39,11 @@ def _padded(size: int) -> int:
     return max(16, 1 << (size - 1).bit_length())
 
 
+def _precision(dtype):
+    """HIGHEST for float32 matmuls (no TF32 rounding), the default for bfloat16."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
 def _mlp_kernel(x_ref, *refs, widths: tuple[int, ...], chunk: int, dtype, precision, activation):
     """One tile of one member: x [T, K0] -> raw head output [T, O]; refs are (w, b) per layer, then the output.
 
@@ -99,9 +104,8 @@ def ensemble_head(params: dict, x_norm: jax.Array, dtype, *, layer_names: tuple[
         operands += [w, b]
         in_specs += [pl.BlockSpec((None, pad_in, pad_out), lambda e, i: (e, 0, 0)),
                      pl.BlockSpec((None, pad_out), lambda e, i: (e, 0))]
-    precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
     kernel = functools.partial(_mlp_kernel, widths=tuple(padded), chunk=chunk or max(padded), dtype=dtype,
-                               precision=precision, activation=activation)
+                               precision=_precision(dtype), activation=activation)
     compiler_params = None
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
@@ -157,13 +161,12 @@ def dense(x: jax.Array, w: jax.Array, b: jax.Array, *, activation, interpret: bo
     for name, size, block in (("M", rows, block_m), ("N", width, block_n), ("K", depth, block_k)):
         if size % block or block < 16 or block & (block - 1):
             raise ValueError(f"dense: {name} = {size} is no multiple of a power-of-two block >= 16 (block {block})")
-    precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
     compiler_params = None
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
         compiler_params = plgpu.CompilerParams(num_warps=LAYER_NUM_WARPS, num_stages=LAYER_NUM_STAGES)
     return pl.pallas_call(
-        functools.partial(_dense_kernel, block_k=block_k, precision=precision, activation=activation),
+        functools.partial(_dense_kernel, block_k=block_k, precision=_precision(x.dtype), activation=activation),
         out_shape=jax.ShapeDtypeStruct((members, rows, width), x.dtype),
         grid=(members, rows // block_m, width // block_n),
         in_specs=[pl.BlockSpec((None, block_m, depth), lambda e, i, j: (e, i, 0)),
@@ -199,6 +202,5 @@ def ensemble_head_layers(params: dict, x_norm: jax.Array, dtype, *, layer_names:
         h = dense(h, w, b, activation=activation, interpret=interpret)
     head = params[layer_names[-1]]
     w = jnp.pad(head["w"].astype(dtype), ((0, 0), (0, padded[-2] - widths[-2]), (0, 0)))
-    precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
-    out = jnp.einsum("emk,eko->emo", h, w, preferred_element_type=jnp.float32, precision=precision)
+    out = jnp.einsum("emk,eko->emo", h, w, preferred_element_type=jnp.float32, precision=_precision(dtype))
     return (out + head["b"][:, None, :])[:, :samples]  # [E, M, O]
