@@ -7,7 +7,7 @@ At the paper's settings with a freshly initialised ensemble (as ``planner.py``):
    time; the fastest setting that compiles and agrees is used below;
 2. seconds per plan (``plan_fn``) and plans per second of ``plan_batch`` at
    B = 64 and 256, for each ``planner.kernel`` of ``--kernels`` (``pallas_layers`` once per block
-   setting of ``--layer-settings``), interleaved with the
+   setting of ``--layer-settings``, ``mosaic`` once per setting of ``--mosaic-settings``), interleaved with the
    ceiling of a chain of batched bf16 matmuls of the hidden layers' shape
    [E, N*P/E*B, 256] x [E, 256, 256] measured in the same run.
 
@@ -15,7 +15,7 @@ Prints one JSON line per measurement as it goes (so a timeout keeps what was
 done) and a summary line last. About 2-3 minutes on an H100/H200.
 
     python benchmarks/gpu_planner.py [--repeats 20] [--batches 64,256] [--quick] [--kernels xla,pallas]
-        [--layer-settings "64,128,64,4,3;32,128,64,4,3"]
+        [--layer-settings "64,128,64,4,3;32,128,64,4,3"] [--mosaic-settings "4,1,0;4,1,1"]
 """
 
 from __future__ import annotations
@@ -88,6 +88,10 @@ def main(argv=None) -> int:
     parser.add_argument("--kernels", default="xla,pallas", help="comma-separated planner.kernel values")
     parser.add_argument("--layer-settings", default="64,128,64,4,3",
                         help="pallas_layers blocks: 'BM,BN,BK,warps,stages' separated by ';' (fused_mlp.LAYER_*)")
+    parser.add_argument("--mosaic-settings", default="4,1,0,0,1",
+                        help="mosaic kernel: 'slots,pending,registers,split,approx' separated by ';' "
+                             "(fused_mlp.MOSAIC_SLOTS, MOSAIC_PENDING, MOSAIC_A_FROM_REGISTERS, MOSAIC_SPLIT, "
+                             "MOSAIC_APPROX_MATH; 0/1 for the flags)")
     parser.add_argument("--particle-noise", choices=("true", "false"), default=None,
                         help="planner.particle_noise (default: the config's; true steps P/E particles per member)")
     args = parser.parse_args(argv)
@@ -107,7 +111,8 @@ def main(argv=None) -> int:
           "particle_noise": pcfg.particle_noise, "rows_per_member": rows})
 
     kernels = [k for k in args.kernels.split(",") if k]
-    layer_settings = [tuple(int(v) for v in setting.split(",")) for setting in args.layer_settings.split(";") if setting]
+    settings = {name: [tuple(int(v) for v in setting.split(",")) for setting in text.split(";") if setting]
+                for name, text in (("pallas_layers", args.layer_settings), ("mosaic", args.mosaic_settings))}
     best = None if args.quick or "pallas" not in kernels else sweep_kernel(dyn, model, rows, args.repeats)
     if best is not None:
         fused_mlp.DEFAULT_TILE, fused_mlp.DEFAULT_NUM_WARPS, fused_mlp.DEFAULT_CHUNK = best
@@ -122,11 +127,14 @@ def main(argv=None) -> int:
                                        jnp.bfloat16)
         ceilings[batch] = (run, flops)
     variants = [(kernel, setting) for kernel in kernels
-                for setting in (layer_settings if kernel == "pallas_layers" else [None])]
+                for setting in settings.get(kernel, [None])]
     for kernel, setting in variants:
-        if setting is not None:
+        if kernel == "pallas_layers":
             (fused_mlp.LAYER_BLOCK_M, fused_mlp.LAYER_BLOCK_N, fused_mlp.LAYER_BLOCK_K, fused_mlp.LAYER_NUM_WARPS,
              fused_mlp.LAYER_NUM_STAGES) = setting
+        elif kernel == "mosaic":
+            fused_mlp.MOSAIC_SLOTS, fused_mlp.MOSAIC_PENDING, registers, fused_mlp.MOSAIC_SPLIT, approx = setting
+            fused_mlp.MOSAIC_A_FROM_REGISTERS, fused_mlp.MOSAIC_APPROX_MATH = bool(registers), bool(approx)
         name = kernel if setting is None else f"{kernel}_" + "_".join(map(str, setting))
         kernel_cfg = dataclasses.replace(cfg, planner=dataclasses.replace(pcfg, kernel=kernel))
         try:

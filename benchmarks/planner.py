@@ -75,8 +75,8 @@ def main(argv=None) -> int:
                              "(member, candidate)")
     parser.add_argument("--hidden-dtype", choices=("auto", "float32", "bfloat16"), default=None,
                         help="planner.hidden_dtype (default: the config's; auto is bfloat16 on a GPU)")
-    parser.add_argument("--kernel", choices=("xla", "pallas", "pallas_layers"), default=None,
-                        help="planner.kernel (default: the config's; the Pallas kernels need a GPU)")
+    parser.add_argument("--kernel", choices=("xla", "pallas", "pallas_layers", "mosaic"), default=None,
+                        help="planner.kernel (default: the config's; the Pallas kernels need a GPU, mosaic a Hopper one)")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="also write a jax.profiler trace of three plans to DIR (Perfetto/TensorBoard)")
     parser.add_argument("--steps-done", type=int, default=0,

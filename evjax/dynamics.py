@@ -616,7 +616,8 @@ def predict(state: ModelState, obs: jax.Array, act: jax.Array, key: Optional[jax
 
 
 # planner.kernel values that run the layers as Pallas kernels: the raw head outputs [E, M, S+2+W]
-PALLAS_HEADS = {"pallas": fused_mlp.ensemble_head, "pallas_layers": fused_mlp.ensemble_head_layers}
+PALLAS_HEADS = {"pallas": fused_mlp.ensemble_head, "pallas_layers": fused_mlp.ensemble_head_layers,
+                "mosaic": fused_mlp.ensemble_head_mosaic}
 
 
 def step(state: ModelState, obs: jax.Array, act: jax.Array, key: Optional[jax.Array], *, layout: Layout,
@@ -658,7 +659,7 @@ def step(state: ModelState, obs: jax.Array, act: jax.Array, key: Optional[jax.Ar
         mean, logvar_t = jax.vmap(functools.partial(split_head, layout=layout))(
             head, state.params["max_logvar"], state.params["min_logvar"])
     else:
-        raise ValueError(f"kernel must be 'xla', 'pallas' or 'pallas_layers', got {kernel!r}")
+        raise ValueError(f"kernel must be 'xla' or one of {sorted(PALLAS_HEADS)}, got {kernel!r}")
     std = jnp.swapaxes(jnp.exp(0.5 * logvar_t) * state.target_std[:layout.num_gaussian, None], 1, 2)  # [E, M, W]
     noise = None if mean_only else jax.random.normal(key, (members, samples, layout.output_dim))
     return _decode(state, obs, mean, std, noise, layout=layout)

@@ -1,4 +1,9 @@
-"""Fused ensemble-MLP forward pass: one Pallas (Triton) kernel per model step on the GPU (``planner.kernel: pallas``).
+"""Fused ensemble-MLP forward passes on the GPU: Pallas kernels for ``planner.kernel`` pallas, pallas_layers, mosaic.
+
+``mosaic`` (the fastest, Hopper only, at the end of this module) is one Mosaic GPU
+kernel per model step with warpgroup matmuls and weights streamed through shared
+memory by the copy engine; ``pallas`` (below) is one Triton kernel per model step;
+``pallas_layers`` one Triton matmul with a fused epilogue per hidden layer.
 
 The XLA path (``dynamics.member_step_forward``) runs each layer as a batched
 matmul and writes and re-reads the float32 activations [E, M, 256] between the
@@ -204,3 +209,219 @@ def ensemble_head_layers(params: dict, x_norm: jax.Array, dtype, *, layer_names:
     w = jnp.pad(head["w"].astype(dtype), ((0, 0), (0, padded[-2] - widths[-2]), (0, 0)))
     out = jnp.einsum("emk,eko->emo", h, w, preferred_element_type=jnp.float32, precision=_precision(dtype))
     return (out + head["b"][:, None, :])[:, :samples]  # [E, M, O]
+
+
+# ------------------------------------------------------------------ one Mosaic GPU kernel per model step (``planner.kernel: mosaic``)
+
+MOSAIC_TILE = 64  # rows of one kernel instance: one Hopper warpgroup matmul (wgmma) has M = 64
+MOSAIC_CHUNK = 64  # weights stream through shared memory in [64, H] row blocks (64 bf16 = one 128-byte swizzle)
+MOSAIC_SLOTS = 3  # depth of the shared-memory ring of weight blocks (capped so that everything fits)
+MOSAIC_PENDING = 0  # wgmma groups left in flight when the next block is issued (0 = wait for each)
+MOSAIC_A_FROM_REGISTERS = False  # single warpgroup: hidden activations fed to wgmma from registers, not shared memory
+MOSAIC_SPLIT = 2  # 0: one warpgroup does everything; 1 or 2: that many compute warpgroups split each layer's
+#                   columns, and one more warpgroup issues the weight copies
+MOSAIC_APPROX_MATH = True  # tanh.approx.f32 in the activation (error ~1e-3 relative, below the bf16 cast after it)
+MOSAIC_SMEM_BYTES = 227 * 1024  # a Hopper block's shared-memory limit
+
+
+def _aligned(size: int) -> int:
+    return -(-size // 1024) * 1024
+
+
+def ensemble_head_mosaic(params: dict, x_norm: jax.Array, dtype, *, layer_names: tuple[str, ...], activation,
+                         interpret: bool = False) -> jax.Array:
+    """Raw head outputs [E, M, O], like ``ensemble_head``: the whole member MLP in one Mosaic GPU kernel (Hopper).
+
+    One instance per (member, 64 rows) keeps its activations on chip through
+    every layer: each layer is a chain of warpgroup matmuls (``wgmma``, bf16
+    inputs, float32 accumulator) over [64, H] blocks of the weights, which
+    the copy engine (TMA) streams from memory through a ring of
+    ``MOSAIC_SLOTS`` shared-memory slots, the next blocks in flight while the
+    current ones multiply; the head's weights, the biases and the input rows
+    are copied in once. Bias + activation run on the accumulator, and the
+    bf16 activations go back to shared memory as the next layer's left operand.
+
+    Needs bfloat16 matmuls, hidden layers of one width H (a multiple of 64,
+    at most 256), an input width and a head width of at most 256; inputs are
+    zero-padded to 64 columns, the head to a multiple of 64 and M to a
+    multiple of 64 (exact, as in ``ensemble_head``). ``interpret`` runs it in
+    Pallas' Mosaic GPU interpret mode on CPU (tests).
+    """
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    if jnp.dtype(dtype) != jnp.bfloat16:
+        raise ValueError(f"planner.kernel 'mosaic' needs planner.matmul_dtype bfloat16, got {jnp.dtype(dtype).name}")
+    hidden_names, head_name = layer_names[:-1], layer_names[-1]
+    members, samples, input_dim = x_norm.shape
+    hidden = params[hidden_names[0]]["w"].shape[-1]
+    out_dim = params[head_name]["w"].shape[-1]
+    split = MOSAIC_SPLIT
+    parts = max(split, 1)  # column parts of a hidden layer
+    if (any(params[name]["w"].shape[-1] != hidden for name in hidden_names) or hidden % (MOSAIC_CHUNK * parts)
+            or hidden > 256):
+        raise ValueError(f"planner.kernel 'mosaic' needs hidden layers of one width, a multiple of {64 * parts} up to "
+                         f"256, got {[params[name]['w'].shape[-1] for name in hidden_names]}")
+    if input_dim > 256 or out_dim > 256:
+        raise ValueError(f"planner.kernel 'mosaic' needs input and head widths up to 256, got {input_dim}, {out_dim}")
+    a_from_registers = MOSAIC_A_FROM_REGISTERS and not interpret and not split  # the interpreter reads operands from memory
+    chunk, tile, part = MOSAIC_CHUNK, MOSAIC_TILE, hidden // parts
+    padded_input, padded_out = -(-input_dim // chunk) * chunk, -(-out_dim // chunk) * chunk
+    rows = -(-samples // tile) * tile
+    bf16 = jnp.bfloat16
+    num_layers = len(hidden_names)
+
+    x = jnp.pad(x_norm.astype(bf16), ((0, 0), (0, rows - samples), (0, padded_input - input_dim)))
+    weights = [jnp.pad(params[hidden_names[0]]["w"], ((0, 0), (0, padded_input - input_dim), (0, 0)))]
+    weights += [params[name]["w"] for name in hidden_names[1:]]
+    blocks = jnp.concatenate([w.astype(bf16).reshape(members, -1, chunk, parts, part) for w in weights], axis=1)
+    blocks = jnp.swapaxes(blocks, 2, 3)  # [E, C, parts, 64, H / parts]: block c, column part p
+    biases = jnp.stack([params[name]["b"] for name in hidden_names], axis=1).astype(jnp.float32)
+    biases = biases.reshape(members, num_layers, parts, part)  # [E, L, parts, H / parts]
+    head_w = jnp.pad(params[head_name]["w"].astype(bf16), ((0, 0), (0, 0), (0, padded_out - out_dim)))
+    head_b = jnp.pad(params[head_name]["b"].astype(jnp.float32), ((0, 0), (0, padded_out - out_dim)))
+    num_blocks = blocks.shape[1]
+    layer_blocks = [padded_input // chunk] + [hidden // chunk] * (num_layers - 1)  # blocks of each layer
+    h_buffers = 2 if split else 1  # compute warpgroups write layer l+1 while the other may still read layer l
+    h_width = chunk if a_from_registers else hidden
+    fixed_bytes = (_aligned(2 * tile * padded_input) + _aligned(2 * hidden * padded_out) + _aligned(4 * num_layers * hidden)
+                   + _aligned(4 * padded_out) + _aligned(4 * tile * padded_out) + h_buffers * _aligned(2 * tile * h_width))
+    slots = min(MOSAIC_SLOTS, num_blocks)
+    while slots > 1 and fixed_bytes + slots * _aligned(2 * chunk * hidden) > MOSAIC_SMEM_BYTES:
+        slots -= 1
+    pending = min(MOSAIC_PENDING, 1)
+    swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))  # bf16 operands of wgmma
+    swizzled_f32 = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
+
+    def row_vector(ref, width):
+        """A [width] float32 vector from shared memory, broadcast over the tile's rows in the accumulator's layout."""
+        vector = ref[...] if interpret else plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(0))
+        return jax.lax.broadcast_in_dim(vector, (tile, width), [1])
+
+    def body(x_gmem, blocks_gmem, head_w_gmem, biases_gmem, head_b_gmem, out_gmem,
+             x_smem, ring, head_w_smem, biases_smem, head_b_smem, out_smem, h_smem, loaded, consumed, fixed, ready):
+        member, rows_block = jax.lax.axis_index("e"), jax.lax.axis_index("m")
+        tile_rows = pl.ds(rows_block * tile, tile)
+
+        def left(layer, h, k):
+            """A layer's left operand: K columns k*64 .. k*64+63 of its input."""
+            if layer == 0:
+                return x_smem.at[:, pl.ds(k * chunk, chunk)]
+            if a_from_registers:
+                return h[:, k * chunk:(k + 1) * chunk]
+            return h_smem.at[(layer - 1) % h_buffers, (k * chunk) // part].at[:, pl.ds((k * chunk) % part, chunk)]
+
+        def head(h):
+            def matmuls(acc):
+                for k in range(hidden // chunk):
+                    plgpu.wgmma(acc, left(num_layers, h, k), head_w_smem.at[pl.ds(k * chunk, chunk), :])
+                plgpu.wgmma_wait(0)
+                return acc[...]
+
+            out_smem[...] = pl.run_scoped(matmuls, plgpu.ACC((tile, padded_out), jnp.float32)) + row_vector(
+                head_b_smem, padded_out)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[member, tile_rows])
+            plgpu.wait_smem_to_gmem(0)
+
+        def fetch(block, part_index):
+            slot = block % slots
+            plgpu.copy_gmem_to_smem(blocks_gmem.at[member, block, part_index], ring.at[slot, part_index],
+                                    loaded.at[slot * parts + part_index])
+
+        def issue_fixed():
+            plgpu.copy_gmem_to_smem(x_gmem.at[member, tile_rows], x_smem, fixed.at[0])
+            plgpu.copy_gmem_to_smem(biases_gmem.at[member], biases_smem, fixed.at[1])
+            plgpu.copy_gmem_to_smem(head_w_gmem.at[member], head_w_smem, fixed.at[2])
+            plgpu.copy_gmem_to_smem(head_b_gmem.at[member], head_b_smem, fixed.at[3])
+
+        def compute(wg):
+            """Hidden layers' column part ``wg`` (all of them with one compute warpgroup), then the head (part 0)."""
+            plgpu.barrier_wait(fixed.at[0])
+            plgpu.barrier_wait(fixed.at[1])
+            h, start = None, 0
+            for layer, count in enumerate(layer_blocks):
+                def matmuls(acc, layer=layer, count=count, start=start, h=h):
+                    for k in range(count):
+                        block = start + k
+                        plgpu.barrier_wait(loaded.at[(block % slots) * parts + wg])
+                        plgpu.wgmma(acc, left(layer, h, k), ring.at[block % slots, wg])
+                        plgpu.wgmma_wait(pending)
+                        release(block - pending, start, wg)
+                    if pending:
+                        plgpu.wgmma_wait(0)
+                        release(start + count - 1, start, wg)
+                    return acc[...]
+
+                z = pl.run_scoped(matmuls, plgpu.ACC((tile, part), jnp.float32))
+                h = activation(z + row_vector(biases_smem.at[layer, wg], part)).astype(bf16)
+                if not a_from_registers:
+                    h_smem[layer % h_buffers, wg] = h
+                    plgpu.commit_smem()
+                    if split > 1:  # every part written before any warpgroup reads the next layer
+                        plgpu.barrier_arrive(ready)
+                        plgpu.barrier_wait(ready)
+                start += count
+            plgpu.barrier_wait(fixed.at[2])
+            plgpu.barrier_wait(fixed.at[3])
+
+            if split:
+                pl.when(wg == 0)(lambda: head(h))
+            else:
+                head(h)
+
+        if not split:  # one warpgroup: it issues the copies and refills a slot as soon as its block is done
+            def release(block, start, wg):
+                if block >= start and block + slots < num_blocks:
+                    fetch(block + slots, 0)
+
+            issue_fixed()
+            for block in range(slots):
+                fetch(block, 0)
+            compute(0)
+            return
+
+        def release(block, start, wg):  # compute warpgroup wg is done with its part of the block's slot
+            if block >= start and block + slots < num_blocks:
+                plgpu.barrier_arrive(consumed.at[(block % slots) * parts + wg])
+
+        wg = jax.lax.axis_index("wg")
+
+        @pl.when(wg == split)
+        def _producer():
+            issue_fixed()
+            for block in range(num_blocks):
+                for part_index in range(parts):
+                    if block >= slots:
+                        plgpu.barrier_wait(consumed.at[(block % slots) * parts + part_index])
+                    fetch(block, part_index)
+
+        @pl.when(wg < split)
+        def _compute():
+            compute(wg)
+
+    if interpret:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+        interpret = InterpretGPUParams()
+    threads = dict(num_threads=split + 1, thread_name="wg") if split else {}
+    kernel = plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((members, rows, padded_out), jnp.float32),
+        grid=(members, rows // tile),
+        grid_names=("e", "m"),
+        scratch_types=[plgpu.SMEM((tile, padded_input), bf16, transforms=swizzled),
+                       plgpu.SMEM((slots, parts, chunk, part), bf16, transforms=swizzled),
+                       plgpu.SMEM((hidden, padded_out), bf16, transforms=swizzled),
+                       plgpu.SMEM((num_layers, parts, part), jnp.float32),
+                       plgpu.SMEM((padded_out,), jnp.float32),
+                       plgpu.SMEM((tile, padded_out), jnp.float32, transforms=swizzled_f32),
+                       plgpu.SMEM((h_buffers, parts, tile, h_width // parts), bf16, transforms=swizzled),
+                       plgpu.Barrier(num_barriers=slots * parts),  # loaded: a block's column part has landed
+                       plgpu.Barrier(num_barriers=slots * parts),  # consumed: its warpgroup is done (split only)
+                       plgpu.Barrier(num_barriers=4),  # fixed: input rows, biases, head weights, head bias
+                       plgpu.Barrier(num_arrivals=max(split, 1))],  # ready: a layer's activations are written
+        compiler_params=None if interpret else plgpu.CompilerParams(approx_math=MOSAIC_APPROX_MATH),
+        interpret=interpret or None,
+        **threads,
+    )
+    out = kernel(x, blocks, head_w, biases, head_b)
+    return out[:, :samples, :out_dim]  # [E, M, O]

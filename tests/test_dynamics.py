@@ -1,6 +1,7 @@
 """Tests of the probabilistic ensemble dynamics model (evjax/dynamics.py, SPEC 9)."""
 
 import dataclasses
+import functools
 import math
 
 import chex
@@ -11,7 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from evjax.config import ModelConfig
-from evjax import dynamics
+from evjax import dynamics, fused_mlp
 from evjax.dynamics import (Layout, ModelState, adam_step, bucket_rows, ensemble_loss, fit_padded, fit_settings,
                             gaussian_nll, make_dynamics, masked_moments, member_nll, pad_transitions,
                             soft_bound_logvar, swish_via_tanh)
@@ -339,6 +340,22 @@ def test_step_fast_path_matches_predict(fitted, binary_cost):
         assert np.all(np.asarray(got.std[..., -1]) == 0.0) and np.all((got.cost > 0.0) & (got.cost < 1.0))
 
 
+def _perturbed_state(dyn, fitted, seed, fan_in_scaled=False):
+    """A fresh ensemble with every parameter moved by 0.3 * N(0, 1) (weights: 0.3 / sqrt(fan_in) * N(0, 1) with
+    ``fan_in_scaled``, which keeps wide layers' activations of order one), and the fitted model's normalisers."""
+    fresh = dyn.init(jax.random.key(seed))
+    keys = iter(jax.random.split(jax.random.key(seed + 1), 16))
+
+    def perturb(leaf):
+        scale = 0.3 / math.sqrt(leaf.shape[1]) if fan_in_scaled and leaf.ndim == 3 else 0.3
+        return leaf + scale * jax.random.normal(next(keys), leaf.shape)
+
+    params = jax.tree.map(perturb, fresh.params)
+    _, fitted_state, _ = fitted
+    return fresh.replace(params=params, norm_mean=fitted_state.norm_mean, norm_std=fitted_state.norm_std,
+                         target_mean=fitted_state.target_mean, target_std=fitted_state.target_std)
+
+
 @pytest.mark.parametrize("kernel", ["pallas", "pallas_layers"])
 @pytest.mark.parametrize("binary_cost", [False, True])
 def test_fused_kernel_matches_the_xla_step(fitted, binary_cost, kernel):
@@ -349,12 +366,7 @@ def test_fused_kernel_matches_the_xla_step(fitted, binary_cost, kernel):
     """
     dyn = make_dynamics(small_config(hidden_sizes=(24, 40), weight_decays=(0.0,) * 3, binary_cost=binary_cost),
                         OBS_DIM, ACTION_DIM)
-    fresh = dyn.init(jax.random.key(5))
-    keys = iter(jax.random.split(jax.random.key(6), 16))
-    params = jax.tree.map(lambda leaf: leaf + 0.3 * jax.random.normal(next(keys), leaf.shape), fresh.params)
-    _, fitted_state, _ = fitted
-    state = fresh.replace(params=params, norm_mean=fitted_state.norm_mean, norm_std=fitted_state.norm_std,
-                          target_mean=fitted_state.target_mean, target_std=fitted_state.target_std)
+    state = _perturbed_state(dyn, fitted, 5)
     obs, act, *_ = transitions(5 * 37, seed=17)
     obs, act = obs.reshape(5, 37, OBS_DIM), act.reshape(5, 37, ACTION_DIM)
     scale = np.asarray(state.target_std)  # [S+2]
@@ -370,6 +382,60 @@ def test_fused_kernel_matches_the_xla_step(fitted, binary_cost, kernel):
                 assert np.max(np.abs(g - w) / unit) < 5e-3, name
     with pytest.raises(ValueError, match="kernel"):
         dyn.step(state, obs, act, None, kernel="triton")
+
+
+@pytest.mark.parametrize("binary_cost", [False, True])
+def test_mosaic_kernel_matches_the_xla_step(fitted, binary_cost, monkeypatch):
+    """The Mosaic GPU kernel (its interpret mode on CPU: shared memory, copies and barriers simulated) gives
+    ``step``'s bfloat16 outputs. 37 samples per member pad the 64-row tile, and 3 hidden layers of 128 units
+    stream 5 weight blocks through a ring of 2 slots, so every slot is refilled.
+
+    One warpgroup does everything here (``MOSAIC_SPLIT`` 0). The default, two compute warpgroups fed by a copy
+    warpgroup, matched too when run so here, but the interpreter runs warpgroups as threads whose barrier
+    waits can hold XLA CPU's execution threads: on 2 cores one compute and one copy warpgroup deadlocked in
+    3 of 4 runs, so CI only lowers those variants (next test); ``benchmarks/mosaic_settings.py`` checks them
+    against the XLA step on a GPU. (The kernel sums
+    each product in blocks of 64, XLA in one pass: with weights of 7 times their initial scale, as in the
+    Pallas test, that float32 difference flips a bfloat16 rounding of activations of order 50 and moves an
+    output by 2 % of a target std, so the weights are perturbed on their own scale here.)"""
+    monkeypatch.setattr(fused_mlp, "MOSAIC_SPLIT", 0)
+    monkeypatch.setattr(fused_mlp, "MOSAIC_SLOTS", 2)
+    dyn = make_dynamics(small_config(hidden_sizes=(128, 128, 128), weight_decays=(0.0,) * 4,
+                                     binary_cost=binary_cost), OBS_DIM, ACTION_DIM)
+    state = _perturbed_state(dyn, fitted, 5, fan_in_scaled=True)
+    obs, act, *_ = transitions(5 * 37, seed=17)
+    obs, act = obs.reshape(5, 37, OBS_DIM), act.reshape(5, 37, ACTION_DIM)
+    scale = np.asarray(state.target_std)  # [S+2]
+    key = jax.random.key(8)
+    want = dyn.step(state, obs, act, key, matmul_dtype="bfloat16")
+    got = dyn.step(state, obs, act, key, matmul_dtype="bfloat16", kernel="mosaic")
+    for name, g, w, unit in zip(got._fields, got, want, (scale[:OBS_DIM], scale[OBS_DIM], scale[-1], scale)):
+        assert np.max(np.abs(np.asarray(g) - np.asarray(w)) / unit) < 5e-3, name
+    with pytest.raises(ValueError, match="matmul_dtype bfloat16"):
+        dyn.step(state, obs, act, key, matmul_dtype="float32", kernel="mosaic")
+    narrow = make_dynamics(small_config(hidden_sizes=(24, 40), weight_decays=(0.0,) * 3), OBS_DIM, ACTION_DIM)
+    with pytest.raises(ValueError, match="hidden layers of one width"):
+        narrow.step(narrow.init(jax.random.key(0)), obs, act, key, matmul_dtype="bfloat16", kernel="mosaic")
+
+
+@pytest.mark.parametrize("split, registers", [(0, False), (0, True), (1, False), (2, False)])
+def test_mosaic_kernel_lowers_for_a_gpu(split, registers, monkeypatch):
+    """Off a GPU the kernel still lowers to a Mosaic GPU custom call: Pallas' layouts, swizzles, copies and
+    warpgroup matmuls of the paper-size model (5 x 4 x 256, 500 samples per member) are checked here, only the
+    final compilation to GPU code needs the device (benchmarks/gpu_planner.py)."""
+    monkeypatch.setattr(fused_mlp, "MOSAIC_SPLIT", split)
+    monkeypatch.setattr(fused_mlp, "MOSAIC_A_FROM_REGISTERS", registers)
+    cfg = ModelConfig()
+    layout = Layout(obs_dim=9, action_dim=3, num_members=cfg.ensemble_size, hidden_sizes=cfg.hidden_sizes,
+                    binary_cost=False)
+    params = dynamics.init_params(jax.random.key(0), layout=layout, init_truncation=2.0, max_logvar_init=0.5,
+                                  min_logvar_init=-10.0)
+    x_norm = jnp.zeros((cfg.ensemble_size, 500, layout.input_dim))
+    head = functools.partial(fused_mlp.ensemble_head_mosaic, dtype=jnp.bfloat16, layer_names=layout.layer_names,
+                             activation=dynamics.swish_via_tanh)
+    lowered = jax.jit(head).trace(params, x_norm).lower(lowering_platforms=("cuda",)).as_text()
+    assert lowered.count("stablehlo.custom_call @mosaic_gpu") == 1
+    assert f"tensor<{cfg.ensemble_size}x512x64xf32>" in lowered  # the kernel's padded head output [E, M, 64]
 
 
 @pytest.mark.parametrize("tile_rows", [10, 37, 100])

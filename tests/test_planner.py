@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from evjax import fused_mlp
 from evjax.config import ConfigError, PlannerConfig
 from evjax import planner as cem
 from evjax.planner import cost_scale, make_planner
@@ -708,8 +709,8 @@ def test_without_particle_noise_one_particle_per_member_scores_like_all_of_them(
                                    rtol=1e-5, atol=1e-6, err_msg=name)
 
 
-@pytest.mark.parametrize("kernel", ["pallas", "pallas_layers"])
-def test_pallas_kernel_plans_like_the_xla_path(kernel):
+@pytest.mark.parametrize("kernel", ["pallas", "pallas_layers", "mosaic"])
+def test_pallas_kernel_plans_like_the_xla_path(kernel, monkeypatch):
     """Batched plans through a fused Pallas kernel (interpret mode on CPU) match the XLA path's.
 
     A small random ensemble (2 x 32 hidden units) and population keep interpret
@@ -720,7 +721,10 @@ def test_pallas_kernel_plans_like_the_xla_path(kernel):
     from evjax.planner import make_model_planner
 
     cfg = Config()
-    dyn = make_dynamics(ModelConfig(hidden_sizes=(32, 32), weight_decays=(0.0,) * 3), cfg.obs_dim, cfg.action_dim)
+    width = 64 if kernel == "mosaic" else 32  # the Mosaic kernel's weight blocks are 64 wide
+    monkeypatch.setattr(fused_mlp, "MOSAIC_SPLIT", 0)  # one warpgroup: see test_mosaic_kernel_matches_the_xla_step
+    dyn = make_dynamics(ModelConfig(hidden_sizes=(width, width), weight_decays=(0.0,) * 3), cfg.obs_dim,
+                        cfg.action_dim)
     fresh = dyn.init(jax.random.key(0))
     keys = iter(jax.random.split(jax.random.key(1), 16))
     model = fresh.replace(params=jax.tree.map(lambda leaf: leaf + 0.3 * jax.random.normal(next(keys), leaf.shape),
