@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from evjax.config import PlannerConfig
+from evjax.errors import ConfigError
 
 CPU_TILE_ROWS = 600  # planner.tile_rows 0 (auto) on CPU: 5 tiles of the paper's 3000 samples per member
 
@@ -686,6 +687,22 @@ def resolve_hidden_dtype(hidden_dtype: str, matmul_dtype: str, backend: str) -> 
     return "bfloat16" if matmul_dtype == "bfloat16" and backend != "cpu" else "float32"
 
 
+def check_kernel(kernel: str, backend: str, matmul_dtype: str, compute_capability: Optional[str]) -> None:
+    """Refuse a ``planner.kernel`` the device cannot run: a ``ConfigError`` (one line, exit status 2 from the CLI).
+
+    The Pallas kernels need a GPU; ``mosaic`` also needs a Hopper one (compute
+    capability 9.x: its warpgroup matmuls are sm_90a instructions) and bfloat16 matmuls.
+    """
+    if kernel != "xla" and backend != "gpu":
+        raise ConfigError(f"planner.kernel {kernel!r} needs a GPU backend, this one is {backend!r}: "
+                         f"use planner.kernel 'xla'")
+    if kernel == "mosaic" and compute_capability is not None and not str(compute_capability).startswith("9."):
+        raise ConfigError(f"planner.kernel 'mosaic' needs a Hopper GPU (compute capability 9.x), this one is "
+                         f"{compute_capability}: use planner.kernel 'xla'")
+    if kernel == "mosaic" and matmul_dtype != "bfloat16":
+        raise ConfigError(f"planner.kernel 'mosaic' needs planner.matmul_dtype bfloat16, got {matmul_dtype!r}")
+
+
 def make_model_planner(cfg, dyn, mesh: Optional[jax.sharding.Mesh] = None) -> Planner:
     """The planner of ``cfg`` (an ``evjax.config.Config``) over the ensemble ``dyn`` (``make_dynamics``).
 
@@ -693,17 +710,15 @@ def make_model_planner(cfg, dyn, mesh: Optional[jax.sharding.Mesh] = None) -> Pl
     ``planner.kernel`` and, on CPU,
     ``planner.tile_rows`` both as ``step_fn`` and, with ``mean_only=True``, as
     ``mean_step_fn``; plans over ``dyn.num_planning_members`` members, so pass
-    ``dyn.select_elites(model)`` when the model has a holdout. ``planner.kernel: pallas`` needs a GPU backend
-    (``ValueError`` otherwise: on CPU the kernel only runs in interpret mode, for tests).
+    ``dyn.select_elites(model)`` when the model has a holdout. A ``planner.kernel`` other than xla needs a GPU
+    backend, mosaic a Hopper one (``check_kernel``; on CPU the kernels only run in interpret mode, for tests).
     With ``planner.cost_model: observation`` the step cost is ``observation_cost``
     on the observation layout of ``cfg``; with ``planner.stop_at_episode_end`` the
     horizon steps after the episode's end weigh 0 (``episode_step_weights``).
     """
     matmul_dtype, kernel = cfg.planner.matmul_dtype, cfg.planner.kernel
     backend = jax.default_backend()
-    if kernel != "xla" and backend != "gpu":
-        raise ValueError(f"planner.kernel {kernel!r} needs a GPU backend, this one is {backend!r}: "
-                         f"use planner.kernel 'xla'")
+    check_kernel(kernel, backend, matmul_dtype, getattr(jax.devices()[0], "compute_capability", None))
     # tiles of the population kept in cache across the layers help XLA CPU only (README, "Benchmarks")
     tile_rows = (cfg.planner.tile_rows or CPU_TILE_ROWS) if backend == "cpu" else 0
     settings = dict(matmul_dtype=matmul_dtype, kernel=kernel, tile_rows=tile_rows,

@@ -749,6 +749,20 @@ def test_pallas_kernel_plans_like_the_xla_path(kernel, monkeypatch):
         make_model_planner(pallas_cfg, dyn)
 
 
+def test_check_kernel_refuses_what_the_device_cannot_run():
+    """Any kernel on a GPU passes except mosaic off Hopper (compute capability 8.0, 10.0) or with float32; the
+    refusals are config errors, one line and exit status 2 from the command line."""
+    cem.check_kernel("xla", "cpu", "float32", None)
+    cem.check_kernel("mosaic", "gpu", "bfloat16", "9.0")
+    cem.check_kernel("pallas", "gpu", "float32", "8.0")
+    for args, match in ((("pallas", "cpu", "bfloat16", None), "needs a GPU backend"),
+                        (("mosaic", "gpu", "bfloat16", "8.0"), "Hopper GPU .* this one is 8.0"),
+                        (("mosaic", "gpu", "bfloat16", "10.0"), "Hopper GPU .* this one is 10.0"),
+                        (("mosaic", "gpu", "float32", "9.0"), "planner.matmul_dtype bfloat16")):
+        with pytest.raises(ConfigError, match=match):
+            cem.check_kernel(*args)
+
+
 @pytest.mark.parametrize("pessimism", [0.5, 2.0])
 def test_reward_pessimism_subtracts_the_members_return_spread(pessimism):
     """Member e predicts reward bowl + e every step: over H steps the members' returns H*bowl + H*e have mean
