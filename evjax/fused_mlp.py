@@ -225,6 +225,7 @@ MOSAIC_SMEM_BYTES = 227 * 1024  # a Hopper block's shared-memory limit
 
 
 def _aligned(size: int) -> int:
+    """Bytes of a shared-memory allocation: Mosaic GPU aligns each to 1 KiB."""
     return -(-size // 1024) * 1024
 
 
@@ -240,9 +241,14 @@ def ensemble_head_mosaic(params: dict, x_norm: jax.Array, dtype, *, layer_names:
     current ones multiply; the head's weights, the biases and the input rows
     are copied in once. Bias + activation run on the accumulator, and the
     bf16 activations go back to shared memory as the next layer's left operand.
+    With ``MOSAIC_SPLIT`` = s > 0, s compute warpgroups each produce H / s
+    columns of every hidden layer (a barrier per layer: all parts written
+    before any is read) and one more warpgroup only issues the weight copies,
+    refilling a slot once its consumer has arrived on the slot's barrier;
+    with 0, one warpgroup does everything.
 
-    Needs bfloat16 matmuls, hidden layers of one width H (a multiple of 64,
-    at most 256), an input width and a head width of at most 256; inputs are
+    Needs bfloat16 matmuls, hidden layers of one width H (a multiple of 64 per
+    compute warpgroup, at most 256), an input width and a head width of at most 256; inputs are
     zero-padded to 64 columns, the head to a multiple of 64 and M to a
     multiple of 64 (exact, as in ``ensemble_head``). ``interpret`` runs it in
     Pallas' Mosaic GPU interpret mode on CPU (tests).
@@ -334,6 +340,15 @@ def ensemble_head_mosaic(params: dict, x_norm: jax.Array, dtype, *, layer_names:
             plgpu.copy_gmem_to_smem(head_w_gmem.at[member], head_w_smem, fixed.at[2])
             plgpu.copy_gmem_to_smem(head_b_gmem.at[member], head_b_smem, fixed.at[3])
 
+        def release(block, start, wg):
+            """Warpgroup wg's wgmma on ``block`` (of the layer starting at ``start``) is done: free its slot."""
+            if block < start or block + slots >= num_blocks:
+                return
+            if split:  # tell the copy warpgroup
+                plgpu.barrier_arrive(consumed.at[(block % slots) * parts + wg])
+            else:
+                fetch(block + slots, 0)
+
         def compute(wg):
             """Hidden layers' column part ``wg`` (all of them with one compute warpgroup), then the head (part 0)."""
             plgpu.barrier_wait(fixed.at[0])
@@ -370,19 +385,11 @@ def ensemble_head_mosaic(params: dict, x_norm: jax.Array, dtype, *, layer_names:
                 head(h)
 
         if not split:  # one warpgroup: it issues the copies and refills a slot as soon as its block is done
-            def release(block, start, wg):
-                if block >= start and block + slots < num_blocks:
-                    fetch(block + slots, 0)
-
             issue_fixed()
             for block in range(slots):
                 fetch(block, 0)
             compute(0)
             return
-
-        def release(block, start, wg):  # compute warpgroup wg is done with its part of the block's slot
-            if block >= start and block + slots < num_blocks:
-                plgpu.barrier_arrive(consumed.at[(block % slots) * parts + wg])
 
         wg = jax.lax.axis_index("wg")
 
