@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from common import make_matmul_chain, timed
-from evjax import fused_mlp
+from evjax import dynamics, fused_mlp
 from evjax.config import Config
 from evjax.dynamics import make_dynamics
 from evjax.planner import make_model_planner, rollout_particles_per_member
@@ -63,8 +63,9 @@ def sweep_kernel(dyn, model, rows: int, repeats: int) -> tuple[int, int, int] | 
     best = None
     for tile, warps, chunk in SWEEP:
         fused_mlp.DEFAULT_TILE, fused_mlp.DEFAULT_NUM_WARPS, fused_mlp.DEFAULT_CHUNK = tile, warps, chunk
-        step = jax.jit(functools.partial(dyn.step, key=None, matmul_dtype="bfloat16", mean_only=True,
-                                         kernel="pallas"))
+        # the un-jitted step: inside dyn.step's own jit the first setting's trace would be reused for all
+        step = jax.jit(functools.partial(dynamics.step, key=None, layout=dyn.layout, matmul_dtype="bfloat16",
+                                         mean_only=True, kernel="pallas"))
         try:
             got = step(model, obs, act)
             error = max(float(jnp.max(jnp.abs(g - w))) for g, w in zip(got, want))
@@ -137,8 +138,8 @@ def main(argv=None) -> int:
             fused_mlp.MOSAIC_A_FROM_REGISTERS, fused_mlp.MOSAIC_APPROX_MATH = bool(registers), bool(approx)
         name = kernel if setting is None else f"{kernel}_" + "_".join(map(str, setting))
         kernel_cfg = dataclasses.replace(cfg, planner=dataclasses.replace(pcfg, kernel=kernel))
-        try:
-            planner = make_model_planner(kernel_cfg, dyn)
+        try:  # a fresh dyn: its jitted step is traced anew with this variant's settings (not reused from the last)
+            planner = make_model_planner(kernel_cfg, make_dynamics(cfg.model, cfg.obs_dim, cfg.action_dim))
         except ValueError as exc:
             emit({"what": "plan", "kernel": name, "error": str(exc)})
             continue

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from common import timed
-from evjax import fused_mlp
+from evjax import dynamics, fused_mlp
 from evjax.config import Config
 from evjax.dynamics import make_dynamics
 
@@ -67,8 +67,9 @@ def main(argv=None) -> int:
 
     def chain(kernel: str, **settings):
         """(chained steps, one step), both jitted; the chain feeds each step's next_obs to the next."""
-        step = functools.partial(dyn.step, key=None, matmul_dtype="bfloat16", mean_only=True, kernel=kernel,
-                                 **settings)
+        # the un-jitted step: inside dyn.step's own jit the first setting's trace would be reused for all
+        step = functools.partial(dynamics.step, key=None, layout=dyn.layout, matmul_dtype="bfloat16",
+                                 mean_only=True, kernel=kernel, **settings)
 
         def run(model, obs, act):
             def body(carry, _):

@@ -418,6 +418,45 @@ def test_mosaic_kernel_matches_the_xla_step(fitted, binary_cost, monkeypatch):
         narrow.step(narrow.init(jax.random.key(0)), obs, act, key, matmul_dtype="bfloat16", kernel="mosaic")
 
 
+def mosaic_warpgroups_check(splits=(1, 2)) -> None:
+    """The Mosaic kernel with 1 and 2 compute warpgroups + a copy warpgroup against the XLA step (interpret mode).
+
+    Run by the next test in a fresh process with ``JAX_CPU_ENABLE_ASYNC_DISPATCH=false``: the interpreter runs
+    each warpgroup as a thread whose barrier waits block inside a CPU computation, and with asynchronous
+    dispatch those computations share XLA's small thread pool and deadlocked (3 of 3 runs on 2 cores; 3 of 3
+    passed with synchronous dispatch, which a running process cannot switch to).
+    """
+    dyn = make_dynamics(small_config(hidden_sizes=(128, 128, 128), weight_decays=(0.0,) * 4), OBS_DIM, ACTION_DIM)
+    fresh = dyn.init(jax.random.key(5))
+    keys = iter(jax.random.split(jax.random.key(6), 16))
+    state = fresh.replace(params=jax.tree.map(
+        lambda leaf: leaf + (0.3 / math.sqrt(leaf.shape[1]) if leaf.ndim == 3 else 0.3)
+        * jax.random.normal(next(keys), leaf.shape), fresh.params))
+    obs, act, *_ = transitions(5 * 37, seed=17)
+    obs, act = obs.reshape(5, 37, OBS_DIM), act.reshape(5, 37, ACTION_DIM)
+    want = dyn.step(state, obs, act, None, matmul_dtype="bfloat16", mean_only=True)
+    for split in splits:  # the un-jitted step, so that each setting is traced anew (dyn.step would reuse the first)
+        fused_mlp.MOSAIC_SPLIT, fused_mlp.MOSAIC_SLOTS = split, 2
+        got = dynamics.step(state, obs, act, None, layout=dyn.layout, matmul_dtype="bfloat16", mean_only=True,
+                            kernel="mosaic")
+        for name, g, w in zip(got._fields, got, want):  # target std 1: differences in target stds
+            assert np.max(np.abs(np.asarray(g) - np.asarray(w))) < 5e-3, (split, name)
+
+
+def test_mosaic_kernel_with_a_copy_warpgroup_matches_the_xla_step():
+    """``mosaic_warpgroups_check`` in a subprocess with synchronous CPU dispatch (see there), under a time limit."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_CPU_ENABLE_ASYNC_DISPATCH": "false"}
+    result = subprocess.run([sys.executable, "-c", "from tests.test_dynamics import mosaic_warpgroups_check as c; c()"],
+                            cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 @pytest.mark.parametrize("split, registers", [(0, False), (0, True), (1, False), (2, False)])
 def test_mosaic_kernel_lowers_for_a_gpu(split, registers, monkeypatch):
     """Off a GPU the kernel still lowers to a Mosaic GPU custom call: Pallas' layouts, swizzles, copies and
