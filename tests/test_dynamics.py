@@ -390,11 +390,8 @@ def test_mosaic_kernel_matches_the_xla_step(fitted, binary_cost, monkeypatch):
     ``step``'s bfloat16 outputs. 37 samples per member pad the 64-row tile, and 3 hidden layers of 128 units
     stream 5 weight blocks through a ring of 2 slots, so every slot is refilled.
 
-    One warpgroup does everything here (``MOSAIC_SPLIT`` 0). The default, two compute warpgroups fed by a copy
-    warpgroup, matched too when run so here, but the interpreter runs warpgroups as threads whose barrier
-    waits can hold XLA CPU's execution threads: on 2 cores one compute and one copy warpgroup deadlocked in
-    3 of 4 runs, so CI only lowers those variants (next test); ``benchmarks/mosaic_settings.py`` checks them
-    against the XLA step on a GPU. (The kernel sums
+    One warpgroup does everything here (``MOSAIC_SPLIT`` 0); the layouts with a copy warpgroup run in a
+    subprocess (``test_mosaic_kernel_with_a_copy_warpgroup_matches_the_xla_step``). (The kernel sums
     each product in blocks of 64, XLA in one pass: with weights of 7 times their initial scale, as in the
     Pallas test, that float32 difference flips a bfloat16 rounding of activations of order 50 and moves an
     output by 2 % of a target std, so the weights are perturbed on their own scale here.)"""
