@@ -14,7 +14,7 @@ At the paper's settings with a freshly initialised ensemble (as ``planner.py``):
 Prints one JSON line per measurement as it goes (so a timeout keeps what was
 done) and a summary line last. About 2-3 minutes on an H100/H200.
 
-    python benchmarks/gpu_planner.py [--repeats 20] [--batches 64,256] [--quick] [--kernels xla,pallas]
+    python benchmarks/gpu_planner.py [--repeats 20] [--batches 64,256] [--quick] [--kernels xla,mosaic,pallas]
         [--layer-settings "64,128,64,4,3;32,128,64,4,3"] [--mosaic-settings "4,1,0;4,1,1"]
 """
 
@@ -86,7 +86,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--batches", default="64,256", help="comma-separated batch sizes for plan_batch")
     parser.add_argument("--quick", action="store_true", help="skip the tile sweep (use the module defaults)")
-    parser.add_argument("--kernels", default="xla,pallas", help="comma-separated planner.kernel values")
+    parser.add_argument("--kernels", default="xla,mosaic",
+                        help="comma-separated planner.kernel values (mosaic needs a Hopper GPU)")
     parser.add_argument("--layer-settings", default="64,128,64,4,3",
                         help="pallas_layers blocks: 'BM,BN,BK,warps,stages' separated by ';' (fused_mlp.LAYER_*)")
     parser.add_argument("--mosaic-settings", default="4,1,0,0,1",
