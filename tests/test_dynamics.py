@@ -342,7 +342,8 @@ def test_step_fast_path_matches_predict(fitted, binary_cost):
 
 def _perturbed_state(dyn, fitted, seed, fan_in_scaled=False):
     """A fresh ensemble with every parameter moved by 0.3 * N(0, 1) (weights: 0.3 / sqrt(fan_in) * N(0, 1) with
-    ``fan_in_scaled``, which keeps wide layers' activations of order one), and the fitted model's normalisers."""
+    ``fan_in_scaled``, which keeps wide layers' activations of order one), and the fitted model's normalisers
+    (identity normalisers with ``fitted`` None)."""
     fresh = dyn.init(jax.random.key(seed))
     keys = iter(jax.random.split(jax.random.key(seed + 1), 16))
 
@@ -350,9 +351,11 @@ def _perturbed_state(dyn, fitted, seed, fan_in_scaled=False):
         scale = 0.3 / math.sqrt(leaf.shape[1]) if fan_in_scaled and leaf.ndim == 3 else 0.3
         return leaf + scale * jax.random.normal(next(keys), leaf.shape)
 
-    params = jax.tree.map(perturb, fresh.params)
+    state = fresh.replace(params=jax.tree.map(perturb, fresh.params))
+    if fitted is None:
+        return state
     _, fitted_state, _ = fitted
-    return fresh.replace(params=params, norm_mean=fitted_state.norm_mean, norm_std=fitted_state.norm_std,
+    return state.replace(norm_mean=fitted_state.norm_mean, norm_std=fitted_state.norm_std,
                          target_mean=fitted_state.target_mean, target_std=fitted_state.target_std)
 
 
@@ -424,11 +427,7 @@ def mosaic_warpgroups_check(splits=(1, 2)) -> None:
     passed with synchronous dispatch, which a running process cannot switch to).
     """
     dyn = make_dynamics(small_config(hidden_sizes=(128, 128, 128), weight_decays=(0.0,) * 4), OBS_DIM, ACTION_DIM)
-    fresh = dyn.init(jax.random.key(5))
-    keys = iter(jax.random.split(jax.random.key(6), 16))
-    state = fresh.replace(params=jax.tree.map(
-        lambda leaf: leaf + (0.3 / math.sqrt(leaf.shape[1]) if leaf.ndim == 3 else 0.3)
-        * jax.random.normal(next(keys), leaf.shape), fresh.params))
+    state = _perturbed_state(dyn, None, 5, fan_in_scaled=True)
     obs, act, *_ = transitions(5 * 37, seed=17)
     obs, act = obs.reshape(5, 37, OBS_DIM), act.reshape(5, 37, ACTION_DIM)
     want = dyn.step(state, obs, act, None, matmul_dtype="bfloat16", mean_only=True)
