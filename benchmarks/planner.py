@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from common import make_matmul_chain, timed
+from evjax import cli
 from evjax.config import Config
 from evjax.dynamics import make_dynamics
 from evjax.planner import (CPU_TILE_ROWS, batch_plans, episode_step_weights, make_model_planner, make_planner,
@@ -54,6 +55,7 @@ def seconds_of(fn) -> float:
     return time.perf_counter() - start
 
 
+@cli.entry_point("planner.py")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON line")
