@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's H200 planner figures in one call (about 4 minutes on an H100/H200): the Mosaic kernel's settings
+# The README's H200 planner figures in one call (about 5 minutes on an H100/H200): the Mosaic kernel's settings
 # against the XLA step, the XLA path and the Mosaic kernel side by side (one plan and B = 256), one plan under the
 # default XLA flags and with the kernel's custom calls in XLA's CUDA graphs (alternated, three runs each), and a
 # profile of one plan with the kernel.
