@@ -37,3 +37,13 @@ def make_matmul_chain(members: int, rows: int, width: int, dtype, chain: int = 8
         return jax.lax.fori_loop(0, chain, body, h)
 
     return (lambda: run(h0)), chain * 2 * members * rows * width * width
+
+
+def apply_mosaic_setting(setting: tuple[int, ...]) -> None:
+    """Set ``fused_mlp.MOSAIC_*`` from (slots, pending, registers, split, approx), as the scripts' settings
+    spell them; the kernel reads them at trace time, so trace a fresh step afterwards."""
+    from evjax import fused_mlp
+
+    slots, pending, registers, split, approx = setting
+    fused_mlp.MOSAIC_SLOTS, fused_mlp.MOSAIC_PENDING, fused_mlp.MOSAIC_SPLIT = slots, pending, split
+    fused_mlp.MOSAIC_A_FROM_REGISTERS, fused_mlp.MOSAIC_APPROX_MATH = bool(registers), bool(approx)

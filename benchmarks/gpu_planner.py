@@ -15,7 +15,7 @@ Prints one JSON line per measurement as it goes (so a timeout keeps what was
 done) and a summary line last. About 2-3 minutes on an H100/H200.
 
     python benchmarks/gpu_planner.py [--repeats 20] [--batches 64,256] [--quick] [--kernels xla,mosaic,pallas]
-        [--layer-settings "64,128,64,4,3;32,128,64,4,3"] [--mosaic-settings "4,1,0;4,1,1"]
+        [--layer-settings "64,128,64,4,3;32,128,64,4,3"] [--mosaic-settings "3,0,0,2,1;4,1,0,0,1"]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import make_matmul_chain, timed
+from common import apply_mosaic_setting, make_matmul_chain, timed
 from evjax import dynamics, fused_mlp
 from evjax.config import Config
 from evjax.dynamics import make_dynamics
@@ -90,10 +90,10 @@ def main(argv=None) -> int:
                         help="comma-separated planner.kernel values (mosaic needs a Hopper GPU)")
     parser.add_argument("--layer-settings", default="64,128,64,4,3",
                         help="pallas_layers blocks: 'BM,BN,BK,warps,stages' separated by ';' (fused_mlp.LAYER_*)")
-    parser.add_argument("--mosaic-settings", default="4,1,0,0,1",
+    parser.add_argument("--mosaic-settings", default="",
                         help="mosaic kernel: 'slots,pending,registers,split,approx' separated by ';' "
                              "(fused_mlp.MOSAIC_SLOTS, MOSAIC_PENDING, MOSAIC_A_FROM_REGISTERS, MOSAIC_SPLIT, "
-                             "MOSAIC_APPROX_MATH; 0/1 for the flags)")
+                             "MOSAIC_APPROX_MATH; 0/1 for the flags); default: the module's settings")
     parser.add_argument("--particle-noise", choices=("true", "false"), default=None,
                         help="planner.particle_noise (default: the config's; true steps P/E particles per member)")
     args = parser.parse_args(argv)
@@ -129,14 +129,13 @@ def main(argv=None) -> int:
                                        jnp.bfloat16)
         ceilings[batch] = (run, flops)
     variants = [(kernel, setting) for kernel in kernels
-                for setting in settings.get(kernel, [None])]
+                for setting in settings.get(kernel) or [None]]
     for kernel, setting in variants:
-        if kernel == "pallas_layers":
+        if kernel == "pallas_layers" and setting is not None:
             (fused_mlp.LAYER_BLOCK_M, fused_mlp.LAYER_BLOCK_N, fused_mlp.LAYER_BLOCK_K, fused_mlp.LAYER_NUM_WARPS,
              fused_mlp.LAYER_NUM_STAGES) = setting
-        elif kernel == "mosaic":
-            fused_mlp.MOSAIC_SLOTS, fused_mlp.MOSAIC_PENDING, registers, fused_mlp.MOSAIC_SPLIT, approx = setting
-            fused_mlp.MOSAIC_A_FROM_REGISTERS, fused_mlp.MOSAIC_APPROX_MATH = bool(registers), bool(approx)
+        elif kernel == "mosaic" and setting is not None:
+            apply_mosaic_setting(setting)
         name = kernel if setting is None else f"{kernel}_" + "_".join(map(str, setting))
         kernel_cfg = dataclasses.replace(cfg, planner=dataclasses.replace(pcfg, kernel=kernel))
         try:  # a fresh dyn: its jitted step is traced anew with this variant's settings (not reused from the last)

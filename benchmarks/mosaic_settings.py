@@ -31,19 +31,12 @@ import statistics
 import jax
 import jax.numpy as jnp
 
-from common import timed
-from evjax import dynamics, fused_mlp
+from common import apply_mosaic_setting, timed
+from evjax import dynamics
 from evjax.config import Config
 from evjax.dynamics import make_dynamics
 
 SETTINGS = "4,1,0,0,1;4,1,1,0,1;4,1,0,0,0;4,0,0,0,1;4,1,0,1,1;3,1,0,2,1;3,0,0,2,1;2,1,0,2,1"
-
-
-def apply(setting: tuple[int, ...]) -> None:
-    """Set ``fused_mlp.MOSAIC_*`` from (slots, pending, registers, split, approx); read at trace time."""
-    slots, pending, registers, split, approx = setting
-    fused_mlp.MOSAIC_SLOTS, fused_mlp.MOSAIC_PENDING, fused_mlp.MOSAIC_SPLIT = slots, pending, split
-    fused_mlp.MOSAIC_A_FROM_REGISTERS, fused_mlp.MOSAIC_APPROX_MATH = bool(registers), bool(approx)
 
 
 def main(argv=None) -> int:
@@ -90,7 +83,7 @@ def main(argv=None) -> int:
     best = None
     for text in [s for s in args.settings.split(";") if s]:
         setting = tuple(int(value) for value in text.split(","))
-        apply(setting)
+        apply_mosaic_setting(setting)
         record = {"kernel": "mosaic", "setting": text}
         try:
             run, step = chain("mosaic")
