@@ -48,6 +48,8 @@ ABLATIONS = {  # name -> (what changes, overrides of the default config)
     "full_horizon": ("horizon steps after the episode's end count", ["planner.stop_at_episode_end=false"]),
     "horizon_6": ("planning horizon 6 steps", ["planner.horizon=6"]),
     "holdout_elites": ("20 % holdout, 3 elite members of 5", ["model.holdout_fraction=0.2", "model.num_elites=3"]),
+    "extra_observations": ("observation + posted prices, queues, energy backlog and arrivals per station",
+                           ["env.extra_observations=[backlog, arrivals, queues, prices]"]),
 }
 REFERENCE = "cap_adaptive-seed0"
 METHOD = "cap_adaptive"

@@ -151,6 +151,14 @@ class EconomicsConfig(Section):
     carbon_price_cny_per_t: float = 0.0  # priced EV CO2 subtracted from welfare (CNY per tonne)
 
 
+EXTRA_OBSERVATIONS = {  # env.extra_observations: name -> what it adds per station (the host env computes them)
+    "prices": "the prices posted for the last step (CNY/kWh)",
+    "queues": "EVs waiting for a charger at the end of the last step",
+    "backlog": "energy still to deliver to the EVs present (kWh)",
+    "arrivals": "EVs that chose the station in the last step",
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class EnvConfig(Section):
     """Episode, prices, observation and reward scaling (SPEC 2 and 8)."""
@@ -162,6 +170,7 @@ class EnvConfig(Section):
     price_upper: tuple[float, ...] = _tuple(1.4, 1.5, 1.4)  # upper price bound per station (CNY/kWh)
     initial_prices: tuple[float, ...] = _tuple(1.25, 1.4, 1.25)  # posted prices at reset
     time_features: bool = True  # append the step fraction t / episode_steps to the observation
+    extra_observations: tuple[str, ...] = ()  # per-station features appended before the time feature, of EXTRA_OBSERVATIONS (README, "Model")
     welfare_obs_scale: float = 300.0  # observation holds SW / this
     carbon_obs_scale: float = 300.0  # observation holds CI / this
     reward_scale: float = 600.0  # reward = SW / this
@@ -297,8 +306,9 @@ class Config:
 
     @property
     def obs_dim(self) -> int:
-        """Line loadings, EVs present per station, welfare, carbon (+ time)."""
-        return 2 * self.num_stations + 2 + int(self.env.time_features)
+        """Line loadings, EVs present per station, welfare, carbon (+ extra per-station features) (+ time)."""
+        extra = len(self.env.extra_observations) * self.num_stations
+        return 2 * self.num_stations + 2 + extra + int(self.env.time_features)
 
     @property
     def action_dim(self) -> int:
@@ -511,6 +521,11 @@ def _check_demand(demand: DemandConfig) -> None:
 
 
 def _check_env(env: EnvConfig) -> None:
+    unknown = [name for name in env.extra_observations if name not in EXTRA_OBSERVATIONS]
+    if unknown:
+        _fail("env.extra_observations", f"unknown {unknown}; choose from {list(EXTRA_OBSERVATIONS)}")
+    if len(set(env.extra_observations)) != len(env.extra_observations):
+        _fail("env.extra_observations", f"repeats a feature: {list(env.extra_observations)}")
     for k, (lo, hi) in enumerate(zip(env.price_lower, env.price_upper)):
         if not lo < hi:
             _fail("env.price_lower", f"station {k + 1} lower bound {lo} is not below upper bound {hi}")

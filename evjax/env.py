@@ -252,8 +252,10 @@ class EVPricingEnv(gym.Env):
             low=self._price_lower.astype(np.float32), high=self._price_upper.astype(np.float32), dtype=np.float32
         )
         k = self.num_stations
-        low = np.concatenate([np.zeros(2 * k), [-np.inf, 0.0], [0.0] * self.cfg.env.time_features])
-        high = np.concatenate([np.full(2 * k, np.inf), [np.inf, np.inf], [1.0] * self.cfg.env.time_features])
+        extra = len(self.cfg.env.extra_observations) * k
+        low = np.concatenate([np.zeros(2 * k), [-np.inf, 0.0], np.zeros(extra), [0.0] * self.cfg.env.time_features])
+        high = np.concatenate([np.full(2 * k, np.inf), [np.inf, np.inf], np.full(extra, np.inf),
+                               [1.0] * self.cfg.env.time_features])
         self.observation_space = gym.spaces.Box(low=low.astype(np.float32), high=high.astype(np.float32), dtype=np.float32)
         self._state: EnvState | None = None
 
@@ -282,6 +284,9 @@ class EVPricingEnv(gym.Env):
             scenario = make_scenario(self.cfg, split=options.get("split", "train"), day=options.get("day"),
                                      seed=scenario_seed)
         self._state = self._initial_state(scenario)
+        zeros = np.zeros(self.num_stations)
+        self._state.observation = self._observation(self._state.grid_result.line_loading, zeros, 0.0,
+                                                    self._state.carbon_intensity, 0, zeros)
         return self._state.observation.copy(), self._reset_info()
 
     def _initial_state(self, scenario: Scenario) -> EnvState:
@@ -307,7 +312,7 @@ class EVPricingEnv(gym.Env):
             delivered_kwh=np.zeros(num_evs),
             join_step=np.zeros(num_evs, dtype=np.int64),
             last_arrivals=np.zeros(self.num_stations, dtype=np.int64),
-            observation=self._observation(result.line_loading, np.zeros(self.num_stations), 0.0, intensity, 0),
+            observation=np.zeros(0, np.float32),
             grid_result=result,
             carbon_intensity=intensity,
         )
@@ -371,10 +376,11 @@ class EVPricingEnv(gym.Env):
         if result.converged:
             state.grid_result = result
             state.carbon_intensity = carbon_result.constrained(cfg.carbon.constraint)
-        state.observation = self._observation(
-            state.grid_result.line_loading, charging.evs_present, welfare.welfare, state.carbon_intensity, state.step
-        )
         self._state = state
+        state.observation = self._observation(
+            state.grid_result.line_loading, charging.evs_present, welfare.welfare, state.carbon_intensity, state.step,
+            charging.queue_length,
+        )
         terminated = state.step >= cfg.env.episode_steps or not result.converged
         info = {
             "cost": float(cost.total),
@@ -432,12 +438,29 @@ class EVPricingEnv(gym.Env):
 
     # ---------------------------------------------------------------- helpers
 
-    def _observation(self, loading, evs_present, welfare, intensity, step) -> np.ndarray:
+    def _observation(self, loading, evs_present, welfare, intensity, step, queue_length) -> np.ndarray:
+        """[loadings K, EVs present K, SW / scale, CI / scale, extra features K each, (t / T)] from ``self._state``."""
         env = self.cfg.env
         parts = [loading, evs_present, [welfare / env.welfare_obs_scale, intensity / env.carbon_obs_scale]]
+        for name in env.extra_observations:
+            parts.append(self._extra_observation(name, queue_length))
         if env.time_features:
             parts.append([step / env.episode_steps])
         return np.concatenate(parts).astype(np.float32)
+
+    def _extra_observation(self, name: str, queue_length) -> np.ndarray:
+        """One ``env.extra_observations`` feature [K] of the current state (``config.EXTRA_OBSERVATIONS``)."""
+        state, k = self._state, self.num_stations
+        if name == "prices":
+            return state.posted_price
+        if name == "queues":
+            return np.asarray(queue_length, dtype=float)
+        if name == "arrivals":
+            return state.last_arrivals.astype(float)
+        if name == "backlog":
+            present = state.status == PRESENT
+            return np.bincount(state.station[present], weights=state.remaining_kwh[present], minlength=k)[:k]
+        raise ValueError(f"unknown extra observation {name!r}")
 
     def snapshot(self) -> tuple[EnvState, dict]:
         """Copy of the episode state and the RNG that ``restore`` brings back; cheap (arrays of a few hundred EVs)."""

@@ -46,6 +46,17 @@ def test_spaces_follow_the_config(env):
     np.testing.assert_allclose(env.action_space.high, CFG.env.price_upper, rtol=1e-6)
     assert env.observation_space.shape == (9,)
     assert EVPricingEnv(with_config(env={"time_features": False})).observation_space.shape == (8,)
+    extra = EVPricingEnv(with_config(env={"extra_observations": ("backlog", "prices")}))
+    assert extra.observation_space.shape == (15,) == (extra.cfg.obs_dim,)
+    obs, _ = extra.reset(seed=0)
+    assert obs[-1] == 0.0 and obs.shape == (15,)  # the time feature stays last (the planner reads it there)
+    np.testing.assert_allclose(obs[8:11], 0.0)  # no EV owed energy at reset
+    np.testing.assert_allclose(obs[11:14], CFG.env.initial_prices, rtol=1e-6)
+    obs, _, _, _, info = extra.step(np.asarray(CFG.env.price_upper))
+    np.testing.assert_allclose(obs[11:14], CFG.env.price_upper, rtol=1e-6)
+    present = extra.state.status == 1
+    owed = [extra.state.remaining_kwh[present & (extra.state.station == k)].sum() for k in range(3)]
+    np.testing.assert_allclose(obs[8:11], owed, rtol=1e-6)
 
 
 def test_reset_observation_layout(env):

@@ -160,6 +160,29 @@ def test_agreement_on_a_hand_day_with_unsorted_arrivals_queues_unserved_and_dead
     np.testing.assert_array_equal(episodes.twin["station"][0, -1, :7], episodes.host["station"][0, -1, :7])
 
 
+def test_extra_observations_agree_with_the_host_and_hold_the_queue_and_backlog():
+    """Every ``env.extra_observations`` feature on the hand day (queues, an unserved EV, deadlines), twin = host."""
+    names = ("prices", "queues", "backlog", "arrivals")
+    cfg = with_config(stations={"chargers": (1, 1, 1)}, env={"extra_observations": names})
+    scenario = hand_scenario(
+        arrival_step=[1, 0, 0, 0, 0, 1, 3], origin=[3, 1, 1, 1, 8, 1, 2],
+        capacity=[100.0, 60.0, 60.0, 60.0, 10.0, 50.0, 40.0], start_soc=[0.1, 0.2, 0.2, 0.2, 0.001, 0.3, 0.5],
+        target_soc=[0.9] * 7, duration_h=[0.25, 2.0, 2.0, 2.0, 2.0, 1.0, 1.0], laxity_h=[0.25, 1, 1, 1, 1, 0.5, 0.5])
+    prices = np.tile(MID, (1, cfg.env.episode_steps, 1))
+    episodes = agreement.paired_episodes(cfg, [scenario], prices)
+    assert_agrees(episodes)
+    obs = episodes.host["observation"][0]  # [T, S]
+    k = cfg.num_stations
+    assert obs.shape[-1] == cfg.obs_dim == 2 * k + 2 + 4 * k + 1
+    extra = obs[:, 2 * k + 2:-1].reshape(-1, 4, k)
+    posted, queues, backlog, arrivals = (extra[:, i] for i in range(4))
+    np.testing.assert_allclose(posted, prices[0], rtol=1e-6)
+    present = obs[:, k:2 * k]
+    assert queues.max() > 0  # one charger each: the others wait
+    assert np.all((backlog > 0) == (present > 0))  # energy is owed exactly where EVs are present
+    assert arrivals.sum() == 6  # seven EVs, one unserved
+
+
 def test_nonconvergence_ends_the_episode_like_the_host():
     multiplier = list(CFG.grid.load_multiplier)
     multiplier[2] = 50.0

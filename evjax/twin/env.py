@@ -91,6 +91,7 @@ class Settings:
     voltage_cost: bool  # grid.voltage_cost
     multiplier_from_day_profile: bool  # grid.multiplier_from_day_profile
     time_features: bool  # env.time_features
+    extra_observations: tuple  # env.extra_observations
     power_flow: str  # "sweep" or "newton" (twin.powerflow)
     max_power_flow_iterations: int  # iteration cap of the power flow
     tolerance_mva: float  # grid.tolerance_mva
@@ -212,7 +213,7 @@ def make_params(cfg: Config, *, power_flow: str = "sweep", max_power_flow_iterat
         choice=cfg.stations.choice, welfare=cfg.economics.welfare, carbon_method=cfg.carbon.method,
         carbon_constraint=cfg.carbon.constraint, voltage_cost=cfg.grid.voltage_cost,
         multiplier_from_day_profile=cfg.grid.multiplier_from_day_profile, time_features=cfg.env.time_features,
-        power_flow=power_flow,
+        extra_observations=tuple(cfg.env.extra_observations), power_flow=power_flow,
         max_power_flow_iterations=(max_power_flow_iterations if max_power_flow_iterations is not None
                                    else 100 if power_flow == "sweep" else cfg.grid.max_iteration),
         tolerance_mva=cfg.grid.tolerance_mva, carbon_depth=int(nx.diameter(tree)),
@@ -366,11 +367,15 @@ def carbon_of(params: EnvParams, flow: powerflow.PowerFlow, station_energy_kwh: 
     return CarbonResult(bus_ci, station_ci, carbon.system_intensity(flow.load_p_mw, bus_ci), ev_ci, ev_co2)
 
 
-def _observation(params: EnvParams, line_loading, evs_present, welfare, intensity, step) -> jax.Array:
-    """[loadings K, EVs present K, SW / scale, CI / scale, (t / T)] in float32, as the host's."""
+def _observation(params: EnvParams, line_loading, evs_present, welfare, intensity, step, extras: dict) -> jax.Array:
+    """[loadings K, EVs present K, SW / scale, CI / scale, extra features K each, (t / T)] in float32, as the host's.
+
+    ``extras``: each ``env.extra_observations`` feature [K] by name (``config.EXTRA_OBSERVATIONS``).
+    """
     s = params.settings
     parts = [line_loading, evs_present.astype(jnp.float64),
              jnp.stack([welfare / params.welfare_obs_scale, intensity / params.carbon_obs_scale])]
+    parts += [jnp.asarray(extras[name], jnp.float64) for name in s.extra_observations]
     if s.time_features:
         parts.append((step / s.episode_steps)[None].astype(jnp.float64))
     return jnp.concatenate(parts).astype(jnp.float32)
@@ -389,8 +394,11 @@ def reset(key: chex.PRNGKey, scenario: ScenarioArrays, params: EnvParams) -> tup
     num_evs = scenario.valid.shape[0]
     zeros_v = jnp.zeros(num_evs, jnp.float64)
     step0 = jnp.asarray(0, jnp.int32)
-    observation = _observation(params, params.reset_line_loading, jnp.zeros(s.num_stations), jnp.float64(0.0),
-                               params.reset_carbon_intensity, step0)
+    zeros_k = jnp.zeros(s.num_stations)
+    observation = _observation(params, params.reset_line_loading, zeros_k, jnp.float64(0.0),
+                               params.reset_carbon_intensity, step0,
+                               {"prices": params.initial_prices, "queues": zeros_k, "backlog": zeros_k,
+                                "arrivals": zeros_k})
     state = EnvState(
         scenario=scenario, step=step0, posted_price=params.initial_prices,
         status=jnp.full(num_evs, NOT_ARRIVED, jnp.int32), station=jnp.full(num_evs, -1, jnp.int32),
@@ -569,7 +577,10 @@ def step(key: chex.PRNGKey, state: EnvState, action: jax.Array, params: EnvParam
     next_step = t + 1
     line_loading = jnp.where(converged, flow.line_loading, state.line_loading)
     last_intensity = jnp.where(converged, intensity, state.carbon_intensity)
-    observation = _observation(params, line_loading, charging.evs_present, welfare.welfare, last_intensity, next_step)
+    backlog = stations.station_totals(jnp.where(moved.status == PRESENT, moved.remaining_kwh, 0.0), moved.station, k)
+    extras = {"prices": price, "queues": charging.queue_length, "backlog": backlog, "arrivals": admission.arrivals}
+    observation = _observation(params, line_loading, charging.evs_present, welfare.welfare, last_intensity, next_step,
+                               extras)
     moved = moved.replace(
         step=next_step, posted_price=price, last_arrivals=admission.arrivals, line_loading=line_loading,
         carbon_intensity=last_intensity, observation=observation,
