@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from evjax.config import PlannerConfig
+from evjax.config import EvaluationConfig, PlannerConfig
 from evjax.methods import Method, method_kappa
 from evjax.planner import Planner
 
@@ -44,12 +44,11 @@ def kappa_shape(planner_cfg: PlannerConfig) -> tuple[int, ...]:
     return (2,) if planner_cfg.kappa_per_constraint else ()
 
 
-def planner_variant(planner_cfg: PlannerConfig, method: Method, fixed_kappa: float,
-                    trained_kappa: float, cost_limit: Optional[float] = None, prior_prices=None,
-                    constraint_backoff=None, reward_pessimism=None) -> PlannerConfig:
-    """The planner config of evaluation ``method``: its planner mode, kappa held fixed by its kappa rule, and
-    ``cost_limit``, ``prior_prices``, ``constraint_backoff`` and ``reward_pessimism`` (the ``evaluation.*``
-    deployment settings) in place of the trained ones where they are given (not None).
+def planner_variant(planner_cfg: PlannerConfig, method: Method, fixed_kappa: float, trained_kappa: float,
+                    evaluation: Optional[EvaluationConfig] = None) -> PlannerConfig:
+    """The planner config of evaluation ``method``: its planner mode, kappa held fixed by its kappa rule, and the
+    deployment settings of ``evaluation`` (``EvaluationConfig.DEPLOYED``: cost limit, prior, back-off, pessimism,
+    particle noise) in place of the trained ones where they are set (not None).
 
     With one kappa per constraint ``kappa_init`` holds their mean; pass the
     method's kappa (``method_kappa``) to ``Agent`` to plan with both.
@@ -57,9 +56,8 @@ def planner_variant(planner_cfg: PlannerConfig, method: Method, fixed_kappa: flo
     if method.planner_mode is None:
         raise ValueError(f"method {method.name!r} does not plan on the model")
     kappa = float(np.mean(method_kappa(method, fixed_kappa, trained_kappa)))
-    deployed = {name: value for name, value in (("cost_limit", cost_limit), ("prior_prices", prior_prices),
-                                                ("constraint_backoff", constraint_backoff),
-                                                ("reward_pessimism", reward_pessimism)) if value is not None}
+    deployed = {} if evaluation is None else {
+        name: getattr(evaluation, name) for name in EvaluationConfig.DEPLOYED if getattr(evaluation, name) is not None}
     return dataclasses.replace(planner_cfg, mode=method.planner_mode, learn_kappa=False, kappa_init=kappa,
                                **deployed)
 

@@ -140,8 +140,8 @@ def make_policies(cfg: Config, parts, model, trained_kappa: float, methods: Sequ
     The planner variants (the methods of ``evjax.methods.METHODS`` with a planner
     mode) keep kappa fixed during evaluation: 0 for CEM and CCEM,
     ``evaluation.fixed_kappa`` for fixed-kappa CAP, the trained kappa for the agent;
-    they plan with ``evaluation.cost_limit``, ``prior_prices``, ``constraint_backoff`` and ``reward_pessimism``
-    where they are set (else the run's ``planner.*``).
+    they plan with the ``evaluation.*`` deployment settings (``EvaluationConfig.DEPLOYED``) where they are set
+    (else the run's ``planner.*``).
     """
     from evjax.agent import Agent, planner_variant
     from evjax.planner import make_model_planner
@@ -158,8 +158,7 @@ def make_policies(cfg: Config, parts, model, trained_kappa: float, methods: Sequ
             policies[method] = OraclePolicy(cfg)
         else:
             planner_cfg = planner_variant(cfg.planner, BY_NAME[method], cfg.evaluation.fixed_kappa, trained_kappa,
-                                          cfg.evaluation.cost_limit, cfg.evaluation.prior_prices,
-                                          cfg.evaluation.constraint_backoff, cfg.evaluation.reward_pessimism)
+                                          cfg.evaluation)
             if planner_cfg.mode not in planners:
                 planners[planner_cfg.mode] = make_model_planner(dataclasses.replace(cfg, planner=planner_cfg),
                                                                 parts.dynamics)
@@ -764,7 +763,7 @@ def evaluate(run_dir: Path, evaluation: EvaluationConfig | None = None, split: s
         header += (f"\n\nThe planner methods plan with cost limit {cfg.evaluation.cost_limit:g} (evaluation.cost_limit; "
                    f"the run trained with planner.cost_limit {cfg.planner.cost_limit:g}).")
     shown = lambda value: list(value) if isinstance(value, tuple) else value  # noqa: E731  (as in the YAML)
-    for name in ("prior_prices", "constraint_backoff", "reward_pessimism"):
+    for name in EvaluationConfig.DEPLOYED[1:]:  # the cost limit has its own sentence above
         deployed, trained = getattr(cfg.evaluation, name), getattr(cfg.planner, name)
         if deployed is not None:
             header += (f" The learned planners deploy with evaluation.{name} {shown(deployed)} "
