@@ -5,7 +5,7 @@
 #   bash benchmarks/reproduce_results.sh OUT [JOBS]
 #
 # JOBS runs train at the same time in each of the two training scripts (default 2). Timings: README "Results". Results go to OUT:
-# safety_while_learning.{csv,json,png}, runs/<variant>-seed<k>/ with eval/ for the trained agents,
+# safety_while_learning.{csv,json,png} and safety_floor.txt, runs/<variant>-seed<k>/ with eval/ for the trained agents,
 # ablations.{csv,md} (benchmarks/ablations.py), forecast_oracle.json and forecast/steps.csv
 # (benchmarks/twin_evaluation.py) and agent_targets.md (benchmarks/agent_targets.py).
 # Environment: EVJAX_CONFIG (base config of every run), EVJAX_EVAL_DAYS (default 30), EVJAX_SEEDS (default
@@ -40,6 +40,7 @@ if [ -z "${EVJAX_FORECAST_STEPS:-}" ]; then
   forecast=$!
 fi
 wait $safety
+python benchmarks/safety_floor.py --csv "$out/safety_while_learning.csv" --seeds $seeds --json > "$out/safety_floor.txt"
 wait $ablations
 if [ -n "$forecast" ]; then wait "$forecast"; fi
 
