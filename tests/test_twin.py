@@ -147,12 +147,17 @@ def test_agreement_with_the_source_definitions_and_the_newton_solver():
     assert result["vm_pu_abs"] < 1e-12 and result["line_loading_abs"] < 1e-10
 
 
-def test_agreement_on_a_hand_day_with_unsorted_arrivals_queues_unserved_and_deadlines():
-    cfg = with_config(stations={"chargers": (1, 1, 1)})
-    scenario = hand_scenario(
+def _hand_day():
+    """Seven EVs arriving out of order, one (10 kWh, nearly empty) unserved, short deadlines; for one charger each."""
+    return hand_scenario(
         arrival_step=[1, 0, 0, 0, 0, 1, 3], origin=[3, 1, 1, 1, 8, 1, 2],
         capacity=[100.0, 60.0, 60.0, 60.0, 10.0, 50.0, 40.0], start_soc=[0.1, 0.2, 0.2, 0.2, 0.001, 0.3, 0.5],
         target_soc=[0.9] * 7, duration_h=[0.25, 2.0, 2.0, 2.0, 2.0, 1.0, 1.0], laxity_h=[0.25, 1, 1, 1, 1, 0.5, 0.5])
+
+
+def test_agreement_on_a_hand_day_with_unsorted_arrivals_queues_unserved_and_deadlines():
+    cfg = with_config(stations={"chargers": (1, 1, 1)})
+    scenario = _hand_day()
     prices = np.tile(MID, (1, CFG.env.episode_steps, 1))
     episodes = agreement.paired_episodes(cfg, [scenario], prices)
     result = assert_agrees(episodes)
@@ -164,10 +169,7 @@ def test_extra_observations_agree_with_the_host_and_hold_the_queue_and_backlog()
     """Every ``env.extra_observations`` feature on the hand day (queues, an unserved EV, deadlines), twin = host."""
     names = ("prices", "queues", "backlog", "arrivals")
     cfg = with_config(stations={"chargers": (1, 1, 1)}, env={"extra_observations": names})
-    scenario = hand_scenario(
-        arrival_step=[1, 0, 0, 0, 0, 1, 3], origin=[3, 1, 1, 1, 8, 1, 2],
-        capacity=[100.0, 60.0, 60.0, 60.0, 10.0, 50.0, 40.0], start_soc=[0.1, 0.2, 0.2, 0.2, 0.001, 0.3, 0.5],
-        target_soc=[0.9] * 7, duration_h=[0.25, 2.0, 2.0, 2.0, 2.0, 1.0, 1.0], laxity_h=[0.25, 1, 1, 1, 1, 0.5, 0.5])
+    scenario = _hand_day()
     prices = np.tile(MID, (1, cfg.env.episode_steps, 1))
     episodes = agreement.paired_episodes(cfg, [scenario], prices)
     assert_agrees(episodes)
