@@ -284,9 +284,6 @@ class EVPricingEnv(gym.Env):
             scenario = make_scenario(self.cfg, split=options.get("split", "train"), day=options.get("day"),
                                      seed=scenario_seed)
         self._state = self._initial_state(scenario)
-        zeros = np.zeros(self.num_stations)
-        self._state.observation = self._observation(self._state.grid_result.line_loading, zeros, 0.0,
-                                                    self._state.carbon_intensity, 0, zeros)
         return self._state.observation.copy(), self._reset_info()
 
     def _initial_state(self, scenario: Scenario) -> EnvState:
@@ -299,7 +296,7 @@ class EVPricingEnv(gym.Env):
         initial_kw = np.full(self.num_stations, 1000.0 * self.cfg.grid.initial_ev_load_mw)
         carbon_result = carbon_of(self.grid, self.cfg.carbon, result, initial_kw * self.cfg.env.dt_hours)
         intensity = carbon_result.constrained(self.cfg.carbon.constraint)
-        return EnvState(
+        state = EnvState(
             scenario=scenario,
             mean_service_h=mean_service_h,
             service_scv=service_scv,
@@ -312,10 +309,13 @@ class EVPricingEnv(gym.Env):
             delivered_kwh=np.zeros(num_evs),
             join_step=np.zeros(num_evs, dtype=np.int64),
             last_arrivals=np.zeros(self.num_stations, dtype=np.int64),
-            observation=np.zeros(0, np.float32),
+            observation=np.zeros(0, np.float32),  # set below: the extra features read the state
             grid_result=result,
             carbon_intensity=intensity,
         )
+        zeros = np.zeros(self.num_stations)
+        state.observation = self._observation(state, result.line_loading, zeros, 0.0, intensity, 0, zeros)
+        return state
 
     def _reset_info(self) -> dict:
         result, scenario = self._state.grid_result, self._state.scenario
@@ -376,11 +376,11 @@ class EVPricingEnv(gym.Env):
         if result.converged:
             state.grid_result = result
             state.carbon_intensity = carbon_result.constrained(cfg.carbon.constraint)
-        self._state = state
         state.observation = self._observation(
-            state.grid_result.line_loading, charging.evs_present, welfare.welfare, state.carbon_intensity, state.step,
-            charging.queue_length,
+            state, state.grid_result.line_loading, charging.evs_present, welfare.welfare, state.carbon_intensity,
+            state.step, charging.queue_length,
         )
+        self._state = state
         terminated = state.step >= cfg.env.episode_steps or not result.converged
         info = {
             "cost": float(cost.total),
@@ -438,19 +438,19 @@ class EVPricingEnv(gym.Env):
 
     # ---------------------------------------------------------------- helpers
 
-    def _observation(self, loading, evs_present, welfare, intensity, step, queue_length) -> np.ndarray:
-        """[loadings K, EVs present K, SW / scale, CI / scale, extra features K each, (t / T)] from ``self._state``."""
+    def _observation(self, state: EnvState, loading, evs_present, welfare, intensity, step, queue_length) -> np.ndarray:
+        """[loadings K, EVs present K, SW / scale, CI / scale, extra features K each, (t / T)]; extras from ``state``."""
         env = self.cfg.env
         parts = [loading, evs_present, [welfare / env.welfare_obs_scale, intensity / env.carbon_obs_scale]]
         for name in env.extra_observations:
-            parts.append(self._extra_observation(name, queue_length))
+            parts.append(self._extra_observation(state, name, queue_length))
         if env.time_features:
             parts.append([step / env.episode_steps])
         return np.concatenate(parts).astype(np.float32)
 
-    def _extra_observation(self, name: str, queue_length) -> np.ndarray:
-        """One ``env.extra_observations`` feature [K] of the current state (``config.EXTRA_OBSERVATIONS``)."""
-        state, k = self._state, self.num_stations
+    def _extra_observation(self, state: EnvState, name: str, queue_length) -> np.ndarray:
+        """One ``env.extra_observations`` feature [K] of ``state`` (``config.EXTRA_OBSERVATIONS``)."""
+        k = self.num_stations
         if name == "prices":
             return state.posted_price
         if name == "queues":
