@@ -28,7 +28,7 @@ from evjax.config import Config, load
 from evjax.env import EVPricingEnv
 from evjax.errors import UserError
 from evjax.evaluate import fixed_prices
-from evjax.train import episode_seed
+from evjax.train import constant_price_episode
 
 METHODS = ("fixed_upper", "fixed_mid", "fixed_tuned")
 
@@ -48,19 +48,8 @@ def read_runs(path: Path) -> dict:
 
 def constant_episodes(cfg: Config, env: EVPricingEnv, prices: np.ndarray, epochs: range) -> tuple[np.ndarray, np.ndarray]:
     """True episode cost and welfare (CNY) [len(epochs)] of constant ``prices`` on the training episodes ``epochs``."""
-    costs, welfare = [], []
-    for epoch in epochs:
-        env.reset(seed=episode_seed(cfg, epoch), options={"split": "train"})
-        cost = total = 0.0
-        for _ in range(cfg.env.episode_steps):
-            _, _, terminated, _, info = env.step(prices)
-            cost += info["cost"]
-            total += info["welfare"]
-            if terminated:
-                break
-        costs.append(cost)
-        welfare.append(total)
-    return np.asarray(costs), np.asarray(welfare)
+    episodes = [constant_price_episode(env, cfg, epoch, prices) for epoch in epochs]
+    return np.asarray([e[1] for e in episodes]), np.asarray([e[2] for e in episodes])
 
 
 @cli.entry_point("benchmarks/safety_floor.py")

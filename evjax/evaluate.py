@@ -763,7 +763,7 @@ def evaluate(run_dir: Path, evaluation: EvaluationConfig | None = None, split: s
         header += (f"\n\nThe planner methods plan with cost limit {cfg.evaluation.cost_limit:g} (evaluation.cost_limit; "
                    f"the run trained with planner.cost_limit {cfg.planner.cost_limit:g}).")
     shown = lambda value: list(value) if isinstance(value, tuple) else value  # noqa: E731  (as in the YAML)
-    for name in EvaluationConfig.DEPLOYED[1:]:  # the cost limit has its own sentence above
+    for name in (n for n in EvaluationConfig.DEPLOYED if n != "cost_limit"):  # the cost limit has its sentence above
         deployed, trained = getattr(cfg.evaluation, name), getattr(cfg.planner, name)
         if deployed is not None:
             header += (f" The learned planners deploy with evaluation.{name} {shown(deployed)} "

@@ -44,6 +44,21 @@ def episode_seed(cfg: Config, epoch: int) -> int:
     return int(np.random.SeedSequence([cfg.training.seed, epoch]).generate_state(1)[0])
 
 
+def constant_price_episode(env, cfg: Config, epoch: int, prices) -> tuple[float, float, float]:
+    """(reward, true cost, welfare in CNY) summed over the training episode of ``epoch`` on ``env`` with ``prices``
+    [A] posted at every step (the paired score's baseline, ``benchmarks/safety_floor.py``)."""
+    env.reset(seed=episode_seed(cfg, epoch), options={"split": "train"})
+    reward_sum = cost = welfare = 0.0
+    for _ in range(cfg.env.episode_steps):
+        _, reward, terminated, truncated, info = env.step(prices)
+        reward_sum += float(reward)
+        cost += info["cost"]
+        welfare += info["welfare"]
+        if terminated or truncated:
+            break
+    return reward_sum, cost, welfare
+
+
 @dataclasses.dataclass
 class Components:
     """The pieces of a run built from a config: environment, model functions, agent."""
@@ -131,16 +146,8 @@ class Trainer:
 
         if self._reference_env is None:
             self._reference_env = EVPricingEnv(self.cfg)
-        env = self._reference_env
-        env.reset(seed=episode_seed(self.cfg, epoch), options={"split": "train"})
         prices = (np.asarray(self.cfg.env.price_lower) + np.asarray(self.cfg.env.price_upper)) / 2.0
-        total = 0.0
-        for _ in range(self.cfg.env.episode_steps):
-            _, reward, terminated, truncated, _ = env.step(prices)
-            total += float(reward)
-            if terminated or truncated:
-                break
-        return total
+        return constant_price_episode(self._reference_env, self.cfg, epoch, prices)[0]
 
     def run_epoch(self, epoch: int) -> dict:
         """One episode: act, store, refit on schedule; then diagnose the model, update kappa and checkpoint."""

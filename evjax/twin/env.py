@@ -577,8 +577,10 @@ def step(key: chex.PRNGKey, state: EnvState, action: jax.Array, params: EnvParam
     next_step = t + 1
     line_loading = jnp.where(converged, flow.line_loading, state.line_loading)
     last_intensity = jnp.where(converged, intensity, state.carbon_intensity)
-    backlog = stations.station_totals(jnp.where(moved.status == PRESENT, moved.remaining_kwh, 0.0), moved.station, k)
-    extras = {"prices": price, "queues": charging.queue_length, "backlog": backlog, "arrivals": admission.arrivals}
+    extras = {"prices": price, "queues": charging.queue_length, "arrivals": admission.arrivals}
+    if "backlog" in s.extra_observations:  # the only extra that costs a pass over the EVs
+        extras["backlog"] = stations.station_totals(jnp.where(moved.status == PRESENT, moved.remaining_kwh, 0.0),
+                                                    moved.station, k)
     observation = _observation(params, line_loading, charging.evs_present, welfare.welfare, last_intensity, next_step,
                                extras)
     moved = moved.replace(
