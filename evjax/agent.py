@@ -56,10 +56,14 @@ def planner_variant(planner_cfg: PlannerConfig, method: Method, fixed_kappa: flo
     if method.planner_mode is None:
         raise ValueError(f"method {method.name!r} does not plan on the model")
     kappa = float(np.mean(method_kappa(method, fixed_kappa, trained_kappa)))
+    return deployed_planner(dataclasses.replace(planner_cfg, mode=method.planner_mode, kappa_init=kappa), evaluation)
+
+
+def deployed_planner(planner_cfg: PlannerConfig, evaluation: Optional[EvaluationConfig] = None) -> PlannerConfig:
+    """``planner_cfg`` as deployed: kappa held fixed and the settings of ``evaluation.DEPLOYED`` that are set."""
     deployed = {} if evaluation is None else {
         name: getattr(evaluation, name) for name in EvaluationConfig.DEPLOYED if getattr(evaluation, name) is not None}
-    return dataclasses.replace(planner_cfg, mode=method.planner_mode, learn_kappa=False, kappa_init=kappa,
-                               **deployed)
+    return dataclasses.replace(planner_cfg, learn_kappa=False, **deployed)
 
 
 class Agent:

@@ -11,7 +11,11 @@ every epoch the whole run state goes to the "latest" orbax checkpoint, and to
 episodes with cost <= ``training.best_cost_threshold``.
 The score (``training.best_selection: paired``) is the episode reward minus
 that of fixed mid-range prices on the same day and seed, so a busy day does
-not win by being busy. After each episode the model it planned with predicts
+not win by being busy. With ``best_selection: validation`` the planner as it
+would be deployed (``agent.deployed_planner``) is run every
+``training.validation_every`` epochs on the same ``training.validation_days``
+training days and seeds, and "best" is the validated checkpoint ranked as the
+planner ranks candidates (``validation_score``). After each episode the model it planned with predicts
 the episode's transitions (``evjax.diagnostics``): prediction errors go to
 ``metrics.csv``, predicted and realised step costs to ``calibration.csv``.
 """
@@ -42,6 +46,15 @@ ERROR_COLUMNS = tuple(f"err_{h}_{q}" for h in ("1step", "horizon") for q in ("lo
 def episode_seed(cfg: Config, epoch: int) -> int:
     """Seed of the training episode of ``epoch``: its day, arrivals and choices depend on nothing else."""
     return int(np.random.SeedSequence([cfg.training.seed, epoch]).generate_state(1)[0])
+
+
+INFEASIBLE = -1e9  # validation_score below every checkpoint whose validation cost is permissible
+
+
+def validation_score(welfare: float, cost: float, permissible: float) -> float:
+    """Rank of a validated checkpoint, by the planner's elite rule (``planner.elite_scores``): its mean episode
+    welfare when its mean episode cost is at most ``permissible``, else below all of those, lower cost first."""
+    return float(welfare) if cost <= permissible else INFEASIBLE - float(cost)
 
 
 def constant_price_episode(env, cfg: Config, epoch: int, prices) -> tuple[float, float, float]:
@@ -103,7 +116,8 @@ class Trainer:
         }
         self.log = MetricsLog(self.run_dir) if metrics else None
         self.calibration = MetricsLog(self.run_dir, tensorboard=False, name="calibration.csv") if metrics else None
-        self._reference_env = None
+        self._side_env = None  # a second environment for the paired score's baseline and validation
+        self._validator = None  # (planner config, planner, day ids) of validation, built on first use
 
     def resume(self) -> int:
         """Load "latest" (if the run got that far; else start afresh); return the first epoch still to run.
@@ -142,12 +156,45 @@ class Trainer:
 
         Runs on a second environment, so the training episode's state is untouched.
         """
+        prices = (np.asarray(self.cfg.env.price_lower) + np.asarray(self.cfg.env.price_upper)) / 2.0
+        return constant_price_episode(self.side_env(), self.cfg, epoch, prices)[0]
+
+    def side_env(self):
+        """An environment beside the training one (its state is not the training episode's)."""
         from evjax.env import EVPricingEnv
 
-        if self._reference_env is None:
-            self._reference_env = EVPricingEnv(self.cfg)
-        prices = (np.asarray(self.cfg.env.price_lower) + np.asarray(self.cfg.env.price_upper)) / 2.0
-        return constant_price_episode(self._reference_env, self.cfg, epoch, prices)[0]
+        if self._side_env is None:
+            self._side_env = EVPricingEnv(self.cfg)
+        return self._side_env
+
+    def validation_due(self, epoch: int, planned: bool) -> bool:
+        """Whether ``epoch``'s checkpoint is validated (``best_selection: validation``)."""
+        t = self.cfg.training
+        return (t.best_selection == "validation" and planned
+                and ((epoch + 1) % t.validation_every == 0 or epoch == t.epochs - 1))
+
+    def validate(self, model) -> dict:
+        """The deployed planner with the current model and kappa on the validation days (host env, all days at once).
+
+        Returns the mean episode welfare (CNY) and cost, and the share of steps with any violation (%). The days
+        and seeds are fixed, and no key of the training stream is drawn: validating leaves the run unchanged.
+        """
+        from evjax.agent import Agent, deployed_planner
+        from evjax.evaluate import PlannerPolicy, run_planner_days, spread_day_ids
+        from evjax.planner import make_model_planner
+
+        cfg = self.cfg
+        if self._validator is None:
+            planner_cfg = deployed_planner(cfg.planner, cfg.evaluation)
+            planner = make_model_planner(dataclasses.replace(cfg, planner=planner_cfg), self.parts.dynamics)
+            self._validator = (planner_cfg, planner, spread_day_ids(cfg, "train", cfg.training.validation_days))
+        planner_cfg, planner, day_ids = self._validator
+        seeds = [cfg.training.validation_seed + i for i in range(len(day_ids))]
+        policy = PlannerPolicy(Agent(planner_cfg, planner, kappa=self.parts.agent.kappa), model)
+        rows = run_planner_days(self.side_env(), policy, "train", day_ids, seeds)
+        return {"val_welfare": sum(r["welfare"] for r in rows) / len(day_ids),
+                "val_cost": sum(r["cost"] for r in rows) / len(day_ids),
+                "val_violation_pct": 100.0 * float(np.mean([r["cost"] > 0 for r in rows]))}
 
     def run_epoch(self, epoch: int) -> dict:
         """One episode: act, store, refit on schedule; then diagnose the model, update kappa and checkpoint."""
@@ -218,9 +265,18 @@ class Trainer:
             "plan_ms": 1000.0 * float(np.median(plan_seconds)) if plan_seconds else float("nan"),
             "epoch_seconds": time.perf_counter() - start,
         }
-        score = row["paired_reward"] if cfg.training.best_selection == "paired" else episode_reward
-        is_best = (planned and episode_cost <= cfg.training.best_cost_threshold
-                   and score > float(self.state["best_reward"]))
+        validation = dict.fromkeys(("val_welfare", "val_cost", "val_violation_pct"), float("nan"))
+        if self.validation_due(epoch, planned):
+            validation = self.validate(model)
+            score = validation_score(validation["val_welfare"], validation["val_cost"],
+                                     cfg.planner.permissible_episode_cost)
+            is_best = score > float(self.state["best_reward"])
+        else:
+            score = row["paired_reward"] if cfg.training.best_selection == "paired" else episode_reward
+            is_best = (cfg.training.best_selection != "validation" and planned
+                       and episode_cost <= cfg.training.best_cost_threshold
+                       and score > float(self.state["best_reward"]))
+        row.update(validation)
         if is_best:
             self.state["best_reward"] = np.asarray(score, np.float64)
         # Order matters for a kill at any moment: the CSV rows and "best" are rewritten

@@ -212,3 +212,47 @@ def test_paired_score_subtracts_fixed_mid_prices_on_the_same_day(tmp_path):
     by_hand = sum(env.step(mid)[1] for _ in range(cfg.env.episode_steps))
     assert trainer.reference_reward(1) == pytest.approx(by_hand, rel=1e-12)
     assert trainer.reference_reward(0) != pytest.approx(by_hand, rel=1e-3)  # another day
+
+
+def test_validation_score_ranks_checkpoints_like_the_planners_elites():
+    from evjax.train import validation_score
+
+    # permissible cost 0.1: the feasible by welfare, then the infeasible by cost, whatever their welfare
+    ranked = [validation_score(w, c, 0.1) for w, c in [(3000.0, 0.1), (2900.0, 0.0), (9000.0, 0.11), (9500.0, 0.3)]]
+    assert ranked[0] == 3000.0 and ranked[1] == 2900.0
+    assert ranked == sorted(ranked, reverse=True)
+    assert validation_score(9000.0, 0.11, 0.1) - validation_score(9500.0, 0.3, 0.1) == pytest.approx(0.19, abs=1e-6)
+
+
+def test_validation_selects_the_best_validated_checkpoint_and_leaves_training_unchanged(tmp_path):
+    from evjax import checkpoint
+    from evjax.train import Trainer, validation_score
+
+    tiny = ["model.ensemble_size=2", "model.num_elites=2", "model.hidden_sizes=[8]", "model.weight_decays=[0.0, 0.0]",
+            "planner.particles=2", "planner.popsize=8", "planner.num_elites=2", "planner.horizon=2",
+            "planner.iterations=1", "training.epochs=4", "training.random_episodes=1"]
+    validated = load(None, tiny + ["training.best_selection=validation", "training.validation_every=2",
+                                   "training.validation_days=2"])
+    rows = {}
+    for name, cfg in (("paired", load(None, tiny)), ("validation", validated)):
+        trainer = Trainer(cfg, tmp_path / name)
+        rows[name] = trainer.train(progress=False)
+    for paired, checked in zip(rows["paired"], rows["validation"]):  # validating draws no key of the run's stream
+        assert checked["reward"] == paired["reward"] and checked["cost"] == paired["cost"]
+        assert checked["kappa_next"] == paired["kappa_next"]
+    # epoch 0 posts random prices; epochs 1 and 3 are validated ((e + 1) % 2 == 0), epoch 2 is not
+    assert [np.isfinite(r["val_welfare"]) for r in rows["validation"]] == [False, True, False, True]
+    scores = {r["epoch"]: validation_score(r["val_welfare"], r["val_cost"], validated.planner.permissible_episode_cost)
+              for r in rows["validation"] if np.isfinite(r["val_welfare"])}
+    meta, _ = checkpoint.restore_meta(tmp_path / "validation", "best")
+    assert int(meta["epoch"]) == max(scores, key=scores.get)
+    # the latest checkpoint holds the model and kappa epoch 3 was validated with: validating it again agrees
+    again = Trainer(validated, tmp_path / "validation", metrics=False)
+    again.state = checkpoint.restore(tmp_path / "validation", "latest", again.state)
+    again.parts.agent.restore(again.state["agent"])
+    again.parts.agent.mark_fitted()
+    repeat = again.validate(again.parts.dynamics.select_elites(again.state["model"]))
+    last = rows["validation"][-1]
+    assert repeat["val_welfare"] == pytest.approx(last["val_welfare"], rel=1e-9)
+    assert repeat["val_cost"] == pytest.approx(last["val_cost"], rel=1e-9, abs=1e-12)
+    assert 0.0 <= repeat["val_violation_pct"] <= 100.0
