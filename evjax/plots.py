@@ -133,6 +133,10 @@ def training_curves(metrics_csv: Path, png: Path, cfg: Config) -> Path | None:
     for key, label in (("cost_line", "lines"), ("cost_carbon", "carbon")):
         if key in rows[0]:
             axes[1].plot(epoch, column(key), lw=1, alpha=0.7, label=label)
+    validated = [r for r in rows if np.isfinite(float(r.get("val_cost", "nan") or "nan"))]
+    if validated:  # training.best_selection "validation": the deployed planner's mean cost on the validation days
+        axes[1].plot([int(r["epoch"]) for r in validated], [float(r["val_cost"]) for r in validated], "ks",
+                     ms=4, label="deployed, validation days")
     axes[1].axhline(cfg.planner.permissible_episode_cost, color="k", ls="--", lw=1, label="permissible")
     axes[1].set_ylabel("episode constraint cost")
     axes[1].legend(fontsize=7)

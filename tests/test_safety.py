@@ -256,3 +256,6 @@ def test_validation_selects_the_best_validated_checkpoint_and_leaves_training_un
     assert repeat["val_welfare"] == pytest.approx(last["val_welfare"], rel=1e-9)
     assert repeat["val_cost"] == pytest.approx(last["val_cost"], rel=1e-9, abs=1e-12)
     assert 0.0 <= repeat["val_violation_pct"] <= 100.0
+    from evjax.plots import training_curves  # the validation costs go into the cost panel
+
+    assert training_curves(tmp_path / "validation" / "metrics.csv", tmp_path / "curves.png", validated).is_file()
