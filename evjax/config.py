@@ -248,8 +248,8 @@ class TrainingConfig(Section):
     model_train_freq: int = 12  # refit the model on all data every this many steps
     random_episodes: int = 5  # the first episodes post uniform random prices (exploration; the planner takes over after them, and never before the first model fit)
     random_hold: Literal["step", "episode"] = "step"  # random-price episodes draw new prices every step, or once per episode and hold them
-    best_cost_threshold: float = 0.2  # "best" checkpoint only among episodes with cost <= this (SPEC: 3.6, README)
-    best_selection: Literal["paired", "reward", "validation"] = "paired"  # rank episodes for "best" by reward minus a fixed-price episode's on the same day and seed, by raw reward, or rank checkpoints by the deployed planner on fixed validation days
+    best_cost_threshold: float = 0.2  # best_selection "paired"/"reward": "best" only among episodes with cost <= this (SPEC: 3.6, README)
+    best_selection: Literal["paired", "reward", "validation"] = "validation"  # rank episodes for "best" by reward minus a fixed-price episode's on the same day and seed, by raw reward, or rank checkpoints by the deployed planner on fixed validation days
     validation_days: int = 8  # best_selection "validation": training-split days the deployed planner is scored on (spread evenly over the split)
     validation_every: int = 5  # best_selection "validation": validate the planned epochs e with (e + 1) % this == 0, and the last
     validation_seed: int = 2000  # best_selection "validation": validation day i runs with episode seed validation_seed + i

@@ -234,7 +234,7 @@ def test_validation_selects_the_best_validated_checkpoint_and_leaves_training_un
     validated = load(None, tiny + ["training.best_selection=validation", "training.validation_every=2",
                                    "training.validation_days=2"])
     rows = {}
-    for name, cfg in (("paired", load(None, tiny)), ("validation", validated)):
+    for name, cfg in (("paired", load(None, tiny + ["training.best_selection=paired"])), ("validation", validated)):
         trainer = Trainer(cfg, tmp_path / name)
         rows[name] = trainer.train(progress=False)
     for paired, checked in zip(rows["paired"], rows["validation"]):  # validating draws no key of the run's stream
