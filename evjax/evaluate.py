@@ -658,9 +658,10 @@ def _load_trained(run_dir: Path, which: str = "best"):
     from evjax.train import Trainer
 
     kind = "best" if which == "best" and checkpoint.exists(run_dir, "best") else "latest"
-    note = ("No episode met training.best_cost_threshold; evaluating the latest checkpoint instead of best."
-            if kind != which else "")
     meta, cfg = checkpoint.restore_meta(run_dir, kind)
+    why = ("no planned epoch was validated" if cfg.training.best_selection == "validation"
+           else "no planned episode met training.best_cost_threshold")
+    note = f"No 'best' checkpoint ({why}); evaluating the latest checkpoint instead." if kind != which else ""
     trainer = Trainer(cfg, run_dir, metrics=False)
     trainer.state = checkpoint.restore(run_dir, kind, trainer.state)
     trainer.parts.agent.restore(trainer.state["agent"])
