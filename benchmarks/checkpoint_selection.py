@@ -9,7 +9,8 @@ training seed, the same evaluation of the run trained with ``best_selection: pai
 ``epochs30_limit0_*`` columns). Validation draws no key of the run's stream, so both runs trained
 identically and differ only in the checkpoint evaluated. Prints, per seed and as a mean with a 95 %
 t-interval over seeds, the agent's share of held-out steps with any violation and its welfare per episode;
-``--csv`` writes the per-seed rows.
+``--csv`` writes the per-seed rows. Where a run also holds ``eval_latest/`` (the same evaluation with
+``--checkpoint latest``: the last epoch, no selection at all), both selections are paired with it as well.
 """
 
 from __future__ import annotations
@@ -32,14 +33,36 @@ def run_row(run_dir: Path) -> dict:
     """Seed, selected epoch, its validation scores and the agent's held-out figures of one run."""
     meta, cfg = checkpoint.restore_meta(run_dir, "best")
     epoch = int(meta["epoch"])
-    with (run_dir / "eval" / "metrics.csv").open() as f:
-        agent = next(r for r in csv.DictReader(f) if r["method"] == AGENT)
+    agent = agent_figures(run_dir / "eval" / "metrics.csv")
     with (run_dir / "metrics.csv").open() as f:
         validated = next(r for r in csv.DictReader(f) if int(r["epoch"]) == epoch)
+    latest = agent_figures(run_dir / "eval_latest" / "metrics.csv")
     return {"training_seed": cfg.training.seed, "epoch": epoch,
             "val_welfare_cny": float(validated["val_welfare"]), "val_cost": float(validated["val_cost"]),
             "val_violation_pct": float(validated["val_violation_pct"]),
-            "violation_pct": float(agent["steps_any_violation_pct"]), "welfare_cny": float(agent["welfare_cny"])}
+            "violation_pct": agent[0], "welfare_cny": agent[1],
+            "latest_violation_pct": latest[0], "latest_welfare_cny": latest[1]}
+
+
+def agent_figures(metrics_csv: Path) -> tuple[float, float]:
+    """(share of steps with any violation in %, welfare per episode) of the agent in an evaluation's metrics.csv;
+    NaN when the file does not exist."""
+    if not metrics_csv.is_file():
+        return float("nan"), float("nan")
+    with metrics_csv.open() as f:
+        agent = next(r for r in csv.DictReader(f) if r["method"] == AGENT)
+    return float(agent["steps_any_violation_pct"]), float(agent["welfare_cny"])
+
+
+def paired_line(rows: list[dict], name: str, prefix: str, reference: str) -> str:
+    """``name``: mean and 95 % t-interval over seeds of the agent's figures under ``prefix`` minus ``reference``."""
+    violation = np.array([r[f"{prefix}violation_pct"] - r[f"{reference}violation_pct"] for r in rows])
+    welfare = np.array([r[f"{prefix}welfare_cny"] - r[f"{reference}welfare_cny"] for r in rows])
+    mean = lambda key: np.mean([r[key] for r in rows])  # noqa: E731
+    return (f"{name} over {len(rows)} seeds (95 % t): violating steps {violation.mean():+.1f} ± "
+            f"{_interval(violation):.1f} pp ({mean(prefix + 'violation_pct'):.1f} % against "
+            f"{mean(reference + 'violation_pct'):.1f} %), welfare {welfare.mean():+.0f} ± {_interval(welfare):.0f} CNY "
+            "per episode")
 
 
 def main(argv=None) -> int:
@@ -67,13 +90,11 @@ def main(argv=None) -> int:
         print(f"| {r['training_seed']} | {r['epoch']} | {r['val_welfare_cny']:.0f} CNY, {r['val_cost']:.3f}, "
               f"{r['val_violation_pct']:.1f} % | {r['violation_pct']:.1f} % ({r['paired_violation_pct']:.1f} %) | "
               f"{r['welfare_cny']:.0f} ({r['paired_welfare_cny']:.0f}) |")
-    violation = np.array([r["violation_pct"] - r["paired_violation_pct"] for r in rows])
-    welfare = np.array([r["welfare_cny"] - r["paired_welfare_cny"] for r in rows])
-    print(f"\nvalidation − paired selection over {len(rows)} seeds (95 % t): violating steps "
-          f"{violation.mean():+.1f} ± {_interval(violation):.1f} pp "
-          f"({np.mean([r['violation_pct'] for r in rows]):.1f} % against "
-          f"{np.mean([r['paired_violation_pct'] for r in rows]):.1f} %), welfare {welfare.mean():+.0f} ± "
-          f"{_interval(welfare):.0f} CNY per episode")
+    print("\n" + paired_line(rows, "validation − paired selection", "", "paired_"))
+    with_latest = [r for r in rows if np.isfinite(r["latest_violation_pct"])]
+    if with_latest:
+        print(paired_line(with_latest, "validation selection − last epoch", "", "latest_"))
+        print(paired_line(with_latest, "paired selection − last epoch", "paired_", "latest_"))
     if args.csv:
         with args.csv.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
