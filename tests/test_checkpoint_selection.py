@@ -53,21 +53,24 @@ def test_pairs_each_seed_with_the_csv_and_the_last_epoch(tmp_path, monkeypatch, 
     assert float(rows[0]["latest_violation_pct"]) == 30.0 and float(rows[0]["paired_welfare_cny"]) == 3810.0
 
 
-def test_a_seed_missing_from_the_baseline_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
-    run = _fake_run(tmp_path, 3, 4, (20.0, 3800.0), None)
+def _one_run(tmp_path, monkeypatch, seed: int) -> Path:
+    """One fake run of ``seed`` (epoch 4 selected, no last-epoch evaluation) and a baseline CSV holding seed 0 only."""
+    run = _fake_run(tmp_path, seed, 4, (20.0, 3800.0), None)
     monkeypatch.setattr(checkpoint_selection.checkpoint, "restore_meta",
-                        lambda run_dir, kind: ({"epoch": 4}, load(None, ["training.seed=3"])))
+                        lambda run_dir, kind: ({"epoch": 4}, load(None, [f"training.seed={seed}"])))
     _write(tmp_path / "base.csv", ["training_seed", *checkpoint_selection.BASELINE_COLUMNS], [[0, 26.0, 3810.0]])
+    return run
+
+
+def test_a_seed_missing_from_the_baseline_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    run = _one_run(tmp_path, monkeypatch, 3)
     assert checkpoint_selection.main([str(run), "--baseline", str(tmp_path / "base.csv")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"{tmp_path / 'base.csv'}: no row for training seed 3 ({run})"]
 
 
 def test_without_a_last_epoch_evaluation_only_the_csv_pairing_is_printed(tmp_path, monkeypatch, capsys):
-    run = _fake_run(tmp_path, 0, 4, (20.0, 3800.0), None)
-    monkeypatch.setattr(checkpoint_selection.checkpoint, "restore_meta",
-                        lambda run_dir, kind: ({"epoch": 4}, load(None, ["training.seed=0"])))
-    _write(tmp_path / "base.csv", ["training_seed", *checkpoint_selection.BASELINE_COLUMNS], [[0, 26.0, 3810.0]])
+    run = _one_run(tmp_path, monkeypatch, 0)
     assert checkpoint_selection.main([str(run), "--baseline", str(tmp_path / "base.csv")]) == 0
     printed = capsys.readouterr().out
     assert not (run / "eval_latest").exists()
