@@ -83,13 +83,16 @@ def main(argv=None) -> int:
         row["paired_violation_pct"], row["paired_welfare_cny"] = (float(paired[c]) for c in BASELINE_COLUMNS)
         rows.append(row)
     rows.sort(key=lambda r: r["training_seed"])
-    print("| training seed | selected epoch | validation: welfare, cost, violating steps | held-out violating steps "
-          "(paired selection) | held-out welfare (paired selection) |")
+    print("| training seed | selected epoch | on the validation days: welfare, cost, steps violating | held-out steps "
+          "violating (paired selection; last epoch) | held-out welfare, CNY (paired selection; last epoch) |")
     print("|---|---|---|---|---|")
     for r in rows:
+        latest = np.isfinite(r["latest_violation_pct"])
+        last_v = f"; {r['latest_violation_pct']:.1f} %" if latest else ""
+        last_w = f"; {r['latest_welfare_cny']:.0f}" if latest else ""
         print(f"| {r['training_seed']} | {r['epoch']} | {r['val_welfare_cny']:.0f} CNY, {r['val_cost']:.3f}, "
-              f"{r['val_violation_pct']:.1f} % | {r['violation_pct']:.1f} % ({r['paired_violation_pct']:.1f} %) | "
-              f"{r['welfare_cny']:.0f} ({r['paired_welfare_cny']:.0f}) |")
+              f"{r['val_violation_pct']:.1f} % | {r['violation_pct']:.1f} % ({r['paired_violation_pct']:.1f} %{last_v}) | "
+              f"{r['welfare_cny']:.0f} ({r['paired_welfare_cny']:.0f}{last_w}) |")
     print("\n" + paired_line(rows, "validation − paired selection", "", "paired_"))
     with_latest = [r for r in rows if np.isfinite(r["latest_violation_pct"])]
     if with_latest:

@@ -74,4 +74,5 @@ def test_without_a_last_epoch_evaluation_only_the_csv_pairing_is_printed(tmp_pat
     assert checkpoint_selection.main([str(run), "--baseline", str(tmp_path / "base.csv")]) == 0
     printed = capsys.readouterr().out
     assert not (run / "eval_latest").exists()
-    assert "validation − paired selection over 1 seeds" in printed and "last epoch" not in printed
+    assert "validation − paired selection over 1 seeds" in printed and "selection − last epoch" not in printed
+    assert "| 20.0 % (26.0 %) | 3800 (3810) |" in printed  # no last-epoch figures in the row
