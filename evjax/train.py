@@ -168,10 +168,9 @@ class Trainer:
         return self._side_env
 
     def validation_due(self, epoch: int, planned: bool) -> bool:
-        """Whether ``epoch``'s checkpoint is validated (``best_selection: validation``)."""
+        """Whether ``epoch``'s checkpoint is validated under ``best_selection: validation``."""
         t = self.cfg.training
-        return (t.best_selection == "validation" and planned
-                and ((epoch + 1) % t.validation_every == 0 or epoch == t.epochs - 1))
+        return planned and ((epoch + 1) % t.validation_every == 0 or epoch == t.epochs - 1)
 
     def validate(self, model) -> dict:
         """The deployed planner with the current model and kappa on the validation days (host env, all days at once).
@@ -266,15 +265,16 @@ class Trainer:
             "epoch_seconds": time.perf_counter() - start,
         }
         validation = dict.fromkeys(("val_welfare", "val_cost", "val_violation_pct"), float("nan"))
-        if self.validation_due(epoch, planned):
-            validation = self.validate(model)
-            score = validation_score(validation["val_welfare"], validation["val_cost"],
-                                     cfg.planner.permissible_episode_cost)
-            is_best = score > float(self.state["best_reward"])
+        if cfg.training.best_selection == "validation":
+            is_best = False
+            if self.validation_due(epoch, planned):
+                validation = self.validate(model)
+                score = validation_score(validation["val_welfare"], validation["val_cost"],
+                                         cfg.planner.permissible_episode_cost)
+                is_best = score > float(self.state["best_reward"])
         else:
             score = row["paired_reward"] if cfg.training.best_selection == "paired" else episode_reward
-            is_best = (cfg.training.best_selection != "validation" and planned
-                       and episode_cost <= cfg.training.best_cost_threshold
+            is_best = (planned and episode_cost <= cfg.training.best_cost_threshold
                        and score > float(self.state["best_reward"]))
         row.update(validation)
         if is_best:
