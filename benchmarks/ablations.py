@@ -50,6 +50,9 @@ ABLATIONS = {  # name -> (what changes, overrides of the default config)
     "holdout_elites": ("20 % holdout, 3 elite members of 5", ["model.holdout_fraction=0.2", "model.num_elites=3"]),
     "extra_observations": ("observation + posted prices, queues, energy backlog and arrivals per station",
                            ["env.extra_observations=[backlog, arrivals, queues, prices]"]),
+    "validation_16": ("checkpoint selected on 16 validation days instead of 8", ["training.validation_days=16"]),
+    "carbon_backoff": ("deployed with a 20 kg/MWh carbon back-off (the planner plans to 830 kg/MWh)",
+                       ["evaluation.constraint_backoff=[0, 20]"]),
 }
 REFERENCE = "cap_adaptive-seed0"
 METHOD = "cap_adaptive"

@@ -41,7 +41,7 @@ from evjax import cli
 from evjax.config import Config
 from evjax.dynamics import make_dynamics
 from evjax.planner import (CPU_TILE_ROWS, batch_plans, episode_step_weights, make_model_planner, make_planner,
-                           resolve_hidden_dtype, rollout_particles_per_member)
+                           resolve_hidden_dtype, resolve_kernel, rollout_particles_per_member)
 
 
 def forward_flops(layer_sizes: list[int]) -> int:
@@ -77,8 +77,9 @@ def main(argv=None) -> int:
                              "(member, candidate)")
     parser.add_argument("--hidden-dtype", choices=("auto", "float32", "bfloat16"), default=None,
                         help="planner.hidden_dtype (default: the config's; auto is bfloat16 on a GPU)")
-    parser.add_argument("--kernel", choices=("xla", "pallas", "pallas_layers", "mosaic"), default=None,
-                        help="planner.kernel (default: the config's; the Pallas kernels need a GPU, mosaic a Hopper one)")
+    parser.add_argument("--kernel", choices=("auto", "xla", "pallas", "pallas_layers", "mosaic"), default=None,
+                        help="planner.kernel (default: the config's, auto: mosaic on a Hopper GPU, else xla; the "
+                             "Pallas kernels need a GPU, mosaic a Hopper one)")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="also write a jax.profiler trace of three plans to DIR (Perfetto/TensorBoard)")
     parser.add_argument("--steps-done", type=int, default=0,
@@ -171,7 +172,9 @@ def main(argv=None) -> int:
         "ceiling_gflops_bf16": ceiling_bf16,
         "ratio_to_ceiling": achieved / ceiling,
         "matmul_dtype": matmul_dtype,
-        "hidden_dtype": hidden_dtype, "kernel": pcfg.kernel,
+        "hidden_dtype": hidden_dtype, "kernel": resolve_kernel(pcfg.kernel, jax.default_backend(), matmul_dtype,
+                                            getattr(jax.devices()[0], "compute_capability", None), dyn.layout),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "ceiling_shape": [dyn.ensemble_size, ceiling_rows, width],
         "device": f"{jax.devices()[0].device_kind} x{len(jax.devices())} ({os.cpu_count()} cpus)",
         "step_path": "sampled" if args.sampled_steps else "mean + planner noise",

@@ -224,7 +224,7 @@ class PlannerConfig(Section):
     matmul_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # input dtype of the ensemble matmuls (f32 accumulation)
     hidden_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # storage of the hidden matmul products in planning (XLA path); auto: bfloat16 on GPU/TPU with bfloat16 matmuls, float32 on CPU
     scan_unroll: int = 0  # horizon-scan unroll factor; 0 = auto (full on GPU/TPU, none on CPU)
-    kernel: Literal["xla", "pallas", "pallas_layers", "mosaic"] = "xla"  # ensemble forward in planning: XLA ops, one fused Pallas (Triton) kernel, one Pallas matmul + epilogue per hidden layer, or one Mosaic GPU kernel per model step (Hopper; the Pallas kernels GPU only)
+    kernel: Literal["auto", "xla", "pallas", "pallas_layers", "mosaic"] = "auto"  # ensemble forward in planning: auto (mosaic on a Hopper GPU, else xla), XLA ops, one fused Pallas (Triton) kernel, one Pallas matmul + epilogue per hidden layer, or one Mosaic GPU kernel per model step (Hopper; the Pallas kernels GPU only)
     tile_rows: int = 0  # XLA forward on CPU: samples per member per tile, run one tile after another; 0 = auto (600), >= N*P/E untiled; unused on GPU/TPU
     mode: Literal["cap", "ccem", "unconstrained"] = "cap"  # cap: cost + kappa*u; ccem: cost limit, no penalty; unconstrained: rewards only
     cost_model: Literal["learned", "observation"] = "observation"  # step cost: the model's cost output, or the env's formula on the predicted obs (kappa then counts predicted stds of margin)

@@ -229,6 +229,19 @@ def _aligned(size: int) -> int:
     return -(-size // 1024) * 1024
 
 
+def mosaic_shape_problem(hidden_sizes: tuple[int, ...], input_dim: int, out_dim: int) -> str:
+    """Why ``ensemble_head_mosaic`` cannot run an MLP of these widths ("" when it can): one hidden width, a multiple
+    of 64 per compute warpgroup up to 256; input and head widths up to 256."""
+    parts = max(MOSAIC_SPLIT, 1)
+    hidden = hidden_sizes[0]
+    if any(h != hidden for h in hidden_sizes) or hidden % (MOSAIC_CHUNK * parts) or hidden > 256:
+        return (f"planner.kernel 'mosaic' needs hidden layers of one width, a multiple of {MOSAIC_CHUNK * parts} up "
+                f"to 256, got {list(hidden_sizes)}")
+    if input_dim > 256 or out_dim > 256:
+        return f"planner.kernel 'mosaic' needs input and head widths up to 256, got {input_dim}, {out_dim}"
+    return ""
+
+
 def ensemble_head_mosaic(params: dict, x_norm: jax.Array, dtype, *, layer_names: tuple[str, ...], activation,
                          interpret: bool = False) -> jax.Array:
     """Raw head outputs [E, M, O], like ``ensemble_head``: the whole member MLP in one Mosaic GPU kernel (Hopper).
@@ -263,12 +276,9 @@ def ensemble_head_mosaic(params: dict, x_norm: jax.Array, dtype, *, layer_names:
     out_dim = params[head_name]["w"].shape[-1]
     split = MOSAIC_SPLIT
     parts = max(split, 1)  # column parts of a hidden layer
-    if (any(params[name]["w"].shape[-1] != hidden for name in hidden_names) or hidden % (MOSAIC_CHUNK * parts)
-            or hidden > 256):
-        raise ValueError(f"planner.kernel 'mosaic' needs hidden layers of one width, a multiple of {64 * parts} up to "
-                         f"256, got {[params[name]['w'].shape[-1] for name in hidden_names]}")
-    if input_dim > 256 or out_dim > 256:
-        raise ValueError(f"planner.kernel 'mosaic' needs input and head widths up to 256, got {input_dim}, {out_dim}")
+    problem = mosaic_shape_problem(tuple(params[name]["w"].shape[-1] for name in hidden_names), input_dim, out_dim)
+    if problem:
+        raise ValueError(problem)
     a_from_registers = MOSAIC_A_FROM_REGISTERS and not interpret and not split  # the interpreter reads operands from memory
     chunk, tile, part = MOSAIC_CHUNK, MOSAIC_TILE, hidden // parts
     padded_input, padded_out = -(-input_dim // chunk) * chunk, -(-out_dim // chunk) * chunk

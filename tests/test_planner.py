@@ -4,6 +4,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -761,6 +762,48 @@ def test_check_kernel_refuses_what_the_device_cannot_run():
                         (("mosaic", "gpu", "float32", "9.0"), "planner.matmul_dtype bfloat16")):
         with pytest.raises(ConfigError, match=match):
             cem.check_kernel(*args)
+
+
+def test_auto_kernel_is_mosaic_only_where_it_runs():
+    """``planner.kernel: auto`` picks the Mosaic kernel on a Hopper GPU with bfloat16 matmuls and an MLP it takes
+    (the default 4 x 256), the XLA path on CPU, on other GPUs, with float32 matmuls or with uneven widths; an
+    explicit kernel is kept as it is, so that ``check_kernel`` still refuses what the device cannot run."""
+    from evjax.config import Config, ModelConfig
+    from evjax.dynamics import make_dynamics
+
+    cfg = Config()
+    assert cfg.planner.kernel == "auto"
+    layout = make_dynamics(cfg.model, cfg.obs_dim, cfg.action_dim).layout
+    uneven = make_dynamics(ModelConfig(hidden_sizes=(256, 192), weight_decays=(0.0,) * 3), cfg.obs_dim,
+                           cfg.action_dim).layout
+    assert cem.resolve_kernel("auto", "gpu", "bfloat16", "9.0", layout) == "mosaic"
+    for args in (("cpu", "bfloat16", None, layout), ("gpu", "bfloat16", "8.0", layout),
+                 ("gpu", "bfloat16", "10.0", layout), ("gpu", "float32", "9.0", layout),
+                 ("gpu", "bfloat16", "9.0", uneven)):
+        assert cem.resolve_kernel("auto", *args) == "xla", args
+    assert cem.resolve_kernel("mosaic", "cpu", "bfloat16", None, layout) == "mosaic"
+    assert cem.resolve_kernel("xla", "gpu", "bfloat16", "9.0", layout) == "xla"
+
+
+@pytest.mark.parametrize("flags, env, plugin, want", [
+    ("", {}, True, "{ours}"),
+    ("--xla_dump_to=/tmp/x", {}, True, "--xla_dump_to=/tmp/x {ours}"),
+    ("--xla_gpu_enable_command_buffer=FUSION", {}, True, "--xla_gpu_enable_command_buffer=FUSION"),
+    ("", {"EVJAX_XLA_FLAGS": "keep"}, True, ""),
+    ("", {}, False, ""),
+])
+def test_gpu_command_buffer_flag_is_added_only_for_a_cuda_install(monkeypatch, flags, env, plugin, want):
+    """Importing evjax adds the command-buffer flag where a CUDA plugin is installed, after the user's flags;
+    a user's own setting of that flag, or ``EVJAX_XLA_FLAGS=keep``, wins."""
+    import evjax
+
+    monkeypatch.setenv("XLA_FLAGS", flags)
+    monkeypatch.delenv("EVJAX_XLA_FLAGS", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(evjax, "_has_cuda_plugin", lambda: plugin)
+    evjax._set_gpu_xla_flags()
+    assert os.environ["XLA_FLAGS"] == want.format(ours=evjax.GPU_COMMAND_BUFFERS)
 
 
 @pytest.mark.parametrize("pessimism", [0.5, 2.0])
