@@ -1,14 +1,17 @@
-"""Ablations of the agent: each variant trained (one seed) and evaluated on the same held-out days and seeds as the
-default agent, reported as paired per-day differences with 95 % intervals.
+"""Ablations of the agent: each variant trained (one seed or several) and evaluated on the same held-out days and
+seeds as the default agent of the same training seed, reported as paired per-day differences with 95 % intervals.
 
-    python benchmarks/ablations.py train    --out OUT [--jobs 2]   # OUT/runs/ablation-<name>/
-    python benchmarks/ablations.py evaluate --out OUT [--days 30]  # each run's trained agent (cap_adaptive) only
-    python benchmarks/ablations.py report   --out OUT              # OUT/ablations.{csv,md}
+    python benchmarks/ablations.py train    --out OUT [--jobs 2] [--seed S]   # OUT/runs/ablation-<name>[-seedS]/
+    python benchmarks/ablations.py evaluate --out OUT [--days 30] [--seed S]  # each run's agent (cap_adaptive) only
+    python benchmarks/ablations.py report   --out OUT [--seeds 0 1]           # OUT/ablations.{csv,md}
 
-The reference is the default agent of ``safety_while_learning.py`` with the
-same training seed (``OUT/runs/cap_adaptive-seed0``, evaluated by
-``python -m evjax.evaluate``); a difference is ablation minus default, per
-day, welfare (CNY per episode) and share of steps with any violation (%).
+The reference of training seed S is the default agent of
+``safety_while_learning.py`` with that seed (``OUT/runs/cap_adaptive-seedS``,
+evaluated by ``python -m evjax.evaluate``); a difference is ablation minus
+default, per day, welfare (CNY per episode) and share of steps with any
+violation (%). With several seeds the report gives each seed's paired
+difference and their mean, with the interval over all (seed, day) pairs:
+an interval over days, not over training seeds.
 """
 
 from __future__ import annotations
@@ -54,12 +57,18 @@ ABLATIONS = {  # name -> (what changes, overrides of the default config)
     "carbon_backoff": ("deployed with a 20 kg/MWh carbon back-off (the planner plans to 830 kg/MWh)",
                        ["evaluation.constraint_backoff=[0, 20]"]),
 }
-REFERENCE = "cap_adaptive-seed0"
 METHOD = "cap_adaptive"
 
 
-def run_dir(out: Path, name: str) -> Path:
-    return out / "runs" / (name if name == REFERENCE else f"ablation-{name}")
+def reference(seed: int) -> str:
+    return f"cap_adaptive-seed{seed}"
+
+
+def run_dir(out: Path, name: str, seed: int = 0) -> Path:
+    """The run of ablation ``name`` (or of the reference, ``name`` None) for training seed ``seed``."""
+    if name is None:
+        return out / "runs" / reference(seed)
+    return out / "runs" / (f"ablation-{name}" if seed == 0 else f"ablation-{name}-seed{seed}")
 
 
 def deploy_only(name: str) -> bool:
@@ -71,8 +80,9 @@ def train(args) -> None:
     def one(name):
         if deploy_only(name):
             return
-        seconds = train_one(run_dir(args.out, name), ABLATIONS[name][1] + ["training.seed=0"], args.config,
-                            args.out / "runs" / f"ablation-{name}.log")
+        path = run_dir(args.out, name, args.seed)
+        seconds = train_one(path, ABLATIONS[name][1] + [f"training.seed={args.seed}"], args.config,
+                            path.with_name(path.name + ".log"))
         print(f"{name}: trained in {seconds:.0f} s", flush=True)
 
     (args.out / "runs").mkdir(parents=True, exist_ok=True)
@@ -82,15 +92,16 @@ def train(args) -> None:
 
 def evaluate(args) -> None:
     def one(name):
-        command = [sys.executable, "-m", "evjax.evaluate", "--run-dir", str(run_dir(args.out, name)), "--days",
+        path = run_dir(args.out, name, args.seed)
+        command = [sys.executable, "-m", "evjax.evaluate", "--run-dir", str(path), "--days",
                    str(args.days), "--no-progress", "--no-plots", "--set", f"evaluation.methods=[{METHOD}]",
                    "--set", f"evaluation.reference={METHOD}"]
         if deploy_only(name):  # a copy of the default agent's run, evaluated with the ablation's settings
-            shutil.rmtree(run_dir(args.out, name), ignore_errors=True)
-            shutil.copytree(run_dir(args.out, REFERENCE), run_dir(args.out, name), ignore=shutil.ignore_patterns("eval*"))
+            shutil.rmtree(path, ignore_errors=True)
+            shutil.copytree(run_dir(args.out, None, args.seed), path, ignore=shutil.ignore_patterns("eval*"))
             for override in ABLATIONS[name][1]:
                 command += ["--set", override]
-        with (args.out / "runs" / f"ablation-{name}.eval.log").open("w") as f:
+        with path.with_name(path.name + ".eval.log").open("w") as f:
             if subprocess.run(command, stdout=f, stderr=subprocess.STDOUT).returncode:
                 raise RuntimeError(f"evaluation of {name} failed; see its .eval.log")
 
@@ -115,32 +126,68 @@ def interval(values: np.ndarray) -> float:
     return float(stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
 
 
+def paired(variant: dict, reference_days: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Per-day welfare and violation-share differences, variant minus reference, on the days both have."""
+    days = sorted(set(variant) & set(reference_days))
+    return (np.array([variant[d][0] - reference_days[d][0] for d in days]),
+            np.array([variant[d][1] - reference_days[d][1] for d in days]))
+
+
+def summary(name: str, seed, welfare: np.ndarray, violation: np.ndarray) -> dict:
+    return {"ablation": name, "change": ABLATIONS[name][0], "seed": seed, "days": len(welfare),
+            "welfare_diff_cny": float(welfare.mean()), "welfare_diff_ci95": interval(welfare),
+            "violation_diff_pp": float(violation.mean()), "violation_diff_ci95": interval(violation)}
+
+
+def cell(row: dict) -> str:
+    return (f"{row['welfare_diff_cny']:+.0f} ± {row['welfare_diff_ci95']:.0f} CNY, "
+            f"{row['violation_diff_pp']:+.1f} ± {row['violation_diff_ci95']:.1f} pp")
+
+
 def report(args) -> None:
-    reference = per_day(run_dir(args.out, REFERENCE) / "eval" / "steps.csv")
-    rows = []
+    seeds = args.seeds
+    references = {seed: per_day(run_dir(args.out, None, seed) / "eval" / "steps.csv") for seed in seeds}
+    rows, lines = [], []
     for name in args.names:
-        path = run_dir(args.out, name) / "eval" / "steps.csv"
-        if not path.is_file():
-            print(f"{name}: no evaluation ({path} missing); skipped", file=sys.stderr)
+        per_seed = {}
+        for seed in seeds:
+            path = run_dir(args.out, name, seed) / "eval" / "steps.csv"
+            if path.is_file():
+                per_seed[seed] = paired(per_day(path), references[seed])
+            else:
+                print(f"{name}, seed {seed}: no evaluation ({path} missing); skipped", file=sys.stderr)
+        if not per_seed:
             continue
-        variant = per_day(path)
-        days = sorted(set(variant) & set(reference))
-        welfare = np.array([variant[d][0] - reference[d][0] for d in days])
-        violation = np.array([variant[d][1] - reference[d][1] for d in days])
-        rows.append({"ablation": name, "change": ABLATIONS[name][0], "days": len(days),
-                     "welfare_diff_cny": float(welfare.mean()), "welfare_diff_ci95": interval(welfare),
-                     "violation_diff_pp": float(violation.mean()), "violation_diff_ci95": interval(violation)})
+        seed_rows = {seed: summary(name, seed, *diffs) for seed, diffs in per_seed.items()}
+        rows.extend(seed_rows.values())
+        if len(seeds) == 1:
+            r = seed_rows[seeds[0]]
+            lines.append(f"| {r['change']} | {r['welfare_diff_cny']:+.0f} ± {r['welfare_diff_ci95']:.0f} | "
+                         f"{r['violation_diff_pp']:+.1f} ± {r['violation_diff_ci95']:.1f} |")
+            continue
+        cells = [cell(seed_rows[seed]) if seed in seed_rows else "—" for seed in seeds]
+        if len(per_seed) == len(seeds):  # the mean over (seed, day) pairs
+            pooled = summary(name, "all", *(np.concatenate(d) for d in zip(*per_seed.values())))
+            rows.append(pooled)
+            cells.append(f"**{cell(pooled)}**")
+        else:
+            cells.append("—")
+        lines.append(f"| {ABLATIONS[name][0]} | " + " | ".join(cells) + " |")
+    if not rows:
+        raise SystemExit("no ablation has an evaluation")
     with (args.out / "ablations.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| ablation (vs the default agent, training seed 0) | welfare per episode (CNY, paired, 95 %) | "
-             "steps with any violation (pp, paired, 95 %) |", "|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['change']} | {r['welfare_diff_cny']:+.0f} ± {r['welfare_diff_ci95']:.0f} | "
-                     f"{r['violation_diff_pp']:+.1f} ± {r['violation_diff_ci95']:.1f} |")
-    (args.out / "ablations.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    if len(seeds) == 1:
+        head = [f"| ablation (vs the default agent, training seed {seeds[0]}) | welfare per episode (CNY, paired, "
+                "95 %) | steps with any violation (pp, paired, 95 %) |", "|---|---|---|"]
+    else:
+        head = ["| ablation (vs the default agent of the same training seed; welfare per episode, steps with any "
+                "violation; paired per day, 95 %) | " + " | ".join(f"seed {s}" for s in seeds) + " | all days |",
+                "|---|" + "---|" * (len(seeds) + 1)]
+    (args.out / "ablations.md").write_text("\n".join(head + lines) + "\n")
+    print("\n".join(head + lines))
 
 
 def main() -> None:
@@ -151,6 +198,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--days", type=int, default=30)
     parser.add_argument("--config", help="base config (default: the package defaults)")
+    parser.add_argument("--seed", type=int, default=0, help="train/evaluate: the training seed (default 0)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="report: the training seeds (default 0)")
     args = parser.parse_args()
     {"train": train, "evaluate": evaluate, "report": report}[args.action](args)
 
