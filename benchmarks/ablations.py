@@ -64,7 +64,7 @@ def reference(seed: int) -> str:
     return f"cap_adaptive-seed{seed}"
 
 
-def run_dir(out: Path, name: str, seed: int = 0) -> Path:
+def run_dir(out: Path, name: str | None, seed: int = 0) -> Path:
     """The run of ablation ``name`` (or of the reference, ``name`` None) for training seed ``seed``."""
     if name is None:
         return out / "runs" / reference(seed)
