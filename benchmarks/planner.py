@@ -100,6 +100,9 @@ def main(argv=None) -> int:
     model = dyn.init(jax.random.key(0))
     tile_rows = (pcfg.tile_rows or CPU_TILE_ROWS) if jax.default_backend() == "cpu" else 0  # as make_model_planner
     step_fn = functools.partial(dyn.step, matmul_dtype=matmul_dtype, tile_rows=tile_rows, hidden_dtype=hidden_dtype)
+    kernel = "xla" if args.sampled_steps else resolve_kernel(  # the forward the timed plan runs
+        pcfg.kernel, jax.default_backend(), matmul_dtype, getattr(jax.devices()[0], "compute_capability", None),
+        dyn.layout)
     if args.sampled_steps:
         planner = make_planner(pcfg, cfg.env.price_lower, cfg.env.price_upper, dyn.ensemble_size, step_fn)
     else:
@@ -172,8 +175,7 @@ def main(argv=None) -> int:
         "ceiling_gflops_bf16": ceiling_bf16,
         "ratio_to_ceiling": achieved / ceiling,
         "matmul_dtype": matmul_dtype,
-        "hidden_dtype": hidden_dtype, "kernel": resolve_kernel(pcfg.kernel, jax.default_backend(), matmul_dtype,
-                                            getattr(jax.devices()[0], "compute_capability", None), dyn.layout),
+        "hidden_dtype": hidden_dtype, "kernel": kernel,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "ceiling_shape": [dyn.ensemble_size, ceiling_rows, width],
         "device": f"{jax.devices()[0].device_kind} x{len(jax.devices())} ({os.cpu_count()} cpus)",

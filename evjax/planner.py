@@ -704,7 +704,7 @@ def check_kernel(kernel: str, backend: str, matmul_dtype: str, compute_capabilit
 
 
 def resolve_kernel(kernel: str, backend: str, matmul_dtype: str, compute_capability: Optional[str],
-                   layout=None) -> str:
+                   layout) -> str:
     """The concrete ``planner.kernel``: ``auto`` is ``mosaic`` on a Hopper GPU (compute capability 9.x) with
     bfloat16 matmuls and an MLP the kernel takes (``layout``: ``dyn.layout``), ``xla`` everywhere else; the
     others are returned as they are.
@@ -714,14 +714,11 @@ def resolve_kernel(kernel: str, backend: str, matmul_dtype: str, compute_capabil
     """
     if kernel != "auto":
         return kernel
-    if backend != "gpu" or matmul_dtype != "bfloat16" or not str(compute_capability or "").startswith("9."):
-        return "xla"
-    if layout is not None:
-        from evjax.fused_mlp import mosaic_shape_problem
+    from evjax.fused_mlp import mosaic_shape_problem
 
-        if mosaic_shape_problem(layout.hidden_sizes, layout.input_dim, layout.layer_sizes[-1]):
-            return "xla"
-    return "mosaic"
+    hopper = backend == "gpu" and str(compute_capability or "").startswith("9.")
+    fits = not mosaic_shape_problem(layout.hidden_sizes, layout.input_dim, layout.layer_sizes[-1])
+    return "mosaic" if hopper and matmul_dtype == "bfloat16" and fits else "xla"
 
 
 def make_model_planner(cfg, dyn, mesh: Optional[jax.sharding.Mesh] = None) -> Planner:
