@@ -210,6 +210,7 @@ class PlannerConfig(Section):
     iterations: int = 5  # maximum CEM iterations
     min_variance: float = 1e-8  # stop when the largest variance falls below this
     truncation_sigma: float = 3.0  # normal samples are truncated at +-this many sigma
+    variance_cap: bool = True  # SPEC 10: sampling variance capped by the squared half-distance to the nearer bound
     smoothing: float = 0.1  # new = smoothing * old + (1 - smoothing) * elite statistic
     gamma: float = 0.99  # discount for the predicted cost
     cost_limit: float = 0.1  # feasible if the scaled predicted cost + CAP margin over the horizon <= this (README, "Safety")

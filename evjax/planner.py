@@ -123,15 +123,17 @@ def capped_variance(mean: jax.Array, var: jax.Array, *, lower: jax.Array, upper:
 
 
 def sample_candidates(key: jax.Array, mean: jax.Array, var: jax.Array, *, lower: jax.Array, upper: jax.Array,
-                      num_candidates: int, truncation_sigma: float, shard: Callable = no_sharding) -> jax.Array:
+                      num_candidates: int, truncation_sigma: float, shard: Callable = no_sharding,
+                      variance_cap: bool = True) -> jax.Array:
     """N candidate sequences [N, H, A]: a = clip(mu + sqrt(v) * z, lb, ub), z standard normal cut at +-truncation_sigma.
 
-    mean, var [H, A]; v is ``capped_variance``.
+    mean, var [H, A]; v is ``capped_variance`` (SPEC 10), or var itself with ``variance_cap`` False, which
+    lets samples reach a bound from a mean on or near it.
     """
     horizon, action_dim = mean.shape
     draws = jax.random.truncated_normal(key, -truncation_sigma, truncation_sigma,
                                         (num_candidates, horizon, action_dim), jnp.float32)
-    std = jnp.sqrt(capped_variance(mean, var, lower=lower, upper=upper))
+    std = jnp.sqrt(capped_variance(mean, var, lower=lower, upper=upper) if variance_cap else var)
     return jnp.clip(mean + std * shard(draws, 0), lower, upper)  # [N, H, A]
 
 
@@ -396,13 +398,15 @@ def prior_action(prior_prices: Sequence[float], lower: jax.Array, upper: jax.Arr
 def cem_plan(key: jax.Array, model: Any, obs: jax.Array, warm_start: jax.Array, kappa: jax.Array, *,
              rollout_fn: Callable, noise_fn: Callable, lower: jax.Array, upper: jax.Array, num_candidates: int,
              num_elites: int, iterations: int, min_variance: float, truncation_sigma: float, smoothing: float,
-             cost_limit: Optional[float], shard: Callable = no_sharding, prior: Optional[jax.Array] = None):
+             cost_limit: Optional[float], shard: Callable = no_sharding, prior: Optional[jax.Array] = None,
+             variance_cap: bool = True):
     """One constrained CEM plan; pure, jit-compatible. Returns (action [A], next warm start [H, A], PlanDiagnostics).
 
     1. mean mu = warm start (clipped into the bounds), variance
        sigma^2 = (ub - lb)^2 / 16 per dimension;
     2. per iteration (at most ``iterations``; stop once max sigma^2 < ``min_variance``):
-       capped variance v = min(sigma^2, ((mu - lb) / 2)^2, ((ub - mu) / 2)^2);
+       capped variance v = min(sigma^2, ((mu - lb) / 2)^2, ((ub - mu) / 2)^2) (v = sigma^2 with
+       ``variance_cap`` False);
        N candidates a = clip(mu + sqrt(v) * z, lb, ub) with z a standard normal
        truncated at +-``truncation_sigma``;
     3. ``rollout_fn(model, obs, candidates, kappa, noise)`` (``rollout``) rolls each candidate
@@ -441,7 +445,7 @@ def cem_plan(key: jax.Array, model: Any, obs: jax.Array, warm_start: jax.Array, 
         key, sample_key = jax.random.split(carry.key)
         candidates = sample_candidates(sample_key, carry.mean, carry.var, lower=lower, upper=upper,
                                        num_candidates=num_candidates, truncation_sigma=truncation_sigma,
-                                       shard=shard)  # [N, H, A]
+                                       shard=shard, variance_cap=variance_cap)  # [N, H, A]
         values = rollout_fn(model, obs, candidates, kappa, model_noise)
         if cost_limit is not None:
             feasible = values.cost <= cost_limit  # [N]
@@ -593,7 +597,8 @@ def make_planner(
         rollout_fn=rollout_fn, noise_fn=noise_fn, lower=lower, upper=upper, num_candidates=cfg.popsize,
         num_elites=cfg.num_elites, iterations=cfg.iterations, min_variance=cfg.min_variance,
         truncation_sigma=cfg.truncation_sigma, smoothing=cfg.smoothing,
-        cost_limit=cfg.cost_limit if cfg.mode != "unconstrained" else None, shard=shard, prior=prior)
+        cost_limit=cfg.cost_limit if cfg.mode != "unconstrained" else None, shard=shard, prior=prior,
+        variance_cap=cfg.variance_cap)
 
     def plan_fn(key: jax.Array, model: Any, obs: jax.Array, warm_start: jax.Array, kappa: jax.Array):
         """One constrained CEM plan with this planner's settings (``cem_plan``); pure, jit-compatible."""

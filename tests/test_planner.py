@@ -409,6 +409,21 @@ def test_sample_candidates_stay_within_the_truncated_spread_and_bounds():
     np.testing.assert_array_equal(second, 1.0)
 
 
+def test_uncapped_samples_from_a_bound_pile_half_on_it():
+    """Without the variance cap a mean on the lower bound keeps its spread: the half of the truncated normal
+    below the bound is clipped onto it (P = 1/2), the other half lies in (1, 1 + 3 sigma] with mean
+    1 + sigma * E[z | 0 < z < 3] = 1 + 0.1 * 0.7912."""
+    mean, var = jnp.array([[1.0]]), jnp.array([[0.01]])
+    samples = np.asarray(cem.sample_candidates(jax.random.key(1), mean, var, lower=jnp.float32(1.0),
+                                               upper=jnp.float32(2.0), num_candidates=20000, truncation_sigma=3.0,
+                                               variance_cap=False))[:, 0, 0]
+    on_bound = samples == 1.0
+    assert np.mean(on_bound) == pytest.approx(0.5, abs=0.015)
+    # E[z | 0 < z < 3] for a standard normal: (phi(0) - phi(3)) / (Phi(3) - 1/2) = 0.7912
+    assert np.mean(samples[~on_bound]) == pytest.approx(1.0 + 0.1 * 0.7912, abs=2e-3)
+    assert samples.max() <= 1.3 + 1e-6
+
+
 # six hand-made candidates: (reward, cost); limit 1.0 makes 0, 2 and 4 feasible
 REWARD = jnp.array([5.0, 9.0, 7.0, 8.0, 6.0, 1.0])
 COST = jnp.array([0.5, 3.0, 0.2, 2.0, 1.0, 1.5])
