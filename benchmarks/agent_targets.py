@@ -8,6 +8,11 @@ run, all methods on the same held-out days and seeds) and prints a markdown tabl
 * the share of the oracle's paired welfare advantage over uniform random prices that the agent recovers
   (target: at least 75 %), mean(agent - random) / mean(oracle - random) over the days.
 
+Below the table, each target with its 95 % interval over the days (the agent's per-day figures averaged over the
+seeds, so the intervals are over days for these seeds): the paired t-intervals of agent - best fixed / 2 and
+agent - oracle - 1 pp, and Fieller's interval of the recovered share (``evjax.evaluate.ratio_interval``), which
+has no finite bounds while the oracle's own advantage over random prices is not resolved from zero.
+
     python benchmarks/agent_targets.py --out OUT [--seeds 0 1 2] [--twin-steps STEPS_CSV]
 
 ``--twin-steps`` (a ``steps.csv`` of non-learned methods on the same days and seeds, e.g. from
@@ -53,11 +58,40 @@ def seed_targets(steps_csv: Path, twin_csv: Path | None = None) -> dict:
         forecast_advantage = float(np.mean(welfare[FORECAST] - welfare[RANDOM]))
         forecast = {"forecast_violation_pct": violation[FORECAST], "forecast_minus_random_cny": forecast_advantage,
                     "recovered_of_forecast": float(np.mean(welfare[AGENT] - welfare[RANDOM])) / forecast_advantage}
-    return {**forecast, "days": len(days), "agent_violation_pct": violation[AGENT], "best_fixed": best_fixed,
+    return {**forecast, "days": len(days), "day_ids": days,
+            "per_day": {name: (welfare[name], np.array([methods[name][d][1] for d in days]))
+                        for name in (AGENT, best_fixed, ORACLE, RANDOM)}, "agent_violation_pct": violation[AGENT], "best_fixed": best_fixed,
             "best_fixed_violation_pct": violation[best_fixed], "oracle_violation_pct": violation[ORACLE],
             "agent_minus_random_cny": float(np.mean(welfare[AGENT] - welfare[RANDOM])),
             "oracle_minus_random_cny": advantage,
             "recovered": float(np.mean(welfare[AGENT] - welfare[RANDOM])) / advantage if advantage else float("nan")}
+
+
+def pooled_targets(results: dict) -> list[str]:
+    """The three targets with 95 % intervals over the days, the agent's per-day values averaged over the seeds."""
+    from evjax.evaluate import _interval, ratio_interval
+
+    first = next(iter(results.values()))
+    if any(r["day_ids"] != first["day_ids"] for r in results.values()):
+        raise SystemExit("agent_targets: the seeds were evaluated on different days; pooled targets need the same days")
+    welfare = np.mean([r["per_day"][AGENT][0] for r in results.values()], axis=0)
+    violation = np.mean([r["per_day"][AGENT][1] for r in results.values()], axis=0)
+    best = first["best_fixed"]
+    fixed_v = first["per_day"][best][1]
+    oracle_w, oracle_v = first["per_day"][ORACLE]
+    random_w = first["per_day"][RANDOM][0]
+    half = violation - 0.5 * fixed_v
+    above = violation - oracle_v - 1.0
+    advantage = oracle_w - random_w
+    share = ratio_interval(welfare - random_w, advantage)
+    n = len(welfare)
+    return [
+        f"Over the {n} days, the agent averaged over seeds {', '.join(map(str, results))} (95 % intervals over days):",
+        f"- agent − best fixed ({best}) / 2: {half.mean():+.1f} ± {_interval(half):.1f} pp (target ≤ 0)",
+        f"- agent − oracle − 1 pp: {above.mean():+.1f} ± {_interval(above):.1f} pp (target ≤ 0)",
+        f"- oracle − random welfare: {advantage.mean():+.0f} ± {_interval(advantage):.0f} CNY/ep; recovered share "
+        f"(Fieller): {share} (target ≥ 0.75)",
+    ]
 
 
 def main() -> None:
@@ -89,6 +123,9 @@ def main() -> None:
           f"{mean['oracle_violation_pct'] + 1:.1f} %: {ok(mean['agent_violation_pct'] <= mean['oracle_violation_pct'] + 1)}")
     print(f"- recovers at least 75 % of the oracle's advantage over random: {100 * mean['recovered']:.0f} %: "
           f"{ok(mean['recovered'] >= 0.75)}")
+    print()
+    for line in pooled_targets(results):
+        print(line)
     first = next(iter(results.values()))  # the twin methods are the same for every seed
     if "forecast_violation_pct" in first:
         recovered = float(np.mean([r["recovered_of_forecast"] for r in results.values()]))

@@ -26,7 +26,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -509,6 +509,54 @@ def _interval(per_day: np.ndarray) -> float:
 
     n = len(per_day)
     return float(stats.t.ppf(0.975, n - 1) * per_day.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+
+
+class RatioInterval(NamedTuple):
+    """A 95 % Fieller set for mean(N) / mean(D): [low, high] (``bounded``), R <= low or R >= high (``outside``),
+    or every R (``everything``)."""
+
+    estimate: float
+    low: float
+    high: float
+    kind: str
+
+    def __str__(self) -> str:
+        if self.kind == "bounded":
+            return f"{self.estimate:.2f} [{self.low:.2f}, {self.high:.2f}]"
+        if self.kind == "outside":
+            return f"{self.estimate:.2f} (interval unbounded: R <= {self.low:.2f} or R >= {self.high:.2f})"
+        return f"{self.estimate:.2f} (interval unbounded: every ratio)"
+
+
+def ratio_interval(numerator: np.ndarray, denominator: np.ndarray, confidence: float = 0.95) -> RatioInterval:
+    """Fieller's interval for the ratio of the means of paired per-day values N_d and D_d.
+
+    R is in the set when the per-day N_d - R D_d have a mean that a t-test does not reject at zero:
+    (mean N - R mean D)^2 <= q (s_NN - 2 R s_ND + R^2 s_DD), q = t^2 / n, which is the quadratic
+    a R^2 - 2 b R + c <= 0 with a = mean(D)^2 - q s_DD, b = mean(N) mean(D) - q s_ND, c = mean(N)^2 - q s_NN.
+    The set is bounded only when the denominator's own mean is resolved from zero (a > 0); a ratio
+    "recovered share" of a denominator that is not resolved has no finite interval.
+    """
+    from scipy import stats
+
+    num, den = np.asarray(numerator, float), np.asarray(denominator, float)
+    n = len(num)
+    if n < 2 or len(den) != n:
+        raise ValueError(f"ratio_interval needs two paired series of at least 2 days, got {len(num)} and {len(den)}")
+    q = stats.t.ppf(0.5 + confidence / 2, n - 1) ** 2 / n
+    cov = np.cov(num, den, ddof=1)
+    a = den.mean() ** 2 - q * cov[1, 1]
+    b = num.mean() * den.mean() - q * cov[0, 1]
+    c = num.mean() ** 2 - q * cov[0, 0]
+    estimate = float(num.mean() / den.mean()) if den.mean() else float("nan")
+    disc = b * b - a * c
+    if a > 0:  # the estimate itself satisfies the inequality, so disc >= 0
+        root = math.sqrt(max(disc, 0.0))
+        return RatioInterval(estimate, float((b - root) / a), float((b + root) / a), "bounded")
+    if disc > 0:
+        low, high = sorted(((b + math.sqrt(disc)) / a, (b - math.sqrt(disc)) / a))
+        return RatioInterval(estimate, float(low), float(high), "outside")
+    return RatioInterval(estimate, -math.inf, math.inf, "everything")
 
 
 def per_day(rows: list[dict]) -> dict[int, tuple[float, float, float]]:

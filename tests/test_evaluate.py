@@ -311,3 +311,41 @@ def test_evaluation_cost_limit_must_stay_below_the_nan_cost():
     with pytest.raises(ConfigError, match="evaluation.cost_limit"):
         from evjax import config as C
         C.load(overrides=["evaluation.cost_limit=2e6"])
+
+
+def test_ratio_interval_hand_values_and_the_t_test_it_inverts():
+    """N = [5, 7, 4, 4], D = [10, 12, 8, 10]: means 5 and 10, s_NN = 2, s_ND = 2, s_DD = 8/3, t(0.975, 3) = 3.1824,
+    q = t^2 / 4 = 2.5320; a = 100 - 8q/3 = 93.248, b = 50 - 2q = 44.936, c = 25 - 2q = 19.936, so
+    R in (b -+ sqrt(b^2 - ac)) / a = [0.3461, 0.6177]. Every R inside passes the paired t-test of N - R D at zero,
+    every R outside fails it."""
+    from scipy import stats
+
+    num, den = np.array([5.0, 7.0, 4.0, 4.0]), np.array([10.0, 12.0, 8.0, 10.0])
+    got = evaluate.ratio_interval(num, den)
+    assert got.kind == "bounded" and got.estimate == pytest.approx(0.5)
+    assert (got.low, got.high) == pytest.approx((0.34614, 0.61765), abs=1e-5)
+    for r in np.linspace(0.0, 1.0, 201):
+        diff = num - r * den
+        p = stats.ttest_1samp(diff, 0.0).pvalue
+        assert (p >= 0.05) == (got.low <= r <= got.high), r
+
+
+def test_ratio_interval_of_an_unresolved_denominator_is_unbounded():
+    """D = [5, -3, 1, 3, -1] has mean 1 and standard error sqrt(10 / 5) = 1.41 (t = 0.71): its mean is not resolved,
+    so no finite set holds the ratio. With N = 0.5 D + small noise no ratio is rejected at all; with N = 3 + small
+    noise (resolved from zero) only a band around R = 0 is, and the estimate 3 lies outside that band. Both agree
+    with the t-test of N - R D on a grid of R."""
+    from scipy import stats
+
+    den = np.array([5.0, -3.0, 1.0, 3.0, -1.0])
+    noise = np.array([0.1, -0.1, 0.0, 0.1, -0.1])
+    everything = evaluate.ratio_interval(0.5 * den + noise, den)
+    assert everything.kind == "everything" and everything.estimate == pytest.approx(0.5)
+    num = 3.0 + noise
+    band = evaluate.ratio_interval(num, den)
+    assert band.kind == "outside" and band.low < 0.0 < band.high < band.estimate == pytest.approx(3.0)
+    for r in np.linspace(-20.0, 20.0, 401):
+        p = stats.ttest_1samp(num - r * den, 0.0).pvalue
+        assert (p >= 0.05) == (r <= band.low or r >= band.high), r
+    with pytest.raises(ValueError, match="at least 2 days"):
+        evaluate.ratio_interval(np.array([1.0]), np.array([1.0]))
