@@ -9,11 +9,13 @@ episode), and prints per method: compile s, run s, ms per decision
 and the paired per-day difference to the oracle. No checkpoint needed.
 
     python benchmarks/twin_evaluation.py [--days 30] [--methods fixed_mid fixed_upper random oracle]
-        [--popsize 500] [--iterations 5] [--scenarios 4] [--prior P1 P2 P3] [--json] [--steps-dir DIR]
+        [--popsize 500] [--iterations 5] [--scenarios 4] [--prior P1 P2 P3] [--set KEY=VALUE ...] [--json]
+        [--steps-dir DIR]
 
 ``--methods ... forecast_oracle`` adds the oracle without foresight of the arrivals (``evjax.oracle``), planning
 on ``--scenarios`` other draws of each day's demand (``evaluation.forecast_scenarios``). ``--prior`` sets
-``planner.prior_prices``, the oracles' first warm start (default mid-range).
+``planner.prior_prices``, the oracles' first warm start (default mid-range); ``--set`` any other config key, as
+in ``python -m evjax.train`` (e.g. ``planner.variance_cap=false``).
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ def main(argv=None) -> None:
     parser.add_argument("--scenarios", type=int, default=None, help="evaluation.forecast_scenarios")
     parser.add_argument("--prior", type=float, nargs="+", default=None,
                         help="planner.prior_prices: the oracles' first CEM mean, one price per station")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, repeatable")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--steps-dir", type=Path, help="also write every step of every method to DIR/steps.csv")
     args = parser.parse_args(argv)
@@ -49,8 +53,9 @@ def main(argv=None) -> None:
                **({"oracle_iterations": args.iterations} if args.iterations else {}),
                **({"forecast_scenarios": args.scenarios} if args.scenarios else {})}
     cfg = dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, **changes))
-    if args.prior:
-        cfg = config_lib.load(overrides=[f"planner.prior_prices={list(args.prior)}"], base=cfg)
+    overrides = [*args.overrides, *([f"planner.prior_prices={list(args.prior)}"] if args.prior else [])]
+    if overrides:
+        cfg = config_lib.load(overrides=overrides, base=cfg)
     day_ids = evaluate.evaluation_day_ids(cfg)
     seeds = [cfg.evaluation.seed + i for i in range(len(day_ids))]
     tic = time.perf_counter()
@@ -64,7 +69,7 @@ def main(argv=None) -> None:
               "cpu_count": os.cpu_count(), "load_average": os.getloadavg()[0], "wall_s": wall,
               "oracle": f"{cfg.evaluation.oracle_popsize} x {cfg.evaluation.oracle_iterations}",
               "forecast_scenarios": cfg.evaluation.forecast_scenarios,
-              "prior": list(cfg.planner.prior_prices) or "mid-range", "methods": {}}
+              "prior": list(cfg.planner.prior_prices) or "mid-range", "overrides": args.overrides, "methods": {}}
     for method, rows in runs.items():
         s = evaluate.summarise(method, rows, cfg)
         entry = {**timings[method], "welfare_cny": s["welfare_cny"], "welfare_ci95": s["welfare_ci95"],

@@ -48,7 +48,7 @@ def planner_variant(planner_cfg: PlannerConfig, method: Method, fixed_kappa: flo
                     evaluation: Optional[EvaluationConfig] = None) -> PlannerConfig:
     """The planner config of evaluation ``method``: its planner mode, kappa held fixed by its kappa rule, and the
     deployment settings of ``evaluation`` (``EvaluationConfig.DEPLOYED``: cost limit, prior, back-off, pessimism,
-    particle noise) in place of the trained ones where they are set (not None).
+    particle noise, variance cap) in place of the trained ones where they are set (not None).
 
     With one kappa per constraint ``kappa_init`` holds their mean; pass the
     method's kappa (``method_kappa``) to ``Agent`` to plan with both.

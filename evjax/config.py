@@ -261,7 +261,8 @@ class TrainingConfig(Section):
 class EvaluationConfig(Section):
     """Held-out evaluation and baselines (SPEC 11 and 12)."""
 
-    DEPLOYED = ("cost_limit", "prior_prices", "constraint_backoff", "reward_pessimism", "particle_noise")  # planner.* fields the learned planners deploy with where set (not None)
+    DEPLOYED = ("cost_limit", "prior_prices", "constraint_backoff", "reward_pessimism", "particle_noise",
+                "variance_cap")  # planner.* fields the learned planners deploy with where set (not None)
 
     split: Literal["train", "test"] = "test"  # days to evaluate on
     days: int = 30  # number of days, spread evenly over the split; 0 = every day of the split
@@ -272,6 +273,7 @@ class EvaluationConfig(Section):
     constraint_backoff: Optional[tuple[float, ...]] = None  # limit back-off the learned planners deploy with (planner.constraint_backoff's meaning); null: the run's own
     reward_pessimism: Optional[float] = None  # planner.reward_pessimism the learned planners deploy with; null: the run's own
     particle_noise: Optional[bool] = None  # planner.particle_noise the learned planners deploy with; null: the run's own
+    variance_cap: Optional[bool] = None  # planner.variance_cap the learned planners deploy with; null: the run's own
     batch_days: bool = True  # the planner methods plan all days of a step in one planner.plan_batch call (equal plans)
     reference: str = "oracle"  # method the paired per-day differences of the table are taken against
     baseline_simulator: Literal["twin", "host"] = "twin"  # where fixed_mid, fixed_upper and random run (twin: all days in one vmapped call)

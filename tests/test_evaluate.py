@@ -261,8 +261,8 @@ def test_evaluation_cost_limit_replaces_the_planners_limit(monkeypatch, override
 
 
 def test_deployment_prior_and_backoff_replace_the_runs_own(monkeypatch):
-    """evaluation.prior_prices / constraint_backoff / reward_pessimism / particle_noise reach every learned planner;
-    null keeps the run's settings."""
+    """evaluation.prior_prices / constraint_backoff / reward_pessimism / particle_noise / variance_cap reach every
+    learned planner; null keeps the run's settings."""
     import dataclasses
     import types
 
@@ -274,19 +274,20 @@ def test_deployment_prior_and_backoff_replace_the_runs_own(monkeypatch):
 
     def recording(run_cfg, dyn):
         seen[run_cfg.planner.mode] = (run_cfg.planner.prior_prices, run_cfg.planner.constraint_backoff,
-                                      run_cfg.planner.reward_pessimism, run_cfg.planner.particle_noise)
+                                      run_cfg.planner.reward_pessimism, run_cfg.planner.particle_noise,
+                                      run_cfg.planner.variance_cap)
         return real(run_cfg, dyn)
 
     monkeypatch.setattr(planner_module, "make_model_planner", recording)
     base = Config()
     parts = types.SimpleNamespace(dynamics=make_dynamics(base.model, base.obs_dim, base.action_dim))
     evaluate.make_policies(base, parts, None, 0.7, ["ccem", "cap_adaptive"])
-    assert seen == {"ccem": ((), (0.0, 0.0), 0.0, False), "cap": ((), (0.0, 0.0), 0.0, False)}
+    assert seen == {"ccem": ((), (0.0, 0.0), 0.0, False, True), "cap": ((), (0.0, 0.0), 0.0, False, True)}
     cfg = dataclasses.replace(base, evaluation=dataclasses.replace(
         base.evaluation, prior_prices=(1.325, 1.45, 1.25), constraint_backoff=(0.0, 20.0), reward_pessimism=1.5,
-        particle_noise=True))
+        particle_noise=True, variance_cap=False))
     policies = evaluate.make_policies(cfg, parts, None, 0.7, ["ccem", "cap_adaptive"])
-    deployed = ((1.325, 1.45, 1.25), (0.0, 20.0), 1.5, True)
+    deployed = ((1.325, 1.45, 1.25), (0.0, 20.0), 1.5, True, False)
     assert seen == {"ccem": deployed, "cap": deployed}
     # the prior is where the deployed CEM starts: the first warm start holds it at every horizon step
     warm = np.asarray(policies["cap_adaptive"].agent.planner.initial_warm_start())

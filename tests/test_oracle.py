@@ -32,6 +32,11 @@ def test_a_prior_on_the_bounds_holds_the_oracle_there():
     assert len(runs["oracle"]) == cfg.env.episode_steps
     for r in runs["oracle"]:
         np.testing.assert_allclose(r["price"], upper, rtol=1e-6)
+    # without the cap the samples keep their spread at the bound, and the oracle moves off it
+    cfg = dataclasses.replace(cfg, planner=dataclasses.replace(cfg.planner, variance_cap=False))
+    assert oracle.settings(cfg).variance_cap is False
+    runs, _ = evaluate.run_on_twin(cfg, ["oracle"], [0], [1000])
+    assert any(np.any(np.asarray(r["price"]) < np.asarray(upper) - 1e-3) for r in runs["oracle"])
 
 
 def test_oracle_removes_violations_of_fixed_and_random_prices(twin_evaluation):
