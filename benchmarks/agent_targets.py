@@ -58,9 +58,10 @@ def seed_targets(steps_csv: Path, twin_csv: Path | None = None) -> dict:
         forecast_advantage = float(np.mean(welfare[FORECAST] - welfare[RANDOM]))
         forecast = {"forecast_violation_pct": violation[FORECAST], "forecast_minus_random_cny": forecast_advantage,
                     "recovered_of_forecast": float(np.mean(welfare[AGENT] - welfare[RANDOM])) / forecast_advantage}
-    return {**forecast, "days": len(days), "day_ids": days,
-            "per_day": {name: (welfare[name], np.array([methods[name][d][1] for d in days]))
-                        for name in (AGENT, best_fixed, ORACLE, RANDOM)}, "agent_violation_pct": violation[AGENT], "best_fixed": best_fixed,
+    per_day_values = {name: (welfare[name], np.array([methods[name][d][1] for d in days]))
+                      for name in (AGENT, best_fixed, ORACLE, RANDOM)}  # (welfare, violation %) per day
+    return {**forecast, "days": len(days), "day_ids": days, "per_day": per_day_values,
+            "agent_violation_pct": violation[AGENT], "best_fixed": best_fixed,
             "best_fixed_violation_pct": violation[best_fixed], "oracle_violation_pct": violation[ORACLE],
             "agent_minus_random_cny": float(np.mean(welfare[AGENT] - welfare[RANDOM])),
             "oracle_minus_random_cny": advantage,
