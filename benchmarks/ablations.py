@@ -56,6 +56,9 @@ ABLATIONS = {  # name -> (what changes, overrides of the default config)
     "validation_16": ("checkpoint selected on 16 validation days instead of 8", ["training.validation_days=16"]),
     "carbon_backoff": ("deployed with a 20 kg/MWh carbon back-off (the planner plans to 830 kg/MWh)",
                        ["evaluation.constraint_backoff=[0, 20]"]),
+    "no_variance_cap": ("CEM without its variance cap (samples may settle on a price bound), trained and deployed",
+                        ["planner.variance_cap=false"]),
+    "deploy_no_variance_cap": ("CEM without its variance cap at deployment only", ["evaluation.variance_cap=false"]),
 }
 METHOD = "cap_adaptive"
 
