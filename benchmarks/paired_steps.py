@@ -1,6 +1,6 @@
 """Paired per-day difference of two methods' episodes, each read from a ``steps.csv`` (the same or two runs).
 
-    python benchmarks/paired_steps.py RUN_A/steps.csv:METHOD_A RUN_B/steps.csv:METHOD_B [--json]
+    python benchmarks/paired_steps.py RUN_A/steps.csv:METHOD_A RUN_B/steps.csv:METHOD_B [--by-step] [--json]
 
 Prints METHOD_A minus METHOD_B per day, averaged over the days with a 95 %
 t-interval (``evaluate.paired_differences``): welfare (CNY per episode) and
@@ -11,7 +11,9 @@ mismatch. A ``steps.csv`` is what ``evjax.evaluate`` writes to ``eval/`` and
 ``benchmarks/twin_evaluation.py --steps-dir DIR`` to ``DIR``; a method's rows
 on a second simulator are ``METHOD@host``. Example (README, "What is achievable
 without foresight"): the forecast oracle of an H200 run against the tuned
-constant of an agent's evaluation.
+constant of an agent's evaluation. ``--by-step`` adds, for each side, the share
+of days with a violation at each step of the day (where in the day one
+method loses to the other).
 """
 
 from __future__ import annotations
@@ -58,15 +60,30 @@ def compare(rows_a: list[dict], rows_b: list[dict]) -> dict:
             "violation_b_pct": float(np.mean([v[2] for v in ref.values()]))}
 
 
+def violations_by_step(rows: list[dict]) -> np.ndarray:
+    """Share of days (%) with any violation at each step of the day [steps]."""
+    steps = max(r["step"] for r in rows) + 1
+    hits, days = np.zeros(steps), np.zeros(steps)
+    for r in rows:
+        hits[r["step"]] += r["cost"] > 0
+        days[r["step"]] += 1
+    return 100.0 * hits / np.maximum(days, 1)
+
+
 @cli.entry_point("paired_steps.py")
 def main(argv=None) -> int:
     parser = cli.ArgumentParser(prog="paired_steps.py", description=__doc__.splitlines()[0])
     parser.add_argument("a", metavar="PATH:METHOD", help="the method whose differences are reported")
     parser.add_argument("b", metavar="PATH:METHOD", help="the reference")
+    parser.add_argument("--by-step", action="store_true",
+                        help="also the share of days violating at each step of the day, A and B")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     (label_a, rows_a), (label_b, rows_b) = load_run(args.a), load_run(args.b)
     result = {"a": label_a, "b": label_b, **compare(rows_a, rows_b)}
+    if args.by_step:
+        result["violation_by_step_a_pct"] = violations_by_step(rows_a).tolist()
+        result["violation_by_step_b_pct"] = violations_by_step(rows_b).tolist()
     if args.json:
         print(json.dumps(result))
         return 0
@@ -75,6 +92,10 @@ def main(argv=None) -> int:
           f"{result['welfare_diff_cny']:+.0f} ± {result['welfare_diff_ci95']:.0f}")
     print(f"  violation {result['violation_a_pct']:.1f} % - {result['violation_b_pct']:.1f} % of steps: "
           f"{result['violation_diff_pct']:+.1f} ± {result['violation_diff_ci95']:.1f} pp")
+    if args.by_step:
+        for side in ("a", "b"):
+            shares = " ".join(f"{v:4.0f}" for v in result[f"violation_by_step_{side}_pct"])
+            print(f"  days violating at each step, {side.upper()}: {shares} %")
     return 0
 
 

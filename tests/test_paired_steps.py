@@ -55,3 +55,9 @@ def test_bad_arguments_are_one_line_and_status_2(tmp_path, capsys):
         assert message in err and "\n" not in err
     assert paired_steps.main([f"{steps}:cap_adaptive", f"{steps}:cap_adaptive"]) == 0
     assert "+0 ± 0" in capsys.readouterr().out
+
+
+def test_violations_by_step_by_hand():
+    """ROWS: step 0 violates on day 0 only (50 % of days), step 1 on both days (100 %); the reference never."""
+    np.testing.assert_allclose(paired_steps.violations_by_step(ROWS), [50.0, 100.0])
+    np.testing.assert_allclose(paired_steps.violations_by_step(reference_rows()), [0.0, 0.0])
