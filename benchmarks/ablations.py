@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import shutil
 import subprocess
 import sys
@@ -123,10 +122,10 @@ def per_day(steps_csv: Path) -> dict[int, tuple[float, float]]:
 
 
 def interval(values: np.ndarray) -> float:
-    from scipy import stats
+    """Half-width of the 95 % t-interval of the mean (``evaluate``'s, NaN for one value)."""
+    from evjax.evaluate import _interval
 
-    n = len(values)
-    return float(stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    return _interval(values)
 
 
 def paired(variant: dict, reference_days: dict) -> tuple[np.ndarray, np.ndarray]:
