@@ -615,12 +615,29 @@ def predict(state: ModelState, obs: jax.Array, act: jax.Array, key: Optional[jax
     return _decode(state, obs, mean, std, noise, layout=layout)
 
 
+class PlanningModel(NamedTuple):
+    """A ``ModelState`` with its kernel's weight layout computed once (``prepare``); ``step`` takes either."""
+
+    state: ModelState
+    head_weights: Any  # fused_mlp.MosaicWeights
+
+
+def prepare(state: ModelState, *, layout: Layout, kernel: str) -> ModelState | PlanningModel:
+    """What a plan's CEM loop should read: ``state`` itself, or with ``kernel="mosaic"`` a ``PlanningModel``
+    holding ``fused_mlp.mosaic_weights`` too, so that the weights are laid out once per plan rather than once
+    per CEM iteration (XLA leaves that work inside the loop). ``step`` gives the same outputs for both."""
+    if kernel != "mosaic":
+        return state
+    return PlanningModel(state, fused_mlp.mosaic_weights(state.params, layer_names=layout.layer_names))
+
+
 # planner.kernel values that run the layers as Pallas kernels: the raw head outputs [E, M, S+2+W]
 PALLAS_HEADS = {"pallas": fused_mlp.ensemble_head, "pallas_layers": fused_mlp.ensemble_head_layers,
                 "mosaic": fused_mlp.ensemble_head_mosaic}
 
 
-def step(state: ModelState, obs: jax.Array, act: jax.Array, key: Optional[jax.Array], *, layout: Layout,
+def step(state: ModelState | PlanningModel, obs: jax.Array, act: jax.Array, key: Optional[jax.Array], *,
+         layout: Layout,
          matmul_dtype: str = "float32", mean_only: bool = False, kernel: str = "xla",
          tile_rows: int = 0, hidden_dtype: str = "float32") -> Prediction:
     """Member-major step: obs [E, M, S], act [E, M, A]; row e advanced by member e.
@@ -642,8 +659,12 @@ def step(state: ModelState, obs: jax.Array, act: jax.Array, key: Optional[jax.Ar
     (``fused_mlp.ensemble_head``; the same maths, on a GPU), ``"pallas_layers"``
     one Pallas matmul per hidden layer with the bias + activation in its
     epilogue (``fused_mlp.ensemble_head_layers``); on other backends both run
-    in Pallas interpret mode, a test path far too slow to plan with.
+    in Pallas interpret mode, a test path far too slow to plan with. ``state`` may be a ``PlanningModel``
+    (``prepare``), whose weights the Mosaic kernel then reads as they are.
     """
+    head_weights = {}
+    if isinstance(state, PlanningModel):
+        state, head_weights = state.state, {"weights": state.head_weights}
     dtype = _matmul_dtype(matmul_dtype)
     members, samples = obs.shape[:2]
     chex.assert_shape(obs, (members, samples, layout.obs_dim))  # [E, M, S]
@@ -655,7 +676,8 @@ def step(state: ModelState, obs: jax.Array, act: jax.Array, key: Optional[jax.Ar
                                             hidden_dtype=_matmul_dtype(hidden_dtype))  # [E, M, S+2], [E, W, M]
     elif kernel in PALLAS_HEADS:
         head = PALLAS_HEADS[kernel](state.params, x_norm, dtype, layer_names=layout.layer_names,
-                                    activation=swish_via_tanh, interpret=jax.default_backend() != "gpu")
+                                    activation=swish_via_tanh, interpret=jax.default_backend() != "gpu",
+                                    **(head_weights if kernel == "mosaic" else {}))
         mean, logvar_t = jax.vmap(functools.partial(split_head, layout=layout))(
             head, state.params["max_logvar"], state.params["min_logvar"])
     else:

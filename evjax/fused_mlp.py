@@ -28,7 +28,7 @@ is how it is tested against the XLA path; it is far too slow to plan with there.
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -242,8 +242,40 @@ def mosaic_shape_problem(hidden_sizes: tuple[int, ...], input_dim: int, out_dim:
     return ""
 
 
+class MosaicWeights(NamedTuple):
+    """The ensemble's weights in the Mosaic kernel's layout (``mosaic_weights``): K blocks of 64 rows per layer."""
+
+    blocks: jax.Array  # [E, C, parts, 64, H / parts] bfloat16: block c (all hidden layers' inputs), column part p
+    biases: jax.Array  # [E, L, parts, H / parts] float32
+    head_w: jax.Array  # [E, H, O'] bfloat16, O' = the head width padded to a multiple of 64
+    head_b: jax.Array  # [E, O'] float32
+
+
+def mosaic_weights(params: dict, *, layer_names: tuple[str, ...]) -> MosaicWeights:
+    """Lay the weights out for ``ensemble_head_mosaic``: pad, cast to bfloat16, cut into 64-row blocks.
+
+    Five small kernels on a GPU. The planner computes this once per plan (``dynamics.prepare``), not once per
+    CEM iteration: XLA does not move it out of the CEM loop by itself.
+    """
+    hidden_names, head_name = layer_names[:-1], layer_names[-1]
+    members, input_dim, hidden = params[hidden_names[0]]["w"].shape
+    out_dim = params[head_name]["w"].shape[-1]
+    parts = max(MOSAIC_SPLIT, 1)  # column parts of a hidden layer
+    chunk, part, bf16 = MOSAIC_CHUNK, hidden // parts, jnp.bfloat16
+    padded_input, padded_out = -(-input_dim // chunk) * chunk, -(-out_dim // chunk) * chunk
+    weights = [jnp.pad(params[hidden_names[0]]["w"], ((0, 0), (0, padded_input - input_dim), (0, 0)))]
+    weights += [params[name]["w"] for name in hidden_names[1:]]
+    blocks = jnp.concatenate([w.astype(bf16).reshape(members, -1, chunk, parts, part) for w in weights], axis=1)
+    biases = jnp.stack([params[name]["b"] for name in hidden_names], axis=1).astype(jnp.float32)
+    return MosaicWeights(
+        blocks=jnp.swapaxes(blocks, 2, 3),
+        biases=biases.reshape(members, len(hidden_names), parts, part),
+        head_w=jnp.pad(params[head_name]["w"].astype(bf16), ((0, 0), (0, 0), (0, padded_out - out_dim))),
+        head_b=jnp.pad(params[head_name]["b"].astype(jnp.float32), ((0, 0), (0, padded_out - out_dim))))
+
+
 def ensemble_head_mosaic(params: dict, x_norm: jax.Array, dtype, *, layer_names: tuple[str, ...], activation,
-                         interpret: bool = False) -> jax.Array:
+                         interpret: bool = False, weights: Optional[MosaicWeights] = None) -> jax.Array:
     """Raw head outputs [E, M, O], like ``ensemble_head``: the whole member MLP in one Mosaic GPU kernel (Hopper).
 
     One instance per (member, 64 rows) keeps its activations on chip through
@@ -263,7 +295,8 @@ def ensemble_head_mosaic(params: dict, x_norm: jax.Array, dtype, *, layer_names:
     Needs bfloat16 matmuls, hidden layers of one width H (a multiple of 64 per
     compute warpgroup, at most 256), an input width and a head width of at most 256; inputs are
     zero-padded to 64 columns, the head to a multiple of 64 and M to a
-    multiple of 64 (exact, as in ``ensemble_head``). ``interpret`` runs it in
+    multiple of 64 (exact, as in ``ensemble_head``). ``weights``: ``mosaic_weights(params)``
+    computed beforehand (computed here when None). ``interpret`` runs it in
     Pallas' Mosaic GPU interpret mode on CPU (tests).
     """
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -287,14 +320,7 @@ def ensemble_head_mosaic(params: dict, x_norm: jax.Array, dtype, *, layer_names:
     num_layers = len(hidden_names)
 
     x = jnp.pad(x_norm.astype(bf16), ((0, 0), (0, rows - samples), (0, padded_input - input_dim)))
-    weights = [jnp.pad(params[hidden_names[0]]["w"], ((0, 0), (0, padded_input - input_dim), (0, 0)))]
-    weights += [params[name]["w"] for name in hidden_names[1:]]
-    blocks = jnp.concatenate([w.astype(bf16).reshape(members, -1, chunk, parts, part) for w in weights], axis=1)
-    blocks = jnp.swapaxes(blocks, 2, 3)  # [E, C, parts, 64, H / parts]: block c, column part p
-    biases = jnp.stack([params[name]["b"] for name in hidden_names], axis=1).astype(jnp.float32)
-    biases = biases.reshape(members, num_layers, parts, part)  # [E, L, parts, H / parts]
-    head_w = jnp.pad(params[head_name]["w"].astype(bf16), ((0, 0), (0, 0), (0, padded_out - out_dim)))
-    head_b = jnp.pad(params[head_name]["b"].astype(jnp.float32), ((0, 0), (0, padded_out - out_dim)))
+    blocks, biases, head_w, head_b = mosaic_weights(params, layer_names=layer_names) if weights is None else weights
     num_blocks = blocks.shape[1]
     layer_blocks = [padded_input // chunk] + [hidden // chunk] * (num_layers - 1)  # blocks of each layer
     h_buffers = 2 if split else 1  # compute warpgroups write layer l+1 while the other may still read layer l

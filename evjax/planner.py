@@ -522,6 +522,7 @@ def make_planner(
     mesh: Optional[jax.sharding.Mesh] = None,
     cost_fn: Optional[Callable] = None,
     step_weights_fn: Optional[Callable] = None,
+    prepare_fn: Optional[Callable] = None,
 ) -> Planner:
     """Build the constrained CEM planner of SPEC 10 for an E-member ensemble: validate, bind, return the bundle.
 
@@ -554,6 +555,10 @@ def make_planner(
     ``cost_fn`` and ``step_weights_fn``: see ``rollout`` (the environment's cost
     formula on the predicted observation, and the weights that end the horizon
     with the episode); ``make_model_planner`` binds them from the config.
+
+    ``prepare_fn(model) -> model``: work on the model that every step of a plan would repeat (the Mosaic
+    kernel's weight layout, ``dynamics.prepare``), done once per plan before the CEM loop; the steps
+    then get its result as their model. None: the model as given.
 
     The config section has checked its own settings; the factory checks the
     arguments that do not come from it (``num_members``, the price bounds, the
@@ -600,9 +605,11 @@ def make_planner(
         cost_limit=cfg.cost_limit if cfg.mode != "unconstrained" else None, shard=shard, prior=prior,
         variance_cap=cfg.variance_cap)
 
+    prepare = prepare_fn or (lambda model: model)
+
     def plan_fn(key: jax.Array, model: Any, obs: jax.Array, warm_start: jax.Array, kappa: jax.Array):
         """One constrained CEM plan with this planner's settings (``cem_plan``); pure, jit-compatible."""
-        return cem_plan(key, model, obs, warm_start, kappa, **plan_settings)
+        return cem_plan(key, prepare(model), obs, warm_start, kappa, **plan_settings)
 
     plan_jit = jax.jit(plan_fn)
 
@@ -627,7 +634,7 @@ def make_planner(
 
     def evaluate(key: jax.Array, model: Any, obs: jax.Array, actions: jax.Array, kappa: jax.Array) -> CandidateValues:
         """Predicted reward, penalised cost and penalty of candidates actions [N, H, A] (pure)."""
-        return rollout_fn(model, obs, actions, kappa, noise_fn(key, actions.shape[0], obs.shape[-1]))
+        return rollout_fn(prepare(model), obs, actions, kappa, noise_fn(key, actions.shape[0], obs.shape[-1]))
 
     return Planner(plan=plan, plan_fn=plan_fn, plan_batch=plan_batch, plan_batch_fn=plan_batch_fn,
                    evaluate=evaluate,
@@ -734,11 +741,13 @@ def make_model_planner(cfg, dyn, mesh: Optional[jax.sharding.Mesh] = None) -> Pl
     ``planner.tile_rows`` both as ``step_fn`` and, with ``mean_only=True``, as
     ``mean_step_fn``; plans over ``dyn.num_planning_members`` members, so pass
     ``dyn.select_elites(model)`` when the model has a holdout. A ``planner.kernel`` other than xla needs a GPU
-    backend, mosaic a Hopper one (``check_kernel``; on CPU the kernels only run in interpret mode, for tests).
-    With ``planner.cost_model: observation`` the step cost is ``observation_cost``
-    on the observation layout of ``cfg``; with ``planner.stop_at_episode_end`` the
+    backend, mosaic a Hopper one (``check_kernel``; on CPU the kernels only run in interpret mode, for tests);
+    ``dynamics.prepare`` lays the Mosaic kernel's weights out once per plan (``prepare_fn``). With
+    ``planner.cost_model: observation`` the step cost is ``observation_cost`` on the observation layout of ``cfg``; with ``planner.stop_at_episode_end`` the
     horizon steps after the episode's end weigh 0 (``episode_step_weights``).
     """
+    from evjax import dynamics
+
     matmul_dtype, backend = cfg.planner.matmul_dtype, jax.default_backend()
     compute_capability = getattr(jax.devices()[0], "compute_capability", None)
     kernel = resolve_kernel(cfg.planner.kernel, backend, matmul_dtype, compute_capability, dyn.layout)
@@ -755,4 +764,5 @@ def make_model_planner(cfg, dyn, mesh: Optional[jax.sharding.Mesh] = None) -> Pl
                                             episode_steps=cfg.env.episode_steps)
     return make_planner(cfg.planner, cfg.env.price_lower, cfg.env.price_upper, dyn.num_planning_members,
                         step_fn, mean_step_fn=mean_step_fn, mesh=mesh, cost_fn=cost_fn,
-                        step_weights_fn=step_weights_fn)
+                        step_weights_fn=step_weights_fn,
+                        prepare_fn=functools.partial(dynamics.prepare, layout=dyn.layout, kernel=kernel))

@@ -411,6 +411,13 @@ def test_mosaic_kernel_matches_the_xla_step(fitted, binary_cost, monkeypatch):
     got = dyn.step(state, obs, act, key, matmul_dtype="bfloat16", kernel="mosaic")
     for name, g, w, unit in zip(got._fields, got, want, (scale[:OBS_DIM], scale[OBS_DIM], scale[-1], scale)):
         assert np.max(np.abs(np.asarray(g) - np.asarray(w)) / unit) < 5e-3, name
+    # the weights laid out beforehand (the planner's per-plan ``prepare``) give the same numbers to the bit
+    prepared = dynamics.prepare(state, layout=dyn.layout, kernel="mosaic")
+    assert isinstance(prepared, dynamics.PlanningModel)
+    assert dynamics.prepare(state, layout=dyn.layout, kernel="xla") is state
+    again = dyn.step(prepared, obs, act, key, matmul_dtype="bfloat16", kernel="mosaic")
+    for name, a, g in zip(got._fields, again, got):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(g), err_msg=name)
     with pytest.raises(ValueError, match="matmul_dtype bfloat16"):
         dyn.step(state, obs, act, key, matmul_dtype="float32", kernel="mosaic")
     narrow = make_dynamics(small_config(hidden_sizes=(24, 40), weight_decays=(0.0,) * 3), OBS_DIM, ACTION_DIM)

@@ -733,7 +733,7 @@ def test_pallas_kernel_plans_like_the_xla_path(kernel, monkeypatch):
     mode quick; ``make_model_planner`` refuses the kernel off the GPU.
     """
     from evjax.config import Config, ModelConfig
-    from evjax.dynamics import make_dynamics
+    from evjax.dynamics import make_dynamics, prepare
     from evjax.planner import make_model_planner
 
     cfg = Config()
@@ -752,7 +752,8 @@ def test_pallas_kernel_plans_like_the_xla_path(kernel, monkeypatch):
     for name in ("xla", kernel):
         step = functools.partial(dyn.step, matmul_dtype="bfloat16", kernel=name)
         planner = make_planner(planner_cfg, cfg.env.price_lower, cfg.env.price_upper, dyn.num_planning_members,
-                               step, mean_step_fn=functools.partial(step, key=None, mean_only=True))
+                               step, mean_step_fn=functools.partial(step, key=None, mean_only=True),
+                               prepare_fn=functools.partial(prepare, layout=dyn.layout, kernel=name))
         warm = jnp.broadcast_to(planner.initial_warm_start(), (batch, planner_cfg.horizon, cfg.action_dim))
         results[name] = planner.plan_batch(jax.random.split(jax.random.key(3), batch), model, obs, warm, 1.0)
     price_range = np.asarray(cfg.env.price_upper) - np.asarray(cfg.env.price_lower)
