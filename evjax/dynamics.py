@@ -637,8 +637,7 @@ PALLAS_HEADS = {"pallas": fused_mlp.ensemble_head, "pallas_layers": fused_mlp.en
 
 
 def step(state: ModelState | PlanningModel, obs: jax.Array, act: jax.Array, key: Optional[jax.Array], *,
-         layout: Layout,
-         matmul_dtype: str = "float32", mean_only: bool = False, kernel: str = "xla",
+         layout: Layout, matmul_dtype: str = "float32", mean_only: bool = False, kernel: str = "xla",
          tile_rows: int = 0, hidden_dtype: str = "float32") -> Prediction:
     """Member-major step: obs [E, M, S], act [E, M, A]; row e advanced by member e.
 

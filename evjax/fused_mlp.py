@@ -254,7 +254,7 @@ class MosaicWeights(NamedTuple):
 def mosaic_weights(params: dict, *, layer_names: tuple[str, ...]) -> MosaicWeights:
     """Lay the weights out for ``ensemble_head_mosaic``: pad, cast to bfloat16, cut into 64-row blocks.
 
-    Five small kernels on a GPU. The planner computes this once per plan (``dynamics.prepare``), not once per
+    About 16 small kernels on a GPU. The planner computes this once per plan (``dynamics.prepare``), not once per
     CEM iteration: XLA does not move it out of the CEM loop by itself.
     """
     hidden_names, head_name = layer_names[:-1], layer_names[-1]
