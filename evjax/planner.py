@@ -743,8 +743,9 @@ def make_model_planner(cfg, dyn, mesh: Optional[jax.sharding.Mesh] = None) -> Pl
     ``dyn.select_elites(model)`` when the model has a holdout. A ``planner.kernel`` other than xla needs a GPU
     backend, mosaic a Hopper one (``check_kernel``; on CPU the kernels only run in interpret mode, for tests);
     ``dynamics.prepare`` lays the Mosaic kernel's weights out once per plan (``prepare_fn``). With
-    ``planner.cost_model: observation`` the step cost is ``observation_cost`` on the observation layout of ``cfg``; with ``planner.stop_at_episode_end`` the
-    horizon steps after the episode's end weigh 0 (``episode_step_weights``).
+    ``planner.cost_model: observation`` the step cost is ``observation_cost`` on the observation layout of
+    ``cfg``; with ``planner.stop_at_episode_end`` the horizon steps after the episode's end weigh 0
+    (``episode_step_weights``).
     """
     from evjax import dynamics
 
