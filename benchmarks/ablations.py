@@ -121,13 +121,6 @@ def per_day(steps_csv: Path) -> dict[int, tuple[float, float]]:
                 100.0 * float(np.mean([r["cost"] > 0 for r in rows if r["day"] == d]))) for d in days}
 
 
-def interval(values: np.ndarray) -> float:
-    """Half-width of the 95 % t-interval of the mean (``evaluate``'s, NaN for one value)."""
-    from evjax.evaluate import _interval
-
-    return _interval(values)
-
-
 def paired(variant: dict, reference_days: dict) -> tuple[np.ndarray, np.ndarray]:
     """Per-day welfare and violation-share differences, variant minus reference, on the days both have."""
     days = sorted(set(variant) & set(reference_days))
@@ -136,9 +129,11 @@ def paired(variant: dict, reference_days: dict) -> tuple[np.ndarray, np.ndarray]
 
 
 def summary(name: str, seed, welfare: np.ndarray, violation: np.ndarray) -> dict:
+    from evjax.evaluate import _interval
+
     return {"ablation": name, "change": ABLATIONS[name][0], "seed": seed, "days": len(welfare),
-            "welfare_diff_cny": float(welfare.mean()), "welfare_diff_ci95": interval(welfare),
-            "violation_diff_pp": float(violation.mean()), "violation_diff_ci95": interval(violation)}
+            "welfare_diff_cny": float(welfare.mean()), "welfare_diff_ci95": _interval(welfare),
+            "violation_diff_pp": float(violation.mean()), "violation_diff_ci95": _interval(violation)}
 
 
 def cell(row: dict) -> str:

@@ -661,9 +661,9 @@ def step(state: ModelState | PlanningModel, obs: jax.Array, act: jax.Array, key:
     in Pallas interpret mode, a test path far too slow to plan with. ``state`` may be a ``PlanningModel``
     (``prepare``), whose weights the Mosaic kernel then reads as they are.
     """
-    head_weights = {}
+    head_weights = None
     if isinstance(state, PlanningModel):
-        state, head_weights = state.state, {"weights": state.head_weights}
+        state, head_weights = state.state, state.head_weights
     dtype = _matmul_dtype(matmul_dtype)
     members, samples = obs.shape[:2]
     chex.assert_shape(obs, (members, samples, layout.obs_dim))  # [E, M, S]
@@ -676,7 +676,7 @@ def step(state: ModelState | PlanningModel, obs: jax.Array, act: jax.Array, key:
     elif kernel in PALLAS_HEADS:
         head = PALLAS_HEADS[kernel](state.params, x_norm, dtype, layer_names=layout.layer_names,
                                     activation=swish_via_tanh, interpret=jax.default_backend() != "gpu",
-                                    **(head_weights if kernel == "mosaic" else {}))
+                                    **({"weights": head_weights} if kernel == "mosaic" else {}))
         mean, logvar_t = jax.vmap(functools.partial(split_head, layout=layout))(
             head, state.params["max_logvar"], state.params["min_logvar"])
     else:
