@@ -238,6 +238,7 @@ class PlannerConfig(Section):
     permissible_constraint_costs: tuple[float, ...] = _tuple(0.05, 0.05)  # C_perm of the line and carbon kappa (kappa_per_constraint)
     reward_pessimism: float = 0.0  # candidates ranked by the members' mean predicted return minus this many stds of it across members (a pessimistic return against model exploitation); 0 = the mean
     constraint_backoff: tuple[float, ...] = _tuple(0.0, 0.0)  # the planner's cost counts a line loading above loading_limit - this[0] and a carbon measure above carbon.limit - this[1] (kg/MWh): a tightened constraint (cost_model observation)
+    constant_candidates: int = 0  # L > 0: the first L^A candidates of every CEM iteration are the constant price sequences of an L-level grid over the bounds (README "Planner"); 0 = off
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,7 +263,7 @@ class EvaluationConfig(Section):
     """Held-out evaluation and baselines (SPEC 11 and 12)."""
 
     DEPLOYED = ("cost_limit", "prior_prices", "constraint_backoff", "reward_pessimism", "particle_noise",
-                "variance_cap")  # planner.* fields the learned planners deploy with where set (not None)
+                "variance_cap", "constant_candidates", "num_elites")  # planner.* fields the learned planners deploy with where set (not None)
 
     split: Literal["train", "test"] = "test"  # days to evaluate on
     days: int = 30  # number of days, spread evenly over the split; 0 = every day of the split
@@ -274,6 +275,8 @@ class EvaluationConfig(Section):
     reward_pessimism: Optional[float] = None  # planner.reward_pessimism the learned planners deploy with; null: the run's own
     particle_noise: Optional[bool] = None  # planner.particle_noise the learned planners deploy with; null: the run's own
     variance_cap: Optional[bool] = None  # planner.variance_cap the learned planners deploy with; null: the run's own
+    constant_candidates: Optional[int] = None  # planner.constant_candidates the learned planners deploy with; null: the run's own
+    num_elites: Optional[int] = None  # planner.num_elites the learned planners deploy with; null: the run's own
     batch_days: bool = True  # the planner methods plan all days of a step in one planner.plan_batch call (equal plans)
     reference: str = "oracle"  # method the paired per-day differences of the table are taken against
     baseline_simulator: Literal["twin", "host"] = "twin"  # where fixed_mid, fixed_upper and random run (twin: all days in one vmapped call)
@@ -357,6 +360,7 @@ def each(rule: Rule) -> Rule:
 
 
 POSITIVE = Rule(lambda v: v > 0, "be positive", (0, -1))
+LEVELS = Rule(lambda v: v == 0 or v >= 2, "be 0 (off) or at least 2 levels", (1, -1))
 NON_NEGATIVE = Rule(lambda v: v >= 0, "be non-negative", (-1,))
 FRACTION = Rule(lambda v: 0.0 <= v <= 1.0, "lie in [0, 1]", (-0.1, 1.5))
 NON_EMPTY = Rule(lambda v: len(v) > 0, "not be empty", ((),))
@@ -462,6 +466,7 @@ FIELD_RULES: dict[str, dict[str, Rule | tuple[Rule, ...]]] = {
         "state_clip": POSITIVE,
         "scan_unroll": NON_NEGATIVE,
         "tile_rows": NON_NEGATIVE,
+        "constant_candidates": LEVELS,
     },
     "training": {
         "seed": SEED,
@@ -485,6 +490,8 @@ FIELD_RULES: dict[str, dict[str, Rule | tuple[Rule, ...]]] = {
         "cost_limit": NON_NEGATIVE,
         "constraint_backoff": each(NON_NEGATIVE),
         "reward_pessimism": NON_NEGATIVE,
+        "constant_candidates": LEVELS,
+        "num_elites": POSITIVE,
         "host_oracle_popsize": at_least(2),
         "host_oracle_iterations": POSITIVE,
         "host_oracle_horizon": POSITIVE,
@@ -689,6 +696,17 @@ def validate(cfg: Config) -> None:
         if cfg.economics.user_value_cny_per_kwh <= max(cfg.env.price_upper):
             _fail("economics.user_value_cny_per_kwh", f"must exceed every price bound ({max(cfg.env.price_upper)}): "
                   f"drivers charge at any posted price, got {cfg.economics.user_value_cny_per_kwh}")
+    for section, levels in (("planner", cfg.planner.constant_candidates),
+                            ("evaluation", cfg.evaluation.constant_candidates)):
+        population = min(cfg.planner.popsize, cfg.evaluation.oracle_popsize) if section == "planner" else \
+            cfg.planner.popsize  # the oracles plan with planner.constant_candidates too
+        if levels and levels ** cfg.num_stations > population:
+            _fail(f"{section}.constant_candidates", f"{levels} levels give {levels ** cfg.num_stations} constant "
+                  f"candidates for {cfg.num_stations} stations, more than the {population} candidates of "
+                  f"planner.popsize or evaluation.oracle_popsize")
+    if cfg.evaluation.num_elites is not None and cfg.evaluation.num_elites > cfg.planner.popsize:
+        _fail("evaluation.num_elites", f"{cfg.evaluation.num_elites} elites exceed planner.popsize "
+              f"({cfg.planner.popsize})")
     if cfg.evaluation.host_oracle_horizon > steps:
         _fail("evaluation.host_oracle_horizon", f"exceeds env.episode_steps ({steps})")
     if cfg.evaluation.constraint_backoff is not None:

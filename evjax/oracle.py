@@ -68,6 +68,7 @@ class OracleSettings(NamedTuple):
     cost_limit: float
     prior: tuple[float, ...] = ()  # planner.prior_prices: first warm start and appended action; () = mid-range
     variance_cap: bool = True  # planner.variance_cap
+    constant_candidates: int = 0  # planner.constant_candidates (grid levels; 0 = off)
 
 
 def settings(cfg: Config) -> OracleSettings:
@@ -80,7 +81,7 @@ def settings(cfg: Config) -> OracleSettings:
     num_elites = min(ev.oracle_popsize, max(2, round(ev.oracle_popsize * pl.num_elites / pl.popsize)))
     return OracleSettings(ev.oracle_popsize, num_elites, ev.oracle_iterations, pl.min_variance,
                           pl.truncation_sigma, pl.smoothing, ev.oracle_cost_limit, tuple(pl.prior_prices),
-                          pl.variance_cap)
+                          pl.variance_cap, pl.constant_candidates)
 
 
 def twin_rollout(model: TwinModel, obs: jax.Array, candidates: jax.Array, kappa: jax.Array,
@@ -196,7 +197,8 @@ def plan(key: jax.Array, state: twin.EnvState, warm_start: jax.Array, params: tw
         lower=lower, upper=upper, num_candidates=oracle.num_candidates, num_elites=oracle.num_elites,
         iterations=oracle.iterations, min_variance=oracle.min_variance, truncation_sigma=oracle.truncation_sigma,
         smoothing=oracle.smoothing, cost_limit=oracle.cost_limit,
-        prior=planner_lib.prior_action(oracle.prior, lower, upper), variance_cap=oracle.variance_cap)
+        prior=planner_lib.prior_action(oracle.prior, lower, upper), variance_cap=oracle.variance_cap,
+        constant_candidates=planner_lib.constant_grid(oracle.constant_candidates, lower, upper))
     return action, next_warm_start
 
 

@@ -137,6 +137,27 @@ def sample_candidates(key: jax.Array, mean: jax.Array, var: jax.Array, *, lower:
     return jnp.clip(mean + std * shard(draws, 0), lower, upper)  # [N, H, A]
 
 
+def constant_grid(levels: int, lower: jax.Array, upper: jax.Array) -> Optional[jax.Array]:
+    """The levels^A constant price vectors [G, A] of an even grid over the bounds (None for 0 levels).
+
+    ``planner.constant_candidates``: CEM's Gaussian samples of an H x A sequence stay near their mean, so in
+    five iterations it cannot reach a corner of the box such as "CS3 cheapest, CS1 and CS2 dearest"; the
+    grid puts every constant policy on such a lattice into each iteration's population.
+    """
+    if not levels:
+        return None
+    axes = [jnp.linspace(lo, hi, levels) for lo, hi in zip(lower, upper)]
+    return jnp.stack([g.reshape(-1) for g in jnp.meshgrid(*axes, indexing="ij")], axis=-1).astype(jnp.float32)
+
+
+def with_constant_candidates(candidates: jax.Array, grid: Optional[jax.Array]) -> jax.Array:
+    """candidates [N, H, A] with the first G replaced by the constant sequences of grid [G, A]."""
+    if grid is None:
+        return candidates
+    constant = jnp.broadcast_to(grid[:, None, :], (grid.shape[0],) + candidates.shape[1:])
+    return candidates.at[:grid.shape[0]].set(constant)
+
+
 def elite_scores(reward, cost, feasible, *, num_elites: int, xp=jnp):
     """Scores [N] whose J = ``num_elites`` largest mark the elites among N candidates (reward, cost, feasible [N]).
 
@@ -399,7 +420,7 @@ def cem_plan(key: jax.Array, model: Any, obs: jax.Array, warm_start: jax.Array, 
              rollout_fn: Callable, noise_fn: Callable, lower: jax.Array, upper: jax.Array, num_candidates: int,
              num_elites: int, iterations: int, min_variance: float, truncation_sigma: float, smoothing: float,
              cost_limit: Optional[float], shard: Callable = no_sharding, prior: Optional[jax.Array] = None,
-             variance_cap: bool = True):
+             variance_cap: bool = True, constant_candidates: Optional[jax.Array] = None):
     """One constrained CEM plan; pure, jit-compatible. Returns (action [A], next warm start [H, A], PlanDiagnostics).
 
     1. mean mu = warm start (clipped into the bounds), variance
@@ -408,7 +429,8 @@ def cem_plan(key: jax.Array, model: Any, obs: jax.Array, warm_start: jax.Array, 
        capped variance v = min(sigma^2, ((mu - lb) / 2)^2, ((ub - mu) / 2)^2) (v = sigma^2 with
        ``variance_cap`` False);
        N candidates a = clip(mu + sqrt(v) * z, lb, ub) with z a standard normal
-       truncated at +-``truncation_sigma``;
+       truncated at +-``truncation_sigma``, the first G of them replaced by the constant
+       sequences of ``constant_candidates`` [G, A] when given (``constant_grid``);
     3. ``rollout_fn(model, obs, candidates, kappa, noise)`` (``rollout``) rolls each candidate
        out with P particles through the ensemble (trajectory sampling: P/E of a candidate's particles follow each member,
        every particle the same member at every step; the batch is member-major,
@@ -446,6 +468,7 @@ def cem_plan(key: jax.Array, model: Any, obs: jax.Array, warm_start: jax.Array, 
         candidates = sample_candidates(sample_key, carry.mean, carry.var, lower=lower, upper=upper,
                                        num_candidates=num_candidates, truncation_sigma=truncation_sigma,
                                        shard=shard, variance_cap=variance_cap)  # [N, H, A]
+        candidates = with_constant_candidates(candidates, constant_candidates)
         values = rollout_fn(model, obs, candidates, kappa, model_noise)
         if cost_limit is not None:
             feasible = values.cost <= cost_limit  # [N]
@@ -603,7 +626,7 @@ def make_planner(
         num_elites=cfg.num_elites, iterations=cfg.iterations, min_variance=cfg.min_variance,
         truncation_sigma=cfg.truncation_sigma, smoothing=cfg.smoothing,
         cost_limit=cfg.cost_limit if cfg.mode != "unconstrained" else None, shard=shard, prior=prior,
-        variance_cap=cfg.variance_cap)
+        variance_cap=cfg.variance_cap, constant_candidates=constant_grid(cfg.constant_candidates, lower, upper))
 
     prepare = prepare_fn or (lambda model: model)
 

@@ -87,6 +87,7 @@ def test_new_definitions_are_the_defaults_and_the_source_preset_restores_the_old
     ("planner.cost_limit=.nan", "planner.cost_limit"),
     ("planner.scan_unroll=-1", "planner.scan_unroll"),
     ("planner.uncertainty=entropy", "planner.uncertainty"),
+    ("planner.constant_candidates=8", "planner.constant_candidates"),  # 8^3 = 512 > 500 candidates
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(C.ConfigError, match=key.replace(".", r"\.")):
@@ -215,6 +216,7 @@ CROSS_CASES = [
     (["planner.nan_cost=0.05"], "planner.nan_cost"),
     (["planner.kappa_per_constraint=true", "planner.cost_model=learned"], "planner.kappa_per_constraint"),
     (["planner.particles=31"], "planner.particles"),
+    (["planner.constant_candidates=8"], "planner.constant_candidates"),
     (["planner.prior_prices=[1.4, 1.5]"], "planner.prior_prices"),
     (["planner.prior_prices=[1.4, 1.5, 1.0]"], "planner.prior_prices"),  # below station 3's lower bound
     (["model.holdout_fraction=0.2", "model.num_elites=4"], "planner.particles"),  # plans over the 4 elites

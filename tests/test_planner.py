@@ -386,6 +386,42 @@ def test_plan_batch_equals_single_plans(path):
 
 # ------------------------------------------------- the pieces of a CEM iteration, on their own
 
+def test_constant_grid_hand_values():
+    lower, upper = jnp.asarray(LOWER), jnp.asarray(UPPER)
+    assert cem.constant_grid(0, lower, upper) is None
+    corners = np.asarray(cem.constant_grid(2, lower, upper))
+    assert corners.shape == (8, 3)
+    want = [(a, b, c) for a in (1.1, 1.4) for b in (1.3, 1.5) for c in (1.2, 1.4)]
+    np.testing.assert_allclose(corners, want, rtol=1e-6)  # the first station's level varies slowest
+    grid = np.asarray(cem.constant_grid(3, lower, upper))
+    assert grid.shape == (27, 3)
+    assert any(np.allclose(row, MID) for row in grid)  # the middle level is the mid-range price
+
+
+def test_constant_candidates_replace_the_first_samples_only():
+    key = jax.random.key(0)
+    mean, var = jnp.broadcast_to(jnp.asarray(MID, jnp.float32), (4, 3)), jnp.full((4, 3), 0.01)
+    lower, upper = jnp.asarray(LOWER, jnp.float32), jnp.asarray(UPPER, jnp.float32)
+    samples = cem.sample_candidates(key, mean, var, lower=lower, upper=upper, num_candidates=20, truncation_sigma=3.0)
+    grid = cem.constant_grid(2, lower, upper)
+    mixed = cem.with_constant_candidates(samples, grid)
+    np.testing.assert_array_equal(mixed[:8], jnp.broadcast_to(grid[:, None, :], (8, 4, 3)))
+    np.testing.assert_array_equal(mixed[8:], samples[8:])
+
+
+def test_constant_candidates_bring_the_plan_to_a_corner_optimum():
+    """A bowl centred on a corner of the price box: the Gaussian samples approach it from the mid-range prior
+    within their capped spread; with the 27 constant sequences of a 3-level grid in every iteration the
+    corner itself is a candidate, and the plan ends closer to it on every seed."""
+    corner = np.array([UPPER[0], UPPER[1], LOWER[2]])
+    for seed in range(3):
+        plain, _, _ = plan_once(SMALL, bowl_step, seed=seed, target=corner)
+        gridded, _, _ = plan_once(dataclasses.replace(SMALL, constant_candidates=3), bowl_step, seed=seed,
+                                  target=corner)
+        assert np.max(np.abs(gridded - corner)) < 0.7 * np.max(np.abs(plain - corner))
+        np.testing.assert_allclose(gridded, corner, atol=0.01)
+
+
 def test_capped_variance_hand_values():
     """v = min(sigma^2, ((mu - lb) / 2)^2, ((ub - mu) / 2)^2) on bounds [1, 2]."""
     mean = jnp.array([[1.5, 1.1, 1.9, 1.0]])
