@@ -37,6 +37,11 @@ def test_a_prior_on_the_bounds_holds_the_oracle_there():
     assert oracle.settings(cfg).variance_cap is False
     runs, _ = evaluate.run_on_twin(cfg, ["oracle"], [0], [1000])
     assert any(np.any(np.asarray(r["price"]) < np.asarray(upper) - 1e-3) for r in runs["oracle"])
+    # with the cap kept, constant candidates on a 2-level grid (the 8 corners) can pull the oracle off the bound
+    cfg = dataclasses.replace(cfg, planner=dataclasses.replace(cfg.planner, variance_cap=True, constant_candidates=2))
+    assert oracle.settings(cfg).constant_candidates == 2
+    runs, _ = evaluate.run_on_twin(cfg, ["oracle"], [0], [1000])
+    assert any(np.any(np.asarray(r["price"]) < np.asarray(upper) - 1e-3) for r in runs["oracle"])
 
 
 def test_oracle_removes_violations_of_fixed_and_random_prices(twin_evaluation):
