@@ -21,7 +21,6 @@ import copy
 import csv
 import dataclasses
 import functools
-import itertools
 import math
 import sys
 import time
@@ -388,9 +387,10 @@ def spread_day_ids(cfg: Config, split: str, count: int) -> np.ndarray:
 def fixed_price_grid(cfg: Config) -> list[np.ndarray]:
     """Every vector of ``evaluation.tuned_levels`` evenly spaced prices per station, bounds included."""
     lower, upper = np.asarray(cfg.env.price_lower), np.asarray(cfg.env.price_upper)
+    from evjax.planner import grid_indices
+
     levels = cfg.evaluation.tuned_levels
-    return [lower + (upper - lower) * np.asarray(index) / (levels - 1)
-            for index in itertools.product(range(levels), repeat=len(lower))]
+    return [lower + (upper - lower) * index / (levels - 1) for index in grid_indices(levels, len(lower))]
 
 
 def score_fixed_prices(cfg: Config, env=None) -> list[tuple[float, float, np.ndarray]]:

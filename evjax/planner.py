@@ -21,6 +21,7 @@ Modes (``planner.mode``), all sharing this code:
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import chex
@@ -146,8 +147,14 @@ def constant_grid(levels: int, lower: jax.Array, upper: jax.Array) -> Optional[j
     """
     if not levels:
         return None
-    axes = [jnp.linspace(lo, hi, levels) for lo, hi in zip(lower, upper)]
-    return jnp.stack([g.reshape(-1) for g in jnp.meshgrid(*axes, indexing="ij")], axis=-1).astype(jnp.float32)
+    index = grid_indices(levels, len(lower))
+    return (lower + (upper - lower) * index / (levels - 1)).astype(jnp.float32)
+
+
+def grid_indices(levels: int, num_stations: int) -> np.ndarray:
+    """Level indices [levels^A, A] of every price vector of a grid, the first station's varying slowest
+    (``constant_grid``'s and the tuned constant search's, ``evaluate.fixed_price_grid``)."""
+    return np.array(list(itertools.product(range(levels), repeat=num_stations)), dtype=np.int32)
 
 
 def with_constant_candidates(candidates: jax.Array, grid: Optional[jax.Array]) -> jax.Array:
