@@ -696,15 +696,13 @@ def validate(cfg: Config) -> None:
         if cfg.economics.user_value_cny_per_kwh <= max(cfg.env.price_upper):
             _fail("economics.user_value_cny_per_kwh", f"must exceed every price bound ({max(cfg.env.price_upper)}): "
                   f"drivers charge at any posted price, got {cfg.economics.user_value_cny_per_kwh}")
-    populations = {"planner": ("planner.popsize", "evaluation.oracle_popsize"),  # the oracles use it too
-                   "evaluation": ("planner.popsize",)}
-    for section, names in populations.items():
+    for section, population, names in (  # the oracles plan with planner.constant_candidates too
+            ("planner", min(cfg.planner.popsize, cfg.evaluation.oracle_popsize), "planner.popsize / evaluation.oracle_popsize"),
+            ("evaluation", cfg.planner.popsize, "planner.popsize")):
         levels = getattr(cfg, section).constant_candidates
-        population = min(getattr(getattr(cfg, n.split(".")[0]), n.split(".")[1]) for n in names)
         if levels and levels ** cfg.num_stations > population:
             _fail(f"{section}.constant_candidates", f"{levels} levels give {levels ** cfg.num_stations} constant "
-                  f"candidates for {cfg.num_stations} stations, more than the {population} candidates of "
-                  f"{' / '.join(names)}")
+                  f"candidates for {cfg.num_stations} stations, more than the {population} candidates of {names}")
     if cfg.evaluation.num_elites is not None and cfg.evaluation.num_elites > cfg.planner.popsize:
         _fail("evaluation.num_elites", f"{cfg.evaluation.num_elites} elites exceed planner.popsize "
               f"({cfg.planner.popsize})")
