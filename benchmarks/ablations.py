@@ -32,7 +32,8 @@ from safety_while_learning import train_one  # noqa: E402
 ABLATIONS = {  # name -> (what changes, overrides of the default config)
     "learned_cost": ("step cost = the model's cost output, CAP u = its largest std (kappa0 19, lr 0.01, limit 6)",
                      ["planner.cost_model=learned", "planner.cost_limit=6.0", "planner.kappa_init=19.0",
-                      "planner.kappa_lr=0.01", "evaluation.fixed_kappa=19.0", "evaluation.cost_limit=null"]),
+                      "planner.kappa_lr=0.01", "evaluation.fixed_kappa=19.0", "evaluation.cost_limit=null",
+                      "evaluation.constraint_backoff=null"]),
     "predicted_margin": ("CAP margin in each particle's predicted stds instead of member disagreement",
                          ["planner.margin_std=predicted"]),
     "particle_noise": ("particles sample the model's predicted std along the horizon (SPEC's trajectory sampling, "
@@ -46,6 +47,10 @@ ABLATIONS = {  # name -> (what changes, overrides of the default config)
                      ["planner.cost_limit=1.0"]),
     "cost_limit_0": ("training cost limit 0 instead of 0.1 (the deployment's rule while learning too)",
                      ["planner.cost_limit=0.0"]),
+    "plain_cem": ("CEM without the 125 constant-price candidates and with 80 elites (the source's sampling), trained "
+                  "and deployed", ["planner.constant_candidates=0", "planner.num_elites=80"]),
+    "elites_80": ("80 elites instead of 5 (the constant candidates kept), trained and deployed",
+                  ["planner.num_elites=80"]),
     "kappa_per_constraint": ("one kappa for the lines and one for carbon", ["planner.kappa_per_constraint=true"]),
     "full_horizon": ("horizon steps after the episode's end count", ["planner.stop_at_episode_end=false"]),
     "horizon_6": ("planning horizon 6 steps", ["planner.horizon=6"]),
@@ -53,8 +58,8 @@ ABLATIONS = {  # name -> (what changes, overrides of the default config)
     "extra_observations": ("observation + posted prices, queues, energy backlog and arrivals per station",
                            ["env.extra_observations=[backlog, arrivals, queues, prices]"]),
     "validation_16": ("checkpoint selected on 16 validation days instead of 8", ["training.validation_days=16"]),
-    "carbon_backoff": ("deployed with a 20 kg/MWh carbon back-off (the planner plans to 830 kg/MWh)",
-                       ["evaluation.constraint_backoff=[0, 20]"]),
+    "no_backoff": ("deployed without the 20 kg/MWh carbon back-off (the planner plans to 850 kg/MWh, as it trained)",
+                   ["evaluation.constraint_backoff=null"]),
     "no_variance_cap": ("CEM without its variance cap (samples may settle on a price bound), trained and deployed",
                         ["planner.variance_cap=false"]),
     "deploy_no_variance_cap": ("CEM without its variance cap at deployment only", ["evaluation.variance_cap=false"]),

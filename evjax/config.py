@@ -205,7 +205,7 @@ class PlannerConfig(Section):
 
     horizon: int = 12  # H, planning horizon in steps
     popsize: int = 500  # N, candidates per iteration
-    num_elites: int = 80  # elites refitted per iteration
+    num_elites: int = 5  # elites refitted per iteration (README "Planner": 5 with the constant candidates; the source's 80)
     particles: int = 30  # P, model rollouts per candidate
     iterations: int = 5  # maximum CEM iterations
     min_variance: float = 1e-8  # stop when the largest variance falls below this
@@ -238,7 +238,7 @@ class PlannerConfig(Section):
     permissible_constraint_costs: tuple[float, ...] = _tuple(0.05, 0.05)  # C_perm of the line and carbon kappa (kappa_per_constraint)
     reward_pessimism: float = 0.0  # candidates ranked by the members' mean predicted return minus this many stds of it across members (a pessimistic return against model exploitation); 0 = the mean
     constraint_backoff: tuple[float, ...] = _tuple(0.0, 0.0)  # the planner's cost counts a line loading above loading_limit - this[0] and a carbon measure above carbon.limit - this[1] (kg/MWh): a tightened constraint (cost_model observation)
-    constant_candidates: int = 0  # L > 0: the first L^A candidates of every CEM iteration are the constant price sequences of an L-level grid over the bounds (README "Planner"); 0 = off
+    constant_candidates: int = 5  # L > 0: the first L^A candidates of every CEM iteration are the constant price sequences of an L-level grid over the bounds (README "Planner"); 0 = off
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,7 +271,7 @@ class EvaluationConfig(Section):
     fixed_kappa: float = 0.5  # kappa of the "CAP with fixed kappa" baseline (planner.kappa_init's scale)
     cost_limit: Optional[float] = 0.0  # cost limit the planner methods with one (CCEM, CAP) deploy with; 0: feasible only without a predicted violation; null: the run's planner.cost_limit
     prior_prices: Optional[tuple[float, ...]] = None  # CEM prior the learned planners deploy with (planner.prior_prices' meaning); null: the run's own
-    constraint_backoff: Optional[tuple[float, ...]] = None  # limit back-off the learned planners deploy with (planner.constraint_backoff's meaning); null: the run's own
+    constraint_backoff: Optional[tuple[float, ...]] = _tuple(0.0, 20.0)  # limit back-off the learned planners deploy with (planner.constraint_backoff's meaning; README "Safety": 20 kg/MWh, about one std of the model's one-step carbon error); null: the run's own
     reward_pessimism: Optional[float] = None  # planner.reward_pessimism the learned planners deploy with; null: the run's own
     particle_noise: Optional[bool] = None  # planner.particle_noise the learned planners deploy with; null: the run's own
     variance_cap: Optional[bool] = None  # planner.variance_cap the learned planners deploy with; null: the run's own
@@ -568,7 +568,8 @@ def _check_backoff(key: str, backoff: tuple[float, ...], cost_model: str) -> Non
     if len(backoff) != 2:
         _fail(key, f"needs two values (line loading, carbon kg/MWh), got {len(backoff)}")
     if any(backoff) and cost_model != "observation":
-        _fail(key, "needs planner.cost_model observation (it tightens the limits of that cost)")
+        _fail(key, f"{list(backoff)} needs planner.cost_model observation (it tightens the limits of that cost); "
+              f"set {key}={'null' if key.startswith('evaluation') else '[0, 0]'} with the learned cost")
 
 
 def _check_planner(planner: PlannerConfig) -> None:

@@ -74,7 +74,7 @@ class OracleSettings(NamedTuple):
 def settings(cfg: Config) -> OracleSettings:
     """The oracle's CEM settings: its own budget from ``evaluation``, the rest from ``planner``.
 
-    The number of elites keeps the planner's elite fraction (80 of 500 by
+    The number of elites keeps the planner's elite fraction (5 of 500 by
     default), at least 2 and at most N.
     """
     ev, pl = cfg.evaluation, cfg.planner

@@ -161,6 +161,9 @@ def with_constant_candidates(candidates: jax.Array, grid: Optional[jax.Array]) -
     """candidates [N, H, A] with the first G replaced by the constant sequences of grid [G, A]."""
     if grid is None:
         return candidates
+    if grid.shape[0] > candidates.shape[0]:
+        raise ValueError(f"constant_candidates: {grid.shape[0]} constant sequences exceed the {candidates.shape[0]} "
+                         "candidates of an iteration (lower the levels or raise the population)")
     constant = jnp.broadcast_to(grid[:, None, :], (grid.shape[0],) + candidates.shape[1:])
     return candidates.at[:grid.shape[0]].set(constant)
 

@@ -67,8 +67,10 @@ TWIN_EVAL_DAYS = (0, 81, 162)  # test days of the twin-evaluation fixture: an od
 
 
 def small_oracle_config() -> Config:
-    """The default config with a tiny twin-oracle budget (16 candidates x 2 iterations) for fast tests."""
-    return with_config(evaluation={"oracle_popsize": 16, "oracle_iterations": 2})
+    """The default config with a tiny twin-oracle budget for fast tests: 16 candidates x 2 iterations, 3 elites
+    (the oracle keeps the planner's elite fraction, here 80 of 500), no constant candidates."""
+    return with_config(evaluation={"oracle_popsize": 16, "oracle_iterations": 2},
+                       planner={"constant_candidates": 0, "num_elites": 80})
 
 
 @pytest.fixture(scope="session")

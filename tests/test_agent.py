@@ -16,7 +16,7 @@ LOWER = np.array([1.1, 1.3, 1.2])
 UPPER = np.array([1.4, 1.5, 1.4])
 TARGET = np.array([1.35, 1.45, 1.3])
 MEMBERS = 5
-SMALL = PlannerConfig(horizon=3, popsize=200, num_elites=20, particles=5, iterations=8)
+SMALL = PlannerConfig(horizon=3, popsize=200, num_elites=20, particles=5, iterations=8, constant_candidates=0)
 
 
 class StepOut(NamedTuple):

@@ -18,7 +18,7 @@ def test_default_yaml_is_the_builtin_defaults():
 
 
 def test_round_trip_through_yaml(tmp_path):
-    cfg = C.load(None, ["planner.popsize=64", "planner.num_elites=16", "env.price_upper=[1.5, 1.6, 1.5]", "carbon.method=fixed_shares"])
+    cfg = C.load(None, ["planner.popsize=64", "planner.num_elites=16", "planner.constant_candidates=4", "env.price_upper=[1.5, 1.6, 1.5]", "carbon.method=fixed_shares"])
     path = tmp_path / "cfg.yaml"
     C.save(cfg, path)
     again = C.load(path)
@@ -53,12 +53,14 @@ def test_new_definitions_are_the_defaults_and_the_source_preset_restores_the_old
     assert (source.carbon.method, source.carbon.constraint, source.carbon.limit) == ("fixed_shares", "system", 785.0)
     assert cfg.planner.cost_model == "observation" and cfg.planner.stop_at_episode_end and cfg.planner.shared_noise
     assert not cfg.planner.particle_noise
+    assert (cfg.planner.constant_candidates, cfg.planner.num_elites) == (5, 5)  # README "Planner"
     old_planner = dict(cost_model="learned", stop_at_episode_end=False, particle_noise=True, shared_noise=False,
-                       kappa_init=19.0, kappa_lr=0.01, cost_limit=6.0)
+                       kappa_init=19.0, kappa_lr=0.01, cost_limit=6.0, num_elites=80, constant_candidates=0)
     assert source.planner == dataclasses.replace(cfg.planner, **old_planner)  # the source's planner, nothing else
     assert source.grid == cfg.grid and source.training == dataclasses.replace(cfg.training, random_episodes=1)
     assert source.model == dataclasses.replace(cfg.model, epochs=5)  # SPEC 8's fit
-    assert source.evaluation == dataclasses.replace(cfg.evaluation, fixed_kappa=19.0, cost_limit=None)
+    assert source.evaluation == dataclasses.replace(cfg.evaluation, fixed_kappa=19.0, cost_limit=None,
+                                                   constraint_backoff=None)
 
 
 @pytest.mark.parametrize("override, key", [
@@ -217,6 +219,7 @@ CROSS_CASES = [
     (["planner.kappa_per_constraint=true", "planner.cost_model=learned"], "planner.kappa_per_constraint"),
     (["planner.particles=31"], "planner.particles"),
     (["planner.constant_candidates=8"], "planner.constant_candidates"),
+    (["planner.cost_model=learned"], "evaluation.constraint_backoff"),  # the default deployed back-off needs the observation cost
     (["planner.prior_prices=[1.4, 1.5]"], "planner.prior_prices"),
     (["planner.prior_prices=[1.4, 1.5, 1.0]"], "planner.prior_prices"),  # below station 3's lower bound
     (["model.holdout_fraction=0.2", "model.num_elites=4"], "planner.particles"),  # plans over the 4 elites

@@ -181,7 +181,7 @@ def test_planner_days_in_lockstep_equal_day_by_day_episodes():
     from evjax.planner import make_model_planner
 
     cfg = load(None, ["model.ensemble_size=2", "model.num_elites=2", "model.hidden_sizes=[16]",
-                      "model.weight_decays=[0.0, 0.0]", "planner.particles=4", "planner.popsize=16",
+                      "model.weight_decays=[0.0, 0.0]", "planner.particles=4", "planner.popsize=16", "planner.constant_candidates=0",
                       "planner.num_elites=4", "planner.horizon=3", "planner.iterations=2",
                       "planner.matmul_dtype=float32", "planner.kappa_per_constraint=true"])
     dyn = make_dynamics(cfg.model, cfg.obs_dim, cfg.action_dim)
@@ -262,7 +262,7 @@ def test_evaluation_cost_limit_replaces_the_planners_limit(monkeypatch, override
 
 def test_deployment_prior_and_backoff_replace_the_runs_own(monkeypatch):
     """evaluation.prior_prices / constraint_backoff / reward_pessimism / particle_noise / variance_cap reach every
-    learned planner; null keeps the run's settings."""
+    learned planner; null keeps the run's settings; by default the planners deploy with the 20 kg/MWh carbon back-off."""
     import dataclasses
     import types
 
@@ -279,8 +279,11 @@ def test_deployment_prior_and_backoff_replace_the_runs_own(monkeypatch):
         return real(run_cfg, dyn)
 
     monkeypatch.setattr(planner_module, "make_model_planner", recording)
-    base = Config()
-    parts = types.SimpleNamespace(dynamics=make_dynamics(base.model, base.obs_dim, base.action_dim))
+    default = Config()
+    parts = types.SimpleNamespace(dynamics=make_dynamics(default.model, default.obs_dim, default.action_dim))
+    evaluate.make_policies(default, parts, None, 0.7, ["ccem", "cap_adaptive"])
+    assert seen == {"ccem": ((), (0.0, 20.0), 0.0, False, True), "cap": ((), (0.0, 20.0), 0.0, False, True)}
+    base = dataclasses.replace(default, evaluation=dataclasses.replace(default.evaluation, constraint_backoff=None))
     evaluate.make_policies(base, parts, None, 0.7, ["ccem", "cap_adaptive"])
     assert seen == {"ccem": ((), (0.0, 0.0), 0.0, False, True), "cap": ((), (0.0, 0.0), 0.0, False, True)}
     cfg = dataclasses.replace(base, evaluation=dataclasses.replace(

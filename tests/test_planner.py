@@ -30,7 +30,8 @@ MEMBERS = 5
 STATE_DIM = 4
 TOLERANCE = 0.02  # CNY/kWh; 7-10 % of a price range, what 8 iterations of 200 candidates reach on a 9-dim bowl
 # A small problem that CEM solves reliably: horizon 3, 200 candidates, 20 elites, 8 iterations.
-SMALL = PlannerConfig(horizon=3, popsize=200, num_elites=20, particles=5, iterations=8, uncertainty="max_std_norm")
+SMALL = PlannerConfig(horizon=3, popsize=200, num_elites=20, particles=5, iterations=8, uncertainty="max_std_norm",
+                      constant_candidates=0)
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -409,6 +410,14 @@ def test_constant_candidates_replace_the_first_samples_only():
     np.testing.assert_array_equal(mixed[8:], samples[8:])
 
 
+
+def test_constant_candidates_larger_than_the_population_are_refused():
+    """A planner built outside the config check (PlannerConfig by hand) gets a clear error, not a silent slice."""
+    lower, upper = jnp.asarray(LOWER, jnp.float32), jnp.asarray(UPPER, jnp.float32)
+    samples = jnp.zeros((20, 4, 3), jnp.float32)
+    with pytest.raises(ValueError, match="27 constant sequences exceed the 20 candidates"):
+        cem.with_constant_candidates(samples, cem.constant_grid(3, lower, upper))
+
 def test_constant_candidates_bring_the_plan_to_a_corner_optimum():
     """A bowl centred on a corner of the price box: the Gaussian samples approach it from the mid-range prior
     within their capped spread; with the 27 constant sequences of a 3-level grid in every iteration the
@@ -682,7 +691,8 @@ def fitted_ensemble():
     # environment's cost from the predicted observation, which these synthetic observations do not carry)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, epochs=20),
                               planner=dataclasses.replace(cfg.planner, cost_limit=2.5, cost_model="learned",
-                                                          stop_at_episode_end=False))
+                                                          stop_at_episode_end=False),
+                              evaluation=dataclasses.replace(cfg.evaluation, constraint_backoff=None))
     dyn = make_dynamics(cfg.model, cfg.obs_dim, cfg.action_dim)
     rng = np.random.default_rng(0)
     lower, upper = np.array(cfg.env.price_lower), np.array(cfg.env.price_upper)
