@@ -44,10 +44,17 @@ python benchmarks/safety_floor.py --csv "$out/safety_while_learning.csv" --seeds
 wait $ablations
 if [ -n "$forecast" ]; then wait "$forecast"; fi
 
-# the trained agent of each seed against every baseline, on the same held-out days and seeds
+# the trained agent of each seed against every baseline, on the same held-out days and seeds; the oracle does not
+# depend on the agent, so only the first seed runs it (the others pair to fixed upper prices, and agent_targets.py
+# takes the oracle's rows from the forecast run's steps.csv)
 pids=()
+first=
+without_oracle="evaluation.methods=[fixed_mid,fixed_upper,fixed_tuned,random,cem_unconstrained,ccem,cap_fixed_kappa,cap_adaptive]"
 for seed in $seeds; do
-  python -m evjax.evaluate --run-dir "$out/runs/cap_adaptive-seed$seed" --days "$days" --no-progress \
+  extra=()
+  [ -n "$first" ] && extra=(--set "$without_oracle" --set evaluation.reference=fixed_upper)
+  first=${first:-$seed}
+  python -m evjax.evaluate --run-dir "$out/runs/cap_adaptive-seed$seed" --days "$days" --no-progress "${extra[@]}" \
     > "$out/runs/cap_adaptive-seed$seed.eval.log" 2>&1 &
   pids+=($!)
 done
