@@ -18,7 +18,8 @@ def test_default_yaml_is_the_builtin_defaults():
 
 
 def test_round_trip_through_yaml(tmp_path):
-    cfg = C.load(None, ["planner.popsize=64", "planner.num_elites=16", "planner.constant_candidates=4", "env.price_upper=[1.5, 1.6, 1.5]", "carbon.method=fixed_shares"])
+    cfg = C.load(None, ["planner.popsize=64", "planner.num_elites=16", "planner.constant_candidates=4",
+                        "env.price_upper=[1.5, 1.6, 1.5]", "carbon.method=fixed_shares"])
     path = tmp_path / "cfg.yaml"
     C.save(cfg, path)
     again = C.load(path)
@@ -219,7 +220,7 @@ CROSS_CASES = [
     (["planner.kappa_per_constraint=true", "planner.cost_model=learned"], "planner.kappa_per_constraint"),
     (["planner.particles=31"], "planner.particles"),
     (["planner.constant_candidates=8"], "planner.constant_candidates"),
-    (["planner.cost_model=learned"], "evaluation.constraint_backoff"),  # the default deployed back-off needs the observation cost
+    (["planner.cost_model=learned"], "evaluation.constraint_backoff"),  # the default back-off needs the obs. cost
     (["planner.prior_prices=[1.4, 1.5]"], "planner.prior_prices"),
     (["planner.prior_prices=[1.4, 1.5, 1.0]"], "planner.prior_prices"),  # below station 3's lower bound
     (["model.holdout_fraction=0.2", "model.num_elites=4"], "planner.particles"),  # plans over the 4 elites

@@ -181,9 +181,9 @@ def test_planner_days_in_lockstep_equal_day_by_day_episodes():
     from evjax.planner import make_model_planner
 
     cfg = load(None, ["model.ensemble_size=2", "model.num_elites=2", "model.hidden_sizes=[16]",
-                      "model.weight_decays=[0.0, 0.0]", "planner.particles=4", "planner.popsize=16", "planner.constant_candidates=0",
-                      "planner.num_elites=4", "planner.horizon=3", "planner.iterations=2",
-                      "planner.matmul_dtype=float32", "planner.kappa_per_constraint=true"])
+                      "model.weight_decays=[0.0, 0.0]", "planner.particles=4", "planner.popsize=16",
+                      "planner.constant_candidates=0", "planner.num_elites=4", "planner.horizon=3",
+                      "planner.iterations=2", "planner.matmul_dtype=float32", "planner.kappa_per_constraint=true"])
     dyn = make_dynamics(cfg.model, cfg.obs_dim, cfg.action_dim)
     model = dyn.init(jax.random.key(0))
     planner = make_model_planner(cfg, dyn)
@@ -262,7 +262,8 @@ def test_evaluation_cost_limit_replaces_the_planners_limit(monkeypatch, override
 
 def test_deployment_prior_and_backoff_replace_the_runs_own(monkeypatch):
     """evaluation.prior_prices / constraint_backoff / reward_pessimism / particle_noise / variance_cap reach every
-    learned planner; null keeps the run's settings; by default the planners deploy with the 20 kg/MWh carbon back-off."""
+    learned planner; null keeps the run's settings; by default the planners deploy with the 20 kg/MWh carbon
+    back-off."""
     import dataclasses
     import types
 

@@ -67,8 +67,8 @@ def loading_step(model, obs, act, key):
 
 
 def make_test_planner(mode, margin_std, step):
-    cfg = PlannerConfig(horizon=3, popsize=4, num_elites=2, constant_candidates=0, particles=2, iterations=1, gamma=1.0, mode=mode,
-                        cost_model="observation", margin_std=margin_std)
+    cfg = PlannerConfig(horizon=3, popsize=4, num_elites=2, constant_candidates=0, particles=2, iterations=1, gamma=1.0,
+                        mode=mode, cost_model="observation", margin_std=margin_std)
     cost_fn = functools.partial(observation_cost, **COST_KW)
     weights = functools.partial(episode_step_weights, horizon=3, episode_steps=12)
     return make_planner(cfg, (1.1, 1.3, 1.2), (1.4, 1.5, 1.4), 2, step, cost_fn=cost_fn, step_weights_fn=weights)
@@ -128,7 +128,8 @@ def test_disagreement_margin_is_the_member_spread_by_hand():
 
 
 def test_kappa_per_constraint_follows_each_constraints_own_cost():
-    cfg = PlannerConfig(horizon=2, popsize=4, num_elites=2, constant_candidates=0, particles=2, iterations=1, cost_model="observation",
+    cfg = PlannerConfig(horizon=2, popsize=4, num_elites=2, constant_candidates=0, particles=2, iterations=1,
+                        cost_model="observation",
                         kappa_per_constraint=True, kappa_init=1.0, kappa_lr=0.1,
                         permissible_constraint_costs=(0.05, 0.05))
     planner = make_planner(cfg, (1.1, 1.3, 1.2), (1.4, 1.5, 1.4), 2, loading_step)
@@ -204,8 +205,9 @@ def test_paired_score_subtracts_fixed_mid_prices_on_the_same_day(tmp_path):
     from evjax.train import Trainer, episode_seed
 
     cfg = load(None, ["model.ensemble_size=2", "model.num_elites=2", "model.hidden_sizes=[8]",
-                      "model.weight_decays=[0.0, 0.0]", "planner.particles=2", "planner.popsize=8", "planner.constant_candidates=0",
-                      "planner.num_elites=2", "planner.horizon=2", "planner.iterations=1", "training.epochs=2"])
+                      "model.weight_decays=[0.0, 0.0]", "planner.particles=2", "planner.popsize=8",
+                      "planner.constant_candidates=0", "planner.num_elites=2", "planner.horizon=2",
+                      "planner.iterations=1", "training.epochs=2"])
     trainer = Trainer(cfg, tmp_path, metrics=False)
     env = EVPricingEnv(cfg)
     env.reset(seed=episode_seed(cfg, 1), options={"split": "train"})
@@ -230,8 +232,8 @@ def test_validation_selects_the_best_validated_checkpoint_and_leaves_training_un
     from evjax.train import Trainer, validation_score
 
     tiny = ["model.ensemble_size=2", "model.num_elites=2", "model.hidden_sizes=[8]", "model.weight_decays=[0.0, 0.0]",
-            "planner.particles=2", "planner.popsize=8", "planner.constant_candidates=0", "planner.num_elites=2", "planner.horizon=2",
-            "planner.iterations=1", "training.epochs=4", "training.random_episodes=1"]
+            "planner.particles=2", "planner.popsize=8", "planner.constant_candidates=0", "planner.num_elites=2",
+            "planner.horizon=2", "planner.iterations=1", "training.epochs=4", "training.random_episodes=1"]
     validated = load(None, tiny + ["training.best_selection=validation", "training.validation_every=2",
                                    "training.validation_days=2"])
     rows = {}
