@@ -697,8 +697,9 @@ def validate(cfg: Config) -> None:
         if cfg.economics.user_value_cny_per_kwh <= max(cfg.env.price_upper):
             _fail("economics.user_value_cny_per_kwh", f"must exceed every price bound ({max(cfg.env.price_upper)}): "
                   f"drivers charge at any posted price, got {cfg.economics.user_value_cny_per_kwh}")
-    for section, population, names in (  # the oracles plan with planner.constant_candidates too
-            ("planner", min(cfg.planner.popsize, cfg.evaluation.oracle_popsize), "planner.popsize / evaluation.oracle_popsize"),
+    oracle_and_planner = min(cfg.planner.popsize, cfg.evaluation.oracle_popsize)  # the oracles use the planner's grid
+    for section, population, names in (
+            ("planner", oracle_and_planner, "planner.popsize / evaluation.oracle_popsize"),
             ("evaluation", cfg.planner.popsize, "planner.popsize")):
         levels = getattr(cfg, section).constant_candidates
         if levels and levels ** cfg.num_stations > population:
