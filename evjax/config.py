@@ -563,13 +563,14 @@ def _check_model(model: ModelConfig) -> None:
         _fail("model.min_logvar_init", "must be below model.max_logvar_init")
 
 
-def _check_backoff(key: str, backoff: tuple[float, ...], cost_model: str) -> None:
-    """A limit back-off (planner's or deployed): [line loading, carbon], on the observation cost only."""
+def _check_backoff(key: str, backoff: tuple[float, ...], cost_model: str, off: str) -> None:
+    """A limit back-off (planner's or deployed): [line loading, carbon], on the observation cost only; ``off`` is
+    the value the error suggests for the learned cost."""
     if len(backoff) != 2:
         _fail(key, f"needs two values (line loading, carbon kg/MWh), got {len(backoff)}")
     if any(backoff) and cost_model != "observation":
         _fail(key, f"{list(backoff)} needs planner.cost_model observation (it tightens the limits of that cost); "
-              f"set {key}={'null' if key.startswith('evaluation') else '[0, 0]'} with the learned cost")
+              f"set {key}={off} with the learned cost")
 
 
 def _check_planner(planner: PlannerConfig) -> None:
@@ -581,7 +582,7 @@ def _check_planner(planner: PlannerConfig) -> None:
     if len(planner.permissible_constraint_costs) != 2:
         _fail("planner.permissible_constraint_costs", f"needs two values (line, carbon), got "
               f"{len(planner.permissible_constraint_costs)}")
-    _check_backoff("planner.constraint_backoff", planner.constraint_backoff, planner.cost_model)
+    _check_backoff("planner.constraint_backoff", planner.constraint_backoff, planner.cost_model, "[0, 0]")
     if planner.kappa_per_constraint and planner.cost_model != "observation":
         _fail("planner.kappa_per_constraint", "needs planner.cost_model observation (the margins are per quantity)")
 
@@ -711,7 +712,8 @@ def validate(cfg: Config) -> None:
     if cfg.evaluation.host_oracle_horizon > steps:
         _fail("evaluation.host_oracle_horizon", f"exceeds env.episode_steps ({steps})")
     if cfg.evaluation.constraint_backoff is not None:
-        _check_backoff("evaluation.constraint_backoff", cfg.evaluation.constraint_backoff, cfg.planner.cost_model)
+        _check_backoff("evaluation.constraint_backoff", cfg.evaluation.constraint_backoff, cfg.planner.cost_model,
+                       "null")
     if cfg.evaluation.cost_limit is not None and cfg.planner.nan_cost <= cfg.evaluation.cost_limit:
         _fail("evaluation.cost_limit", f"{cfg.evaluation.cost_limit} must stay below planner.nan_cost "
               f"({cfg.planner.nan_cost}) so that a non-finite rollout is never feasible")
