@@ -17,7 +17,10 @@ time, then writes
 
 The runs stay under ``OUT/runs/<variant>-seed<k>`` (evaluate them with
 ``python -m evjax.evaluate --run-dir ...``); a finished run is not trained
-again, a killed one resumes.
+again, a killed one resumes. ``--take cem=FILE`` reads a variant's rows from an
+earlier ``safety_while_learning.csv`` instead of training it: only for a
+variant whose training the changed settings do not touch (README "Results"
+says where it was used and why).
 """
 
 from __future__ import annotations
@@ -85,6 +88,18 @@ def collect(out: Path, variants: list[str], seeds: list[int], reward_scale: floa
     return rows
 
 
+def read_taken(path: Path, variant: str, seeds: list[int]) -> list[dict]:
+    """``variant``'s rows of an earlier CSV (``--take``), every seed present."""
+    with path.open() as f:
+        rows = [{"variant": r["variant"], "seed": int(r["seed"]), "epoch": int(r["epoch"]), "cost": float(r["cost"]),
+                 "cumulative_cost": float(r["cumulative_cost"]), "welfare_cny": float(r["welfare_cny"]),
+                 "kappa": float(r["kappa"])} for r in csv.DictReader(f) if r["variant"] == variant]
+    missing = sorted(set(seeds) - {r["seed"] for r in rows})
+    if missing:
+        raise SystemExit(f"{path}: no rows of {variant} for seed(s) {missing}")
+    return [r for seed in seeds for r in rows if r["seed"] == seed]
+
+
 def summarise(rows: list[dict], variants: list[str], seeds: list[int]) -> dict:
     summary = {}
     for variant in variants:
@@ -135,12 +150,21 @@ def main() -> None:
     parser.add_argument("--config", help="base config of every run")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override of every run (repeatable)")
+    parser.add_argument("--take", action="append", default=[], metavar="VARIANT=CSV",
+                        help="a variant's rows from an earlier safety_while_learning.csv instead of training it")
     args = parser.parse_args()
+    taken = {}
+    for item in args.take:
+        variant, _, path = item.partition("=")
+        if variant not in VARIANTS or not Path(path).is_file():
+            parser.error(f"--take {item}: needs VARIANT=CSV with VARIANT one of {', '.join(VARIANTS)} and an "
+                         "existing file")
+        taken[variant] = read_taken(Path(path), variant, args.seeds)
     from evjax.config import load
 
     cfg = load(args.config, args.overrides)  # fails early, naming a bad key
     (args.out / "runs").mkdir(parents=True, exist_ok=True)
-    jobs = [(variant, seed) for seed in args.seeds for variant in args.variants]
+    jobs = [(variant, seed) for seed in args.seeds for variant in args.variants if variant not in taken]
     tic = time.perf_counter()
 
     def run(job):
@@ -154,13 +178,15 @@ def main() -> None:
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         run_seconds = list(pool.map(run, jobs))
     wall = time.perf_counter() - tic
-    rows = collect(args.out, args.variants, args.seeds, cfg.env.reward_scale)
+    rows = [row for variant in args.variants for row in (
+        taken[variant] if variant in taken else collect(args.out, [variant], args.seeds, cfg.env.reward_scale))]
     with (args.out / "safety_while_learning.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     summary = {"wall_seconds": wall, "run_seconds": dict(zip([f"{v}-seed{s}" for v, s in jobs], run_seconds)),
-               "jobs": args.jobs, "overrides": args.overrides, "variants": summarise(rows, args.variants, args.seeds)}
+               "jobs": args.jobs, "overrides": args.overrides, "taken": dict(a.partition("=")[::2] for a in args.take),
+               "variants": summarise(rows, args.variants, args.seeds)}
     (args.out / "safety_while_learning.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot(rows, args.variants, args.out / "safety_while_learning.png")
     for variant, s in summary["variants"].items():

@@ -213,7 +213,7 @@ class PlannerConfig(Section):
     variance_cap: bool = True  # SPEC 10: sampling variance capped by the squared half-distance to the nearer bound
     smoothing: float = 0.1  # new = smoothing * old + (1 - smoothing) * elite statistic
     gamma: float = 0.99  # discount for the predicted cost
-    cost_limit: float = 0.1  # feasible if the scaled predicted cost + CAP margin over the horizon <= this (README, "Safety")
+    cost_limit: float = 0.0  # feasible if the scaled predicted cost + CAP margin over the horizon <= this (README, "Safety")
     uncertainty: Literal["cost_std", "max_std_norm", "disagreement"] = "cost_std"  # CAP uncertainty u (planner.py)
     kappa_init: float = 0.5  # kappa0, initial CAP multiplier (stds of margin with cost_model observation; the source's 19 was for its norm u)
     kappa_lr: float = 0.05  # Adam step size of kappa (kappa moves about this much per episode)
@@ -229,7 +229,7 @@ class PlannerConfig(Section):
     tile_rows: int = 0  # XLA forward on CPU: samples per member per tile, run one tile after another; 0 = auto (600), >= N*P/E untiled; unused on GPU/TPU
     mode: Literal["cap", "ccem", "unconstrained"] = "cap"  # cap: cost + kappa*u; ccem: cost limit, no penalty; unconstrained: rewards only
     cost_model: Literal["learned", "observation"] = "observation"  # step cost: the model's cost output, or the env's formula on the predicted obs (kappa then counts predicted stds of margin)
-    margin_std: Literal["disagreement", "predicted"] = "disagreement"  # std of the CAP margin with cost_model observation: member disagreement or each particle's predicted std
+    margin_std: Literal["disagreement", "predicted"] = "predicted"  # std of the CAP margin with cost_model observation: member disagreement or each particle's predicted std
     particle_noise: bool = False  # true: particles sample the model's predicted std (trajectory sampling, SPEC 10); false: each follows its member's means, one particle per member computed (needs the mean-step path)
     shared_noise: bool = True  # every candidate's particles get the same model noise draws (common random numbers across candidates, not only across CEM iterations)
     stop_at_episode_end: bool = True  # horizon steps after the episode's end count nothing (read from the time feature; without env.time_features it has no effect)
@@ -237,7 +237,7 @@ class PlannerConfig(Section):
     kappa_per_constraint: bool = False  # one kappa for the line and one for the carbon margin (needs cost_model observation)
     permissible_constraint_costs: tuple[float, ...] = _tuple(0.05, 0.05)  # C_perm of the line and carbon kappa (kappa_per_constraint)
     reward_pessimism: float = 0.0  # candidates ranked by the members' mean predicted return minus this many stds of it across members (a pessimistic return against model exploitation); 0 = the mean
-    constraint_backoff: tuple[float, ...] = _tuple(0.0, 0.0)  # the planner's cost counts a line loading above loading_limit - this[0] and a carbon measure above carbon.limit - this[1] (kg/MWh): a tightened constraint (cost_model observation)
+    constraint_backoff: tuple[float, ...] = _tuple(0.0, 20.0)  # the planner's cost counts a line loading above loading_limit - this[0] and a carbon measure above carbon.limit - this[1] (kg/MWh): a tightened constraint (cost_model observation)
     constant_candidates: int = 5  # L > 0: the first L^A candidates of every CEM iteration are the constant price sequences of an L-level grid over the bounds (README "Planner"); 0 = off
 
 

@@ -302,13 +302,12 @@ def rollout(model: Any, obs: jax.Array, actions: jax.Array, kappa: jax.Array, no
     ``kappa`` stds towards its limit, minus its cost without
     (``penalise`` False, modes ``ccem`` and ``unconstrained``: no margin).
     ``uncertainty`` is then not used. The std (``margin_std_kind``):
-    ``disagreement`` (default), the std across members of each member's mean
-    prediction over the candidate's particles (epistemic: it shrinks where the
-    data cover the state and action; computed on the noise-free means when
-    ``mean_step_fn`` is given), or ``predicted``, each particle's own predicted
-    std (aleatoric: the particles already sample that noise, and measured, a
-    margin of a few of them drowned the cost differences between candidates:
-    README, "Safety").
+    ``disagreement`` (this function's default), the std across members of each
+    member's mean prediction over the candidate's particles (epistemic: it
+    shrinks where the data cover the state and action; computed on the
+    noise-free means when ``mean_step_fn`` is given), or ``predicted``, each
+    particle's own predicted std (aleatoric: the arrival noise the model
+    predicts; ``planner.margin_std``'s default, README "Safety").
 
     ``reward_pessimism`` lambda > 0 scores a candidate's reward as the mean over
     members of each member's predicted return (its particles' mean) minus

@@ -56,7 +56,8 @@ def test_new_definitions_are_the_defaults_and_the_source_preset_restores_the_old
     assert not cfg.planner.particle_noise
     assert (cfg.planner.constant_candidates, cfg.planner.num_elites) == (5, 5)  # README "Planner"
     old_planner = dict(cost_model="learned", stop_at_episode_end=False, particle_noise=True, shared_noise=False,
-                       kappa_init=19.0, kappa_lr=0.01, cost_limit=6.0, num_elites=80, constant_candidates=0)
+                       kappa_init=19.0, kappa_lr=0.01, cost_limit=6.0, num_elites=80, constant_candidates=0,
+                       margin_std="disagreement", constraint_backoff=(0.0, 0.0))
     assert source.planner == dataclasses.replace(cfg.planner, **old_planner)  # the source's planner, nothing else
     assert source.grid == cfg.grid and source.training == dataclasses.replace(cfg.training, random_episodes=1)
     assert source.model == dataclasses.replace(cfg.model, epochs=5)  # SPEC 8's fit
@@ -216,11 +217,13 @@ CROSS_CASES = [
     (["model.num_elites=6"], "model.num_elites"),
     (["model.min_logvar_init=1.0"], "model.min_logvar_init"),
     (["planner.num_elites=600"], "planner.num_elites"),
-    (["planner.nan_cost=0.05"], "planner.nan_cost"),
-    (["planner.kappa_per_constraint=true", "planner.cost_model=learned"], "planner.kappa_per_constraint"),
+    (["planner.nan_cost=0.0"], "planner.nan_cost"),  # must exceed the cost limit 0
+    (["planner.kappa_per_constraint=true", "planner.cost_model=learned", "planner.constraint_backoff=[0, 0]"],
+     "planner.kappa_per_constraint"),
     (["planner.particles=31"], "planner.particles"),
     (["planner.constant_candidates=8"], "planner.constant_candidates"),
-    (["planner.cost_model=learned"], "evaluation.constraint_backoff"),  # the default back-off needs the obs. cost
+    (["planner.cost_model=learned"], "planner.constraint_backoff"),  # the default back-offs need the obs. cost
+    (["planner.cost_model=learned", "planner.constraint_backoff=[0, 0]"], "evaluation.constraint_backoff"),
     (["planner.prior_prices=[1.4, 1.5]"], "planner.prior_prices"),
     (["planner.prior_prices=[1.4, 1.5, 1.0]"], "planner.prior_prices"),  # below station 3's lower bound
     (["model.holdout_fraction=0.2", "model.num_elites=4"], "planner.particles"),  # plans over the 4 elites

@@ -244,7 +244,8 @@ def test_evaluation_cost_limit_replaces_the_planners_limit(monkeypatch, override
     from evjax.dynamics import make_dynamics
 
     cfg = Config()
-    cfg = dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, cost_limit=override))
+    cfg = dataclasses.replace(cfg, planner=dataclasses.replace(cfg.planner, cost_limit=0.1),  # a run trained at 0.1
+                              evaluation=dataclasses.replace(cfg.evaluation, cost_limit=override))
     limits = {}
     real = planner_module.make_model_planner
 
@@ -255,7 +256,7 @@ def test_evaluation_cost_limit_replaces_the_planners_limit(monkeypatch, override
     monkeypatch.setattr(planner_module, "make_model_planner", recording)
     parts = types.SimpleNamespace(dynamics=make_dynamics(cfg.model, cfg.obs_dim, cfg.action_dim))
     evaluate.make_policies(cfg, parts, None, 0.7, ["cem_unconstrained", "ccem", "cap_adaptive"])
-    expected = cfg.planner.cost_limit if override is None else override
+    expected = 0.1 if override is None else override
     assert limits == {"unconstrained": expected, "ccem": expected, "cap": expected}
     assert cfg.planner.cost_limit == 0.1  # the run's own limit is left alone
 
@@ -284,8 +285,9 @@ def test_deployment_prior_and_backoff_replace_the_runs_own(monkeypatch):
     parts = types.SimpleNamespace(dynamics=make_dynamics(default.model, default.obs_dim, default.action_dim))
     evaluate.make_policies(default, parts, None, 0.7, ["ccem", "cap_adaptive"])
     assert seen == {"ccem": ((), (0.0, 20.0), 0.0, False, True), "cap": ((), (0.0, 20.0), 0.0, False, True)}
-    base = dataclasses.replace(default, evaluation=dataclasses.replace(default.evaluation, constraint_backoff=None))
-    evaluate.make_policies(base, parts, None, 0.7, ["ccem", "cap_adaptive"])
+    base = dataclasses.replace(default, planner=dataclasses.replace(default.planner, constraint_backoff=(0.0, 0.0)),
+                               evaluation=dataclasses.replace(default.evaluation, constraint_backoff=None))
+    evaluate.make_policies(base, parts, None, 0.7, ["ccem", "cap_adaptive"])  # a run trained without a back-off
     assert seen == {"ccem": ((), (0.0, 0.0), 0.0, False, True), "cap": ((), (0.0, 0.0), 0.0, False, True)}
     cfg = dataclasses.replace(base, evaluation=dataclasses.replace(
         base.evaluation, prior_prices=(1.325, 1.45, 1.25), constraint_backoff=(0.0, 20.0), reward_pessimism=1.5,

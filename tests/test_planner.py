@@ -691,7 +691,7 @@ def fitted_ensemble():
     # environment's cost from the predicted observation, which these synthetic observations do not carry)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, epochs=20),
                               planner=dataclasses.replace(cfg.planner, cost_limit=2.5, cost_model="learned",
-                                                          stop_at_episode_end=False),
+                                                          stop_at_episode_end=False, constraint_backoff=(0.0, 0.0)),
                               evaluation=dataclasses.replace(cfg.evaluation, constraint_backoff=None))
     dyn = make_dynamics(cfg.model, cfg.obs_dim, cfg.action_dim)
     rng = np.random.default_rng(0)
@@ -742,15 +742,16 @@ def test_hidden_dtype_auto_is_bfloat16_on_accelerators_only():
     assert resolve_hidden_dtype("bfloat16", "float32", "cpu") == "bfloat16"  # an explicit choice is kept
 
 
-def test_without_particle_noise_one_particle_per_member_scores_like_all_of_them(fitted_ensemble):
+@pytest.mark.parametrize("margin_std", ["predicted", "disagreement"])
+def test_without_particle_noise_one_particle_per_member_scores_like_all_of_them(fitted_ensemble, margin_std):
     """``particle_noise: false``: the planner rolls out one particle per (member, candidate), since the P/E
     particles of a member follow the same means; its values equal a rollout of all P particles (paper's
-    30 = 6 per member) with the observation cost and the disagreement margin."""
+    30 = 6 per member) with the observation cost and either margin."""
     from evjax.config import Config
     from evjax.planner import make_cost_fn, make_model_planner
 
     cfg, dyn, model, obs = fitted_ensemble
-    cfg = dataclasses.replace(cfg, planner=dataclasses.replace(cfg.planner, particle_noise=False,
+    cfg = dataclasses.replace(cfg, planner=dataclasses.replace(cfg.planner, particle_noise=False, margin_std=margin_std,
                                                                matmul_dtype="float32", cost_model="observation"))
     planner = make_model_planner(cfg, dyn)
     actions = jax.random.uniform(jax.random.key(5), (64, cfg.planner.horizon, 3), minval=1.1, maxval=1.5)
@@ -764,7 +765,7 @@ def test_without_particle_noise_one_particle_per_member_scores_like_all_of_them(
                        num_members=MEMBERS, particles_per_member=per_member, state_clip=cfg.planner.state_clip,
                        uncertainty=cfg.planner.uncertainty, scale=cost_scale(cfg.planner.gamma, cfg.planner.horizon),
                        nan_reward=-1e6, nan_cost=1e6, scan_unroll=1, cost_fn=make_cost_fn(Config()), penalise=True,
-                       sample_noise=False)
+                       sample_noise=False, margin_std_kind=margin_std)
     assert float(jnp.max(want.penalty)) > 0.0 and float(jnp.ptp(want.cost)) > 0.0
     for name in ("reward", "cost", "penalty"):
         np.testing.assert_allclose(np.asarray(getattr(got, name)), np.asarray(getattr(want, name)),

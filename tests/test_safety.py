@@ -144,7 +144,8 @@ def test_kappa_per_constraint_follows_each_constraints_own_cost():
 
 
 @pytest.mark.parametrize("change, key", [
-    (dict(planner={"kappa_per_constraint": True, "cost_model": "learned"}), "planner.kappa_per_constraint"),
+    (dict(planner={"kappa_per_constraint": True, "cost_model": "learned", "constraint_backoff": [0.0, 0.0]}),
+     "planner.kappa_per_constraint"),
     (dict(planner={"permissible_constraint_costs": [0.1]}), "planner.permissible_constraint_costs"),
     (dict(planner={"constraint_backoff": [0.02]}), "planner.constraint_backoff"),
     (dict(planner={"constraint_backoff": [0.02, -5.0]}), "planner.constraint_backoff"),
@@ -160,12 +161,16 @@ def test_inconsistent_safety_settings_name_their_key(change, key, tmp_path):
 
 
 def test_cost_fn_follows_the_config_layout():
-    learned = dataclasses.replace(Config(), planner=dataclasses.replace(Config().planner, cost_model="learned"),
+    learned = dataclasses.replace(Config(), planner=dataclasses.replace(Config().planner, cost_model="learned",
+                                                                        constraint_backoff=(0.0, 0.0)),
                                   evaluation=dataclasses.replace(Config().evaluation, constraint_backoff=None))
     assert make_cost_fn(learned) is None
     cfg = Config()
     obs = obs_vector([0.95, 0.8, 0.8], 850.0 + 85.0)
-    assert float(make_cost_fn(cfg)(obs, np.zeros(9, np.float32), 0.0)) == pytest.approx(0.05 + 0.1, abs=1e-5)
+    zero_std = np.zeros(9, np.float32)
+    assert float(make_cost_fn(cfg, backoff=False)(obs, zero_std, 0.0)) == pytest.approx(0.05 + 0.1, abs=1e-5)
+    # the default plans against 850 - 20 kg/MWh: (935 - 830) / 850
+    assert float(make_cost_fn(cfg)(obs, zero_std, 0.0)) == pytest.approx(0.05 + 105.0 / 850.0, abs=1e-5)
 
 
 def test_constraint_backoff_tightens_the_planners_limits_not_the_diagnostics():
@@ -174,7 +179,10 @@ def test_constraint_backoff_tightens_the_planners_limits_not_the_diagnostics():
     obs = obs_vector([0.87, 0.8, 0.8], 840.0)
     assert float(make_cost_fn(cfg)(obs, None, 0.0)) == pytest.approx(0.02 + 10.0 / 850.0, abs=1e-5)
     assert float(make_cost_fn(cfg, backoff=False)(obs, None, 0.0)) == pytest.approx(0.0, abs=1e-7)
-    assert float(make_cost_fn(Config())(obs, None, 0.0)) == pytest.approx(0.0, abs=1e-7)
+    untightened = dataclasses.replace(Config(), planner=dataclasses.replace(Config().planner,
+                                                                            constraint_backoff=(0.0, 0.0)))
+    assert float(make_cost_fn(untightened)(obs, None, 0.0)) == pytest.approx(0.0, abs=1e-7)
+    assert float(make_cost_fn(Config())(obs, None, 0.0)) == pytest.approx(10.0 / 850.0, abs=1e-5)  # default [0, 20]
 
 
 def test_horizon_prediction_of_each_member_is_its_own_mean_rollout():

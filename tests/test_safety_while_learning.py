@@ -1,0 +1,47 @@
+"""benchmarks/safety_while_learning.py --take: a variant's rows read from an earlier CSV instead of trained."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "safety_while_learning.py"
+FIELDS = ["variant", "seed", "epoch", "cost", "cumulative_cost", "welfare_cny", "kappa"]
+
+
+def _earlier(path: Path) -> None:
+    """CEM seed 0 costs 0.1 then 0.3 (welfare 100, 200), seed 1 costs 0.2 twice (welfare 300, 500); CCEM seed 0 too."""
+    rows = [("cem", 0, 0, 0.1, 0.1, 100.0), ("cem", 0, 1, 0.3, 0.4, 200.0), ("cem", 1, 0, 0.2, 0.2, 300.0),
+            ("cem", 1, 1, 0.2, 0.4, 500.0), ("ccem", 0, 0, 0.0, 0.0, 100.0), ("ccem", 0, 1, 0.1, 0.1, 100.0)]
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(FIELDS)
+        writer.writerows([*row, 0.0] for row in rows)
+
+
+def _run(tmp_path, *args):
+    return subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "out"), *args],
+                          capture_output=True, text=True)
+
+
+def test_taken_variant_is_summarised_as_if_trained(tmp_path):
+    _earlier(tmp_path / "earlier.csv")
+    done = _run(tmp_path, "--variants", "cem", "--seeds", "0", "1", "--take", f"cem={tmp_path / 'earlier.csv'}")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((tmp_path / "out" / "safety_while_learning.json").read_text())
+    cem = summary["variants"]["cem"]
+    assert cem["cumulative_cost_per_seed"] == [0.4, 0.4] and cem["cost_ratio_to_cem"] == 1.0
+    assert cem["last10_welfare_per_seed"] == [150.0, 400.0]  # both epochs are within the last 10
+    assert summary["taken"] == {"cem": str(tmp_path / "earlier.csv")} and summary["run_seconds"] == {}
+    with (tmp_path / "out" / "safety_while_learning.csv").open() as f:
+        assert [(r["variant"], r["seed"], r["epoch"]) for r in csv.DictReader(f)] == [
+            ("cem", "0", "0"), ("cem", "0", "1"), ("cem", "1", "0"), ("cem", "1", "1")]
+    assert not (tmp_path / "out" / "runs" / "cem-seed0").exists()  # nothing trained
+
+
+def test_taking_a_seed_the_file_lacks_names_it(tmp_path):
+    _earlier(tmp_path / "earlier.csv")
+    done = _run(tmp_path, "--variants", "ccem", "--seeds", "0", "1", "--take", f"ccem={tmp_path / 'earlier.csv'}")
+    assert done.returncode != 0 and "ccem" in done.stderr and "[1]" in done.stderr
+    assert _run(tmp_path, "--take", "cem=missing.csv").returncode == 2  # command-line misuse
