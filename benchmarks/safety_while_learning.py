@@ -153,13 +153,13 @@ def main() -> None:
     parser.add_argument("--take", action="append", default=[], metavar="VARIANT=CSV",
                         help="a variant's rows from an earlier safety_while_learning.csv instead of training it")
     args = parser.parse_args()
-    taken = {}
+    taken, taken_from = {}, {}
     for item in args.take:
         variant, _, path = item.partition("=")
         if variant not in VARIANTS or not Path(path).is_file():
             parser.error(f"--take {item}: needs VARIANT=CSV with VARIANT one of {', '.join(VARIANTS)} and an "
                          "existing file")
-        taken[variant] = read_taken(Path(path), variant, args.seeds)
+        taken[variant], taken_from[variant] = read_taken(Path(path), variant, args.seeds), path
     from evjax.config import load
 
     cfg = load(args.config, args.overrides)  # fails early, naming a bad key
@@ -185,7 +185,7 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(rows)
     summary = {"wall_seconds": wall, "run_seconds": dict(zip([f"{v}-seed{s}" for v, s in jobs], run_seconds)),
-               "jobs": args.jobs, "overrides": args.overrides, "taken": dict(a.partition("=")[::2] for a in args.take),
+               "jobs": args.jobs, "overrides": args.overrides, "taken": taken_from,
                "variants": summarise(rows, args.variants, args.seeds)}
     (args.out / "safety_while_learning.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot(rows, args.variants, args.out / "safety_while_learning.png")
