@@ -9,7 +9,8 @@ time, then writes
   cost, its cumulative sum, the episode welfare (CNY) and kappa;
 * ``safety_while_learning.json``: per variant the mean over seeds of the
   cumulative cost over training and of the welfare over the last 10 epochs,
-  each as a ratio to unconstrained CEM's, and the wall time;
+  each as a ratio to unconstrained CEM's with Fieller's 95 % set (the seeds
+  paired, ``evjax.evaluate.ratio_interval``), and the wall time;
 * ``safety_while_learning.png``: cumulative cost and welfare per epoch, mean
   and range over seeds per variant.
 
@@ -111,10 +112,28 @@ def summarise(rows: list[dict], variants: list[str], seeds: list[int]) -> dict:
         summary[variant] = {"cumulative_cost_mean": float(np.mean(total)), "cumulative_cost_per_seed": total,
                             "last10_welfare_mean": float(np.mean(last)), "last10_welfare_per_seed": last}
     if "cem" in summary:
+        from evjax.evaluate import ratio_interval
+
+        cem = summary["cem"]
         for variant, s in summary.items():
-            s["cost_ratio_to_cem"] = s["cumulative_cost_mean"] / summary["cem"]["cumulative_cost_mean"]
-            s["welfare_ratio_to_cem"] = s["last10_welfare_mean"] / summary["cem"]["last10_welfare_mean"]
+            s["cost_ratio_to_cem"] = s["cumulative_cost_mean"] / cem["cumulative_cost_mean"]
+            s["welfare_ratio_to_cem"] = s["last10_welfare_mean"] / cem["last10_welfare_mean"]
+            if len(seeds) > 1:  # Fieller's 95 % set of the ratio of the means, the seeds paired
+                for key, per_seed in (("cost", "cumulative_cost_per_seed"), ("welfare", "last10_welfare_per_seed")):
+                    interval = ratio_interval(np.array(s[per_seed]), np.array(cem[per_seed]))
+                    s[f"{key}_ratio_interval"] = {"low": interval.low, "high": interval.high, "kind": interval.kind}
     return summary
+
+
+def ratio_text(s: dict, key: str) -> str:
+    """'0.66 x CEM [0.29, 0.84]': the ratio to CEM with its Fieller set where there is one."""
+    text = f"{s.get(f'{key}_ratio_to_cem', float('nan')):.3f} x CEM"
+    interval = s.get(f"{key}_ratio_interval")
+    if interval is None:
+        return text
+    if interval["kind"] == "bounded":
+        return f"{text} [{interval['low']:.2f}, {interval['high']:.2f}]"
+    return f"{text} (95 % set unbounded)"
 
 
 def plot(rows: list[dict], variants: list[str], path: Path) -> None:
@@ -190,9 +209,8 @@ def main() -> None:
     (args.out / "safety_while_learning.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot(rows, args.variants, args.out / "safety_while_learning.png")
     for variant, s in summary["variants"].items():
-        print(f"{variant:13s} cumulative cost {s['cumulative_cost_mean']:.3f} "
-              f"({s.get('cost_ratio_to_cem', float('nan')):.2f} x CEM), last-{LAST_EPOCHS} welfare "
-              f"{s['last10_welfare_mean']:.0f} CNY ({s.get('welfare_ratio_to_cem', float('nan')):.3f} x CEM)")
+        print(f"{variant:13s} cumulative cost {s['cumulative_cost_mean']:.3f} ({ratio_text(s, 'cost')}), "
+              f"last-{LAST_EPOCHS} welfare {s['last10_welfare_mean']:.0f} CNY ({ratio_text(s, 'welfare')})")
     print(f"wall time {wall:.0f} s with {args.jobs} job(s)")
 
 

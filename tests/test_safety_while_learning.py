@@ -45,3 +45,30 @@ def test_taking_a_seed_the_file_lacks_names_it(tmp_path):
     done = _run(tmp_path, "--variants", "ccem", "--seeds", "0", "1", "--take", f"ccem={tmp_path / 'earlier.csv'}")
     assert done.returncode != 0 and "ccem" in done.stderr and "[1]" in done.stderr
     assert _run(tmp_path, "--take", "cem=missing.csv").returncode == 2  # command-line misuse
+
+
+def test_ratio_to_cem_has_fieller_set_over_paired_seeds(tmp_path):
+    """CCEM costs exactly half of CEM on each seed (0.2 against 0.4): every paired difference N - 0.5 D is 0, so
+    Fieller's set is the single point 0.5. CEM against itself is [1, 1]; CCEM's last-10 welfare (100 and 100 against
+    150 and 400) has the ratio 100 / 275, and with two seeds CEM's mean welfare is not resolved from 0 (275 against
+    t * s / sqrt(2) = 12.71 * 176.8 / 1.41 = 1588), so the set is unbounded: every R outside an interval."""
+    rows = [("cem", 0, 0, 0.1, 0.1, 100.0), ("cem", 0, 1, 0.3, 0.4, 200.0), ("cem", 1, 0, 0.2, 0.2, 300.0),
+            ("cem", 1, 1, 0.2, 0.4, 500.0), ("ccem", 0, 0, 0.0, 0.0, 100.0), ("ccem", 0, 1, 0.2, 0.2, 100.0),
+            ("ccem", 1, 0, 0.1, 0.1, 100.0), ("ccem", 1, 1, 0.1, 0.2, 100.0)]
+    path = tmp_path / "earlier.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(FIELDS)
+        writer.writerows([*row, 0.0] for row in rows)
+    done = _run(tmp_path, "--variants", "cem", "ccem", "--seeds", "0", "1", "--take", f"cem={path}",
+                "--take", f"ccem={path}")
+    assert done.returncode == 0, done.stderr
+    variants = json.loads((tmp_path / "out" / "safety_while_learning.json").read_text())["variants"]
+    cost = variants["ccem"]["cost_ratio_interval"]
+    assert variants["ccem"]["cost_ratio_to_cem"] == 0.5 and cost["kind"] == "bounded"
+    assert abs(cost["low"] - 0.5) < 1e-9 and abs(cost["high"] - 0.5) < 1e-9
+    assert variants["cem"]["cost_ratio_interval"]["low"] == variants["cem"]["cost_ratio_interval"]["high"] == 1.0
+    welfare = variants["ccem"]["welfare_ratio_interval"]
+    assert abs(variants["ccem"]["welfare_ratio_to_cem"] - 100 / 275) < 1e-12
+    assert welfare["kind"] == "outside" and "welfare 100 CNY (0.364 x CEM (95 % set unbounded))" in done.stdout
+    assert "0.500 x CEM [0.50, 0.50]" in done.stdout
