@@ -10,7 +10,9 @@ time, then writes
 * ``safety_while_learning.json``: per variant the mean over seeds of the
   cumulative cost over training and of the welfare over the last 10 epochs,
   each as a ratio to unconstrained CEM's with Fieller's 95 % set (the seeds
-  paired, ``evjax.evaluate.ratio_interval``), and the wall time;
+  paired, ``evjax.evaluate.ratio_interval``), each run's training seconds
+  (kept in its ``done`` file) and the wall time of the call (null when it
+  trained nothing);
 * ``safety_while_learning.png``: cumulative cost and welfare per epoch, mean
   and range over seeds per variant.
 
@@ -50,11 +52,15 @@ LAST_EPOCHS = 10
 
 
 def train_one(run_dir: Path, overrides: list[str], config: str | None, log: Path) -> float:
-    """Train (or resume) one run in a subprocess; returns its wall seconds. Raises if it fails."""
+    """Train (or resume) one run in a subprocess; returns its wall seconds, for a finished run those its ``done``
+    file recorded (NaN if it holds none). Raises if it fails."""
     command = [sys.executable, "-m", "evjax.train", "--run-dir", str(run_dir), "--no-progress"]
     if run_dir.exists():
         if (run_dir / "done").is_file():
-            return 0.0
+            try:
+                return float((run_dir / "done").read_text())
+            except ValueError:
+                return float("nan")
         command.append("--resume")
     else:
         if config:
@@ -66,8 +72,9 @@ def train_one(run_dir: Path, overrides: list[str], config: str | None, log: Path
         result = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=os.environ.copy())
     if result.returncode != 0:
         raise RuntimeError(f"{run_dir}: training failed (exit {result.returncode}); see {log}")
-    (run_dir / "done").write_text("ok\n")
-    return time.perf_counter() - tic
+    seconds = time.perf_counter() - tic
+    (run_dir / "done").write_text(f"{seconds:.1f}\n")
+    return seconds
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -184,6 +191,7 @@ def main() -> None:
     cfg = load(args.config, args.overrides)  # fails early, naming a bad key
     (args.out / "runs").mkdir(parents=True, exist_ok=True)
     jobs = [(variant, seed) for seed in args.seeds for variant in args.variants if variant not in taken]
+    to_train = [job for job in jobs if not (args.out / "runs" / f"{job[0]}-seed{job[1]}" / "done").is_file()]
     tic = time.perf_counter()
 
     def run(job):
@@ -196,7 +204,7 @@ def main() -> None:
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         run_seconds = list(pool.map(run, jobs))
-    wall = time.perf_counter() - tic
+    wall = time.perf_counter() - tic if to_train else None  # None: every run had finished before this call
     rows = [row for variant in args.variants for row in (
         taken[variant] if variant in taken else collect(args.out, [variant], args.seeds, cfg.env.reward_scale))]
     with (args.out / "safety_while_learning.csv").open("w", newline="") as f:
@@ -211,7 +219,8 @@ def main() -> None:
     for variant, s in summary["variants"].items():
         print(f"{variant:13s} cumulative cost {s['cumulative_cost_mean']:.3f} ({ratio_text(s, 'cost')}), "
               f"last-{LAST_EPOCHS} welfare {s['last10_welfare_mean']:.0f} CNY ({ratio_text(s, 'welfare')})")
-    print(f"wall time {wall:.0f} s with {args.jobs} job(s)")
+    print(f"wall time {wall:.0f} s with {args.jobs} job(s)" if wall is not None else
+          "wall time: nothing trained in this call (each run's own seconds are above)")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,7 @@ def test_taken_variant_is_summarised_as_if_trained(tmp_path):
     assert cem["cumulative_cost_per_seed"] == [0.4, 0.4] and cem["cost_ratio_to_cem"] == 1.0
     assert cem["last10_welfare_per_seed"] == [150.0, 400.0]  # both epochs are within the last 10
     assert summary["taken"] == {"cem": str(tmp_path / "earlier.csv")} and summary["run_seconds"] == {}
+    assert summary["wall_seconds"] is None  # nothing was trained in this call
     with (tmp_path / "out" / "safety_while_learning.csv").open() as f:
         assert [(r["variant"], r["seed"], r["epoch"]) for r in csv.DictReader(f)] == [
             ("cem", "0", "0"), ("cem", "0", "1"), ("cem", "1", "0"), ("cem", "1", "1")]
@@ -72,3 +74,20 @@ def test_ratio_to_cem_has_fieller_set_over_paired_seeds(tmp_path):
     assert abs(variants["ccem"]["welfare_ratio_to_cem"] - 100 / 275) < 1e-12
     assert welfare["kind"] == "outside" and "welfare 100 CNY (0.364 x CEM (95 % set unbounded))" in done.stdout
     assert "0.500 x CEM [0.50, 0.50]" in done.stdout
+
+
+def test_finished_run_reports_the_seconds_it_recorded(tmp_path):
+    """A run with a ``done`` file is not trained again; its recorded wall seconds come back (NaN for an older
+    file without them), so a summary written again keeps the training's time."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        from safety_while_learning import train_one
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    run_dir = tmp_path / "cem-seed0"
+    run_dir.mkdir()
+    (run_dir / "done").write_text("1565.4\n")
+    assert train_one(run_dir, ["no.such_key=1"], None, tmp_path / "log") == 1565.4
+    (run_dir / "done").write_text("ok\n")
+    assert math.isnan(train_one(run_dir, [], None, tmp_path / "log"))
+    assert not (tmp_path / "log").exists()  # no training started
