@@ -133,7 +133,7 @@ def summarise(rows: list[dict], variants: list[str], seeds: list[int]) -> dict:
 
 
 def ratio_text(s: dict, key: str) -> str:
-    """'0.66 x CEM [0.29, 0.84]': the ratio to CEM with its Fieller set where there is one."""
+    """'0.655 x CEM [0.29, 0.84]': the ratio to CEM with its Fieller set where there is one."""
     text = f"{s.get(f'{key}_ratio_to_cem', float('nan')):.3f} x CEM"
     interval = s.get(f"{key}_ratio_interval")
     if interval is None:
