@@ -191,7 +191,7 @@ def main() -> None:
     cfg = load(args.config, args.overrides)  # fails early, naming a bad key
     (args.out / "runs").mkdir(parents=True, exist_ok=True)
     jobs = [(variant, seed) for seed in args.seeds for variant in args.variants if variant not in taken]
-    to_train = [job for job in jobs if not (args.out / "runs" / f"{job[0]}-seed{job[1]}" / "done").is_file()]
+    trains = any(not (args.out / "runs" / f"{v}-seed{s}" / "done").is_file() for v, s in jobs)
     tic = time.perf_counter()
 
     def run(job):
@@ -204,7 +204,7 @@ def main() -> None:
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         run_seconds = list(pool.map(run, jobs))
-    wall = time.perf_counter() - tic if to_train else None  # None: every run had finished before this call
+    wall = time.perf_counter() - tic if trains else None  # None: every run had finished before this call
     rows = [row for variant in args.variants for row in (
         taken[variant] if variant in taken else collect(args.out, [variant], args.seeds, cfg.env.reward_scale))]
     with (args.out / "safety_while_learning.csv").open("w", newline="") as f:

@@ -13,8 +13,12 @@ FIELDS = ["variant", "seed", "epoch", "cost", "cumulative_cost", "welfare_cny", 
 
 def _earlier(path: Path) -> None:
     """CEM seed 0 costs 0.1 then 0.3 (welfare 100, 200), seed 1 costs 0.2 twice (welfare 300, 500); CCEM seed 0 too."""
-    rows = [("cem", 0, 0, 0.1, 0.1, 100.0), ("cem", 0, 1, 0.3, 0.4, 200.0), ("cem", 1, 0, 0.2, 0.2, 300.0),
-            ("cem", 1, 1, 0.2, 0.4, 500.0), ("ccem", 0, 0, 0.0, 0.0, 100.0), ("ccem", 0, 1, 0.1, 0.1, 100.0)]
+    _write(path, [("cem", 0, 0, 0.1, 0.1, 100.0), ("cem", 0, 1, 0.3, 0.4, 200.0), ("cem", 1, 0, 0.2, 0.2, 300.0),
+                  ("cem", 1, 1, 0.2, 0.4, 500.0), ("ccem", 0, 0, 0.0, 0.0, 100.0), ("ccem", 0, 1, 0.1, 0.1, 100.0)])
+
+
+def _write(path: Path, rows: list[tuple]) -> None:
+    """A safety_while_learning.csv of (variant, seed, epoch, cost, cumulative cost, welfare) rows, kappa 0."""
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(FIELDS)
@@ -54,14 +58,10 @@ def test_ratio_to_cem_has_fieller_set_over_paired_seeds(tmp_path):
     Fieller's set is the single point 0.5. CEM against itself is [1, 1]; CCEM's last-10 welfare (100 and 100 against
     150 and 400) has the ratio 100 / 275, and with two seeds CEM's mean welfare is not resolved from 0 (275 against
     t * s / sqrt(2) = 12.71 * 176.8 / 1.41 = 1588), so the set is unbounded: every R outside an interval."""
-    rows = [("cem", 0, 0, 0.1, 0.1, 100.0), ("cem", 0, 1, 0.3, 0.4, 200.0), ("cem", 1, 0, 0.2, 0.2, 300.0),
-            ("cem", 1, 1, 0.2, 0.4, 500.0), ("ccem", 0, 0, 0.0, 0.0, 100.0), ("ccem", 0, 1, 0.2, 0.2, 100.0),
-            ("ccem", 1, 0, 0.1, 0.1, 100.0), ("ccem", 1, 1, 0.1, 0.2, 100.0)]
     path = tmp_path / "earlier.csv"
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(FIELDS)
-        writer.writerows([*row, 0.0] for row in rows)
+    _write(path, [("cem", 0, 0, 0.1, 0.1, 100.0), ("cem", 0, 1, 0.3, 0.4, 200.0), ("cem", 1, 0, 0.2, 0.2, 300.0),
+                  ("cem", 1, 1, 0.2, 0.4, 500.0), ("ccem", 0, 0, 0.0, 0.0, 100.0), ("ccem", 0, 1, 0.2, 0.2, 100.0),
+                  ("ccem", 1, 0, 0.1, 0.1, 100.0), ("ccem", 1, 1, 0.1, 0.2, 100.0)])
     done = _run(tmp_path, "--variants", "cem", "ccem", "--seeds", "0", "1", "--take", f"cem={path}",
                 "--take", f"ccem={path}")
     assert done.returncode == 0, done.stderr
