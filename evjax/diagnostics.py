@@ -47,6 +47,16 @@ def predict_horizon(step_fn: Callable, model: Any, first_obs: jax.Array, actions
     return jnp.swapaxes(next_obs, 0, 1), jnp.swapaxes(reward, 0, 1)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _mean_horizon(step: Callable, model: Any, first_obs: jax.Array, actions: jax.Array):
+    """``predict_horizon`` on the members' means of ``step`` (``Dynamics.step``), compiled once per ``step`` and shape.
+
+    Called eagerly, the scan would be traced and compiled again after every episode (a new closure each time).
+    """
+    step_fn = functools.partial(step, key=None, matmul_dtype="float32", mean_only=True)
+    return predict_horizon(step_fn, model, first_obs, actions)
+
+
 def _rmse(predicted: np.ndarray, actual: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.square(predicted - actual))))
 
@@ -67,8 +77,8 @@ def episode_diagnostics(cfg: Config, dynamics, model, kappa, obs: np.ndarray, ac
     carbon_scale, reward_scale = cfg.env.carbon_obs_scale, cfg.env.reward_scale
     step_fn = functools.partial(dynamics.step, key=None, matmul_dtype="float32", mean_only=True)
     one = predict_one_step(step_fn, model, jnp.asarray(obs, jnp.float32), jnp.asarray(act, jnp.float32))
-    horizon_obs, horizon_reward = predict_horizon(step_fn, model, jnp.asarray(obs[0], jnp.float32),
-                                                  jnp.asarray(act, jnp.float32))
+    horizon_obs, horizon_reward = _mean_horizon(dynamics.step, model, jnp.asarray(obs[0], jnp.float32),
+                                                jnp.asarray(act, jnp.float32))
     mean_next = np.asarray(one.next_obs).mean(axis=0)  # [T, S]
     mean_reward = np.asarray(one.reward).mean(axis=0)  # [T]
     roll_next = np.asarray(horizon_obs).mean(axis=0)

@@ -208,6 +208,26 @@ def test_horizon_prediction_of_each_member_is_its_own_mean_rollout():
     np.testing.assert_allclose(one.next_obs[:, 0], next_obs[:, 0], rtol=1e-5, atol=1e-6)
 
 
+def test_episode_diagnostics_compile_the_horizon_rollout_once_and_match_the_eager_one():
+    from evjax.diagnostics import _mean_horizon, predict_horizon
+    from evjax.dynamics import make_dynamics
+
+    cfg = Config().model
+    dyn = make_dynamics(dataclasses.replace(cfg, ensemble_size=2, num_elites=2, hidden_sizes=(8,),
+                                            weight_decays=(0.0, 0.0)), 9, 3)
+    step = functools.partial(dyn.step, key=None, matmul_dtype="float32", mean_only=True)
+    obs0 = jnp.asarray(obs_vector([0.5, 0.6, 0.7], 800.0))
+    actions = jnp.asarray(np.random.default_rng(0).uniform(1.1, 1.5, (4, 3)), jnp.float32)
+    before = _mean_horizon._cache_size()
+    for seed in (1, 2, 3):  # a new model after every episode, as in training
+        model = dyn.init(jax.random.key(seed))
+        compiled = _mean_horizon(dyn.step, model, obs0, actions)
+        eager = predict_horizon(step, model, obs0, actions)
+        for a, b in zip(compiled, eager):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert _mean_horizon._cache_size() == before + 1
+
+
 def test_paired_score_subtracts_fixed_mid_prices_on_the_same_day(tmp_path):
     from evjax.env import EVPricingEnv
     from evjax.train import Trainer, episode_seed
