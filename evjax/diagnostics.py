@@ -47,14 +47,18 @@ def predict_horizon(step_fn: Callable, model: Any, first_obs: jax.Array, actions
     return jnp.swapaxes(next_obs, 0, 1), jnp.swapaxes(reward, 0, 1)
 
 
+def _mean_step(step: Callable) -> Callable:
+    """``Dynamics.step`` giving the members' means in float32: what the diagnostics compare with the real data."""
+    return functools.partial(step, key=None, matmul_dtype="float32", mean_only=True)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _mean_horizon(step: Callable, model: Any, first_obs: jax.Array, actions: jax.Array):
-    """``predict_horizon`` on the members' means of ``step`` (``Dynamics.step``), compiled once per ``step`` and shape.
+    """``predict_horizon`` on ``_mean_step(step)``, compiled once per ``step`` (``Dynamics.step``) and shape.
 
     Called eagerly, the scan would be traced and compiled again after every episode (a new closure each time).
     """
-    step_fn = functools.partial(step, key=None, matmul_dtype="float32", mean_only=True)
-    return predict_horizon(step_fn, model, first_obs, actions)
+    return predict_horizon(_mean_step(step), model, first_obs, actions)
 
 
 def _rmse(predicted: np.ndarray, actual: np.ndarray) -> float:
@@ -75,8 +79,7 @@ def episode_diagnostics(cfg: Config, dynamics, model, kappa, obs: np.ndarray, ac
     k = cfg.num_stations
     carbon_index = 2 * k + 1
     carbon_scale, reward_scale = cfg.env.carbon_obs_scale, cfg.env.reward_scale
-    step_fn = functools.partial(dynamics.step, key=None, matmul_dtype="float32", mean_only=True)
-    one = predict_one_step(step_fn, model, jnp.asarray(obs, jnp.float32), jnp.asarray(act, jnp.float32))
+    one = predict_one_step(_mean_step(dynamics.step), model, jnp.asarray(obs, jnp.float32), jnp.asarray(act, jnp.float32))
     horizon_obs, horizon_reward = _mean_horizon(dynamics.step, model, jnp.asarray(obs[0], jnp.float32),
                                                 jnp.asarray(act, jnp.float32))
     mean_next = np.asarray(one.next_obs).mean(axis=0)  # [T, S]
