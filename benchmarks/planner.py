@@ -15,11 +15,15 @@ over B different observations and keys instead (one compiled call plans for B
 environments) and also reports plans per second. The observation's time feature is
 ``--steps-done`` / 12 (default 0, the episode's first step, which plans the full horizon:
 with ``planner.stop_at_episode_end`` a plan at step t computes only the 12 - t horizon
-steps left in the episode, on CPU).
+steps left in the episode, on CPU). The 125 constant-price candidates are rolled out once per
+plan (``make_planner``'s ``hoist_constants``); ``--no-hoist`` rolls them out in every CEM
+iteration, the reference it is compared with; ``--against-no-hoist`` times that reference in the same
+run, each of its plans right after the timed plan on the same key, and reports the paired time ratio.
+The FLOP count follows what is rolled out.
 
     python benchmarks/planner.py [--json] [--matmul-dtype bfloat16|float32] [--repeats 10] [--batch B] [--tile-rows R]
                                 [--steps-done T] [--particle-noise true|false] [--hidden-dtype auto|float32|bfloat16]
-                                [--profile DIR]
+                                [--profile DIR] [--no-hoist | --against-no-hoist]
 """
 
 from __future__ import annotations
@@ -84,7 +88,14 @@ def main(argv=None) -> int:
                         help="also write a jax.profiler trace of three plans to DIR (Perfetto/TensorBoard)")
     parser.add_argument("--steps-done", type=int, default=0,
                         help="steps of the episode already done, in the observation's time feature (default 0)")
+    parser.add_argument("--no-hoist", action="store_true",
+                        help="roll the constant-price candidates out in every CEM iteration (the reference)")
+    parser.add_argument("--against-no-hoist", action="store_true",
+                        help="also time the --no-hoist reference, plan for plan, and report the paired ratio")
     args = parser.parse_args(argv)
+    if args.against_no_hoist and (args.no_hoist or args.sampled_steps):
+        parser.error("--against-no-hoist compares the default (hoisted) mean-step planner with --no-hoist: "
+                     "drop --no-hoist and --sampled-steps")
 
     cfg = Config()
     overrides = {"matmul_dtype": args.matmul_dtype, "tile_rows": args.tile_rows, "hidden_dtype": args.hidden_dtype,
@@ -106,7 +117,7 @@ def main(argv=None) -> int:
     if args.sampled_steps:
         planner = make_planner(pcfg, cfg.env.price_lower, cfg.env.price_upper, dyn.ensemble_size, step_fn)
     else:
-        planner = make_model_planner(cfg, dyn)
+        planner = make_model_planner(cfg, dyn, hoist_constants=not args.no_hoist)
 
     batch = args.batch
     obs = np.random.default_rng(0).normal(size=(batch or 1, obs_dim))
@@ -128,6 +139,13 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     compiled = jax.jit(plan_fn).lower(make_key(jax.random.key(0)), model, obs, warm, kappa).compile()
     compile_seconds = time.perf_counter() - start
+    reference = None
+    if args.against_no_hoist:
+        unhoisted = make_model_planner(cfg, dyn, hoist_constants=False)
+        reference_fn = unhoisted.plan_batch_fn if batch else unhoisted.plan_fn
+        if batch and args.vmap:
+            reference_fn = functools.partial(batch_plans, plan_fn=unhoisted.plan_fn, sequential=False)
+        reference = jax.jit(reference_fn).lower(make_key(jax.random.key(0)), model, obs, warm, kappa).compile()
 
     # samples per member in a model step after the first, as the planner steps them
     rows = pcfg.popsize * rollout_particles_per_member(pcfg, dyn.ensemble_size, mean_step=not args.sampled_steps)
@@ -137,14 +155,17 @@ def main(argv=None) -> int:
     chains = {name: make_matmul_chain(dyn.ensemble_size, ceiling_rows, width, dtype)
               for name, dtype in (("f32", jnp.float32), ("bf16", jnp.bfloat16))}
     # plans and ceiling measurements interleaved, so that load from other processes hits both alike
-    keys = iter([make_key(key) for key in jax.random.split(jax.random.key(1), args.repeats + 1)])
-    plan = lambda: compiled(next(keys), model, obs, warm, kappa)  # noqa: E731
-    jax.block_until_ready(plan())
+    keys = [make_key(key) for key in jax.random.split(jax.random.key(1), args.repeats + 1)]
+    jax.block_until_ready(compiled(keys[0], model, obs, warm, kappa))
+    if reference is not None:
+        jax.block_until_ready(reference(keys[0], model, obs, warm, kappa))
     for run, _ in chains.values():
         jax.block_until_ready(run())
-    seconds, ceiling_seconds = [], {name: [] for name in chains}
-    for _ in range(args.repeats):
-        seconds.append(seconds_of(plan))
+    seconds, reference_seconds, ceiling_seconds = [], [], {name: [] for name in chains}
+    for key in keys[1:]:
+        seconds.append(seconds_of(lambda: compiled(key, model, obs, warm, kappa)))
+        if reference is not None:
+            reference_seconds.append(seconds_of(lambda: reference(key, model, obs, warm, kappa)))
         for name, (run, _) in chains.items():
             ceiling_seconds[name].append(min(seconds_of(run) for _ in range(3)))
     _, _, diag = compiled(make_key(jax.random.key(2)), model, obs, warm, kappa)
@@ -154,10 +175,17 @@ def main(argv=None) -> int:
                 jax.block_until_ready(compiled(make_key(jax.random.key(3)), model, obs, warm, kappa))
 
     layer_sizes = [obs_dim + action_dim, *cfg.model.hidden_sizes, 2 * (obs_dim + 2)]
-    # forward rows actually evaluated: with mean_step_fn the first step runs once per (member, candidate)
-    first_step_rows = pcfg.popsize * (pcfg.particles if args.sampled_steps else dyn.ensemble_size)
-    rows_per_iteration = first_step_rows + dyn.ensemble_size * rows * (horizon - 1)
-    gflop = forward_flops(layer_sizes) * rows_per_iteration * int(jnp.sum(diag.iterations)) / 1e9  # per call
+    # forward rows actually evaluated per candidate rolled out: with mean_step_fn the first step runs once per
+    # (member, candidate)
+    rows_per_candidate = ((pcfg.particles if args.sampled_steps else dyn.ensemble_size)
+                          + dyn.ensemble_size * rows // pcfg.popsize * (horizon - 1))
+    constant = pcfg.constant_candidates ** action_dim if pcfg.constant_candidates else 0
+    iterations = int(jnp.sum(diag.iterations))  # over the call's plans
+    if args.sampled_steps or args.no_hoist or not constant:
+        rollouts = pcfg.popsize * iterations
+    else:  # the constant candidates once per plan, the samples every iteration
+        rollouts = constant * (batch or 1) + (pcfg.popsize - constant) * iterations
+    gflop = forward_flops(layer_sizes) * rows_per_candidate * rollouts / 1e9  # per call
     median = statistics.median(seconds)
     achieved = gflop / median
     ceiling_f32, ceiling_bf16 = (chains[name][1] / statistics.median(ceiling_seconds[name]) / 1e9
@@ -184,8 +212,15 @@ def main(argv=None) -> int:
         "particle_noise": pcfg.particle_noise,
         "steps_done": args.steps_done,
         "horizon_steps_computed": horizon,
+        "constant_candidates_hoisted": bool(constant) and not (args.sampled_steps or args.no_hoist),
         "load_average_1min": os.getloadavg()[0],
     }
+    if reference_seconds:
+        ratios = [a / b for a, b in zip(seconds, reference_seconds)]
+        result.update({"no_hoist_plan_seconds_median": statistics.median(reference_seconds) / plans,
+                       "hoist_time_ratio_median": statistics.median(ratios),
+                       "hoist_time_ratio_min": min(ratios), "hoist_time_ratio_max": max(ratios),
+                       "hoist_flop_ratio": rollouts / (pcfg.popsize * iterations)})
     if batch:
         result.update({"batch": batch, "batch_mode": "vmap" if vmapped else "sequential", "call_seconds_median": median,
                        "plans_per_second_median": batch / median, "plans_per_second_min": batch / max(seconds),
@@ -208,6 +243,11 @@ def main(argv=None) -> int:
         for name, value in result.items():
             if name.startswith("breakdown_"):
                 print(f"  {name[10:]}: {value:.4f} s")
+        if reference_seconds:
+            print(f"without hoisting the constant candidates: median {result['no_hoist_plan_seconds_median']:.3f} s "
+                  f"per plan; paired time ratio {result['hoist_time_ratio_median']:.2f} "
+                  f"({result['hoist_time_ratio_min']:.2f}-{result['hoist_time_ratio_max']:.2f}), "
+                  f"FLOP ratio {result['hoist_flop_ratio']:.2f}")
         print(f"device: {result['device']}; load average {os.getloadavg()}")
     return 0
 

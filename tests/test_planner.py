@@ -431,6 +431,60 @@ def test_constant_candidates_bring_the_plan_to_a_corner_optimum():
         np.testing.assert_allclose(gridded, corner, atol=0.01)
 
 
+@pytest.mark.parametrize("hoist, traced_batches", [(True, [8, 32]), (False, [40])])
+def test_constant_candidates_are_rolled_out_once_per_plan(hoist, traced_batches):
+    """With 8 constant sequences among 40 candidates the plan rolls the 8 out once, before the CEM loop, and
+    each iteration the 32 samples (``hoist_constants``); the reference rolls all 40 out every iteration."""
+    batches = []
+
+    def recording_step(model, obs, act):
+        batches.append(obs.shape[1])  # at trace time: [E, N] without particle noise
+        return noisy_reward_step(model, obs, act)
+
+    cfg = dataclasses.replace(SMALL, popsize=40, num_elites=4, particles=5, particle_noise=False,
+                              constant_candidates=2, mode="unconstrained")
+    planner = make_planner(cfg, LOWER, UPPER, MEMBERS, lambda *a: None, mean_step_fn=recording_step,
+                           hoist_constants=hoist)
+    planner.plan(jax.random.key(0), {"target": jnp.asarray(TARGET, jnp.float32)}, jnp.zeros(STATE_DIM),
+                 planner.initial_warm_start(), 0.0)
+    assert list(dict.fromkeys(batches)) == traced_batches  # in the order traced
+
+
+@pytest.mark.parametrize("particle_noise, shared_noise", [(False, True), (True, True), (True, False)])
+def test_hoisted_constant_candidates_give_the_reference_plan(particle_noise, shared_noise):
+    """A small ensemble (random weights, the default observation cost and CAP margin):
+    rolling the constant candidates out once gives the reference plan bit for bit (action, warm start,
+    feasible share, elite values); only the mean penalty diagnostic may differ in its summation order."""
+    from evjax.config import load
+    from evjax.dynamics import make_dynamics
+
+    cfg = load(None, ["model.hidden_sizes=[32, 32]", "model.weight_decays=[0.0, 0.0, 0.0]", "planner.popsize=96",
+                      "planner.constant_candidates=3", "planner.particles=10", "planner.matmul_dtype=float32",
+                      f"planner.particle_noise={str(particle_noise).lower()}",
+                      f"planner.shared_noise={str(shared_noise).lower()}"])
+    dyn = make_dynamics(cfg.model, cfg.obs_dim, cfg.action_dim)
+    model = dyn.init(jax.random.key(1))
+    hoisted, reference = (cem.make_model_planner(cfg, dyn, hoist_constants=h) for h in (True, False))
+    obs = jax.random.normal(jax.random.key(2), (cfg.obs_dim,), jnp.float32)
+    for seed in range(2):
+        got, want = (p.plan(jax.random.key(seed), model, obs, p.initial_warm_start(), 0.7)
+                     for p in (hoisted, reference))
+        for a, b in zip(jax.tree.leaves(got[:2]), jax.tree.leaves(want[:2])):
+            np.testing.assert_array_equal(a, b)
+        for name in ("feasible_fraction", "elite_reward", "elite_cost", "iterations"):
+            assert getattr(got[2], name) == getattr(want[2], name), name
+        np.testing.assert_allclose(got[2].uncertainty_penalty, want[2].uncertainty_penalty, rtol=1e-5)
+
+
+def test_planner_benchmark_refuses_to_compare_the_reference_with_itself(subprocess_env):
+    """``benchmarks/planner.py --no-hoist --against-no-hoist``: a one-line usage error, exit status 2."""
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "planner.py"), "--no-hoist", "--against-no-hoist"],
+                          env=subprocess_env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert "--against-no-hoist compares" in done.stderr.strip().splitlines()[-1]
+
+
 def test_capped_variance_hand_values():
     """v = min(sigma^2, ((mu - lb) / 2)^2, ((ub - mu) / 2)^2) on bounds [1, 2]."""
     mean = jnp.array([[1.5, 1.1, 1.9, 1.0]])
