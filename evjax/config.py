@@ -229,7 +229,7 @@ class PlannerConfig(Section):
     tile_rows: int = 0  # XLA forward on CPU: samples per member per tile, run one tile after another; 0 = auto (600), >= N*P/E untiled; unused on GPU/TPU
     mode: Literal["cap", "ccem", "unconstrained"] = "cap"  # cap: cost + kappa*u; ccem: cost limit, no penalty; unconstrained: rewards only
     cost_model: Literal["learned", "observation"] = "observation"  # step cost: the model's cost output, or the env's formula on the predicted obs (kappa then counts predicted stds of margin)
-    margin_std: Literal["disagreement", "predicted"] = "predicted"  # std of the CAP margin with cost_model observation: member disagreement or each particle's predicted std
+    margin_std: Literal["disagreement", "predicted", "total"] = "predicted"  # std of the CAP margin with cost_model observation: member disagreement, each particle's predicted std, or both (root of the sum of squares)
     particle_noise: bool = False  # true: particles sample the model's predicted std (trajectory sampling, SPEC 10); false: each follows its member's means, one particle per member computed (needs the mean-step path)
     shared_noise: bool = True  # every candidate's particles get the same model noise draws (common random numbers across candidates, not only across CEM iterations)
     stop_at_episode_end: bool = True  # horizon steps after the episode's end count nothing (read from the time feature; without env.time_features it has no effect)

@@ -320,7 +320,8 @@ def rollout(model: Any, obs: jax.Array, actions: jax.Array, kappa: jax.Array, no
     shrinks where the data cover the state and action; computed on the
     noise-free means when ``mean_step_fn`` is given), or ``predicted``, each
     particle's own predicted std (aleatoric: the arrival noise the model
-    predicts; ``planner.margin_std``'s default, README "Safety").
+    predicts; ``planner.margin_std``'s default, README "Safety"), or ``total``, the root of
+    the sum of both squares (the ensemble's predictive std by the law of total variance).
 
     ``reward_pessimism`` lambda > 0 scores a candidate's reward as the mean over
     members of each member's predicted return (its particles' mean) minus
@@ -369,11 +370,15 @@ def rollout(model: Any, obs: jax.Array, actions: jax.Array, kappa: jax.Array, no
 
     def margin_std(out, means: jax.Array) -> jax.Array:
         """Std [E, M, S] that the CAP margin moves each quantity by (``margin_std``)."""
+        predicted = out.std[..., :state_dim]
         if margin_std_kind == "predicted":
-            return out.std[..., :state_dim]
+            return predicted
         member_means = means.reshape(num_members, num_cand, particles_per_member, state_dim).mean(axis=2)
         spread = member_means.std(axis=0)  # [N, S] member disagreement
-        return expand(jnp.broadcast_to(spread, (num_members,) + spread.shape))
+        disagreement = expand(jnp.broadcast_to(spread, (num_members,) + spread.shape))
+        if margin_std_kind == "total":  # law of total variance: aleatoric + epistemic
+            return jnp.sqrt(jnp.square(predicted) + jnp.square(disagreement))
+        return disagreement
 
     def accumulate(carry: RolloutCarry, out, means: jax.Array, weight: jax.Array) -> RolloutCarry:
         next_state = shard(jnp.clip(out.next_obs, -state_clip, state_clip), 1)  # [E, M, S]

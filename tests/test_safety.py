@@ -127,6 +127,19 @@ def test_disagreement_margin_is_the_member_spread_by_hand():
                                                  jnp.full((4, 3, 3), 1.3), jnp.asarray(1.5)).penalty, 0.0, atol=1e-7)
 
 
+def test_total_margin_is_the_root_sum_of_squares_of_predicted_std_and_disagreement_by_hand():
+    """``margin_std: total``: predicted std 0.02 and member spread 0.02 / 0.04 give sds sqrt(0.0008) and
+    sqrt(0.002), so kappa 1.5 moves L1 by 0.042426 and 0.067082 (more than either part alone)."""
+    planner = make_test_planner("cap", "total", disagreeing_step)
+    values = planner.evaluate(jax.random.key(0), None, jnp.asarray(OBS_TWO_LEFT), jnp.full((4, 3, 3), 1.3),
+                              jnp.asarray(1.5))
+    first, second = 1.5 * np.sqrt(0.02 ** 2 + 0.02 ** 2), 1.5 * np.sqrt(0.02 ** 2 + 0.04 ** 2)
+    # members' L1 0.88 / 0.92, then 0.96 / 1.04: each moved value is above the 0.9 limit
+    cost = ((0.88 + first - 0.9) + (0.92 + first - 0.9)) / 2 + ((0.96 + second - 0.9) + (1.04 + second - 0.9)) / 2
+    np.testing.assert_allclose(values.cost, cost, atol=1e-5)  # 0.209532
+    np.testing.assert_allclose(values.penalty, cost - 0.11, atol=1e-5)
+
+
 def test_kappa_per_constraint_follows_each_constraints_own_cost():
     cfg = PlannerConfig(horizon=2, popsize=4, num_elites=2, constant_candidates=0, particles=2, iterations=1,
                         cost_model="observation",
