@@ -179,10 +179,13 @@ def forecast_rollout(model: TwinModel, obs: jax.Array, candidates: jax.Array, ka
 
 
 def plan(key: jax.Array, state: twin.EnvState, warm_start: jax.Array, params: twin.EnvParams, *,
-         oracle: OracleSettings, alternatives: twin.ScenarioArrays | None = None):
+         oracle: OracleSettings, alternatives: twin.ScenarioArrays | None = None, hoist_constants: bool = True):
     """One oracle decision for one day: ``cem_plan`` on the twin. Returns (prices [A], next warm start [H, A]).
 
-    With ``alternatives`` (S scenarios [S, V] of the same day) it is the forecast oracle's decision.
+    With ``alternatives`` (S scenarios [S, V] of the same day) it is the forecast oracle's decision. The step
+    key is every candidate's "noise", so the constant candidates are rolled out once per decision
+    (``cem_plan``'s ``split_noise``; the same decision, tested); ``hoist_constants`` False, in every CEM
+    iteration (the reference).
     """
     lower = params.price_lower.astype(jnp.float32)
     upper = params.price_upper.astype(jnp.float32)
@@ -198,7 +201,8 @@ def plan(key: jax.Array, state: twin.EnvState, warm_start: jax.Array, params: tw
         iterations=oracle.iterations, min_variance=oracle.min_variance, truncation_sigma=oracle.truncation_sigma,
         smoothing=oracle.smoothing, cost_limit=oracle.cost_limit,
         prior=planner_lib.prior_action(oracle.prior, lower, upper), variance_cap=oracle.variance_cap,
-        constant_candidates=planner_lib.constant_grid(oracle.constant_candidates, lower, upper))
+        constant_candidates=planner_lib.constant_grid(oracle.constant_candidates, lower, upper),
+        split_noise=(lambda step_key, num_first: (step_key, step_key)) if hoist_constants else None)
     return action, next_warm_start
 
 

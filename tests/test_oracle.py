@@ -82,6 +82,30 @@ def test_a_plan_traces_once_and_stays_in_bounds():
         assert np.all(np.asarray(action) <= np.asarray(params.price_upper) + 1e-6)
 
 
+def test_constant_candidates_rolled_out_once_give_the_same_decisions():
+    """The oracle and the forecast oracle (two draws) with 27 constant candidates among 40: rolling them out once
+    per decision gives the decision of rolling them out in every CEM iteration, bit for bit, at three steps."""
+    import dataclasses
+
+    cfg = small_oracle_config()
+    cfg = dataclasses.replace(cfg, planner=dataclasses.replace(cfg.planner, constant_candidates=3),
+                              evaluation=dataclasses.replace(cfg.evaluation, oracle_popsize=40))
+    params = twin.make_params(cfg)
+    _, _, arrays = _day_and_draw(cfg, 81, 1001)
+    day = jax.tree.map(lambda x: x[0], arrays)
+    alternatives = jax.tree.map(lambda x: jnp.stack([x[1], x[0]]), arrays)  # [S=2, V]
+    warm = jnp.broadcast_to((params.price_lower + params.price_upper).astype(jnp.float32) / 2,
+                            (cfg.env.episode_steps, cfg.num_stations))
+    decide = twin.jit(functools.partial(oracle.plan, oracle=oracle.settings(cfg)), static_argnames="hoist_constants")
+    for steps in (0, 5, 10):
+        state = _state_after(cfg, params, day, steps)
+        for draws in (None, alternatives):
+            got, want = (decide(jax.random.key(steps), state, warm, params, alternatives=draws, hoist_constants=h)
+                         for h in (True, False))
+            for a, b in zip(got, want):
+                np.testing.assert_array_equal(a, b)
+
+
 def _day_and_draw(cfg, day: int, seed: int):
     """Twin arrays [V] of the evaluation episode (day, seed) and of another draw of the same day, one V."""
     real = evaluate.episode_scenario(cfg, "test", day, seed)
