@@ -197,6 +197,7 @@ class ModelConfig(Section):
     normalize_targets: bool = True  # standardise the regression targets by the data's mean and std (see dynamics.py)
     init_truncation: float = 2.0  # truncated-normal weight init is cut at +-this many std
     early_stopping_min_improvement: float = 0.01  # a member improves if its holdout NLL drops by this fraction of |best|
+    min_gradient_steps: int = 0  # a fit runs at least this many minibatch steps (more epochs on little data); 0 = epochs only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -445,6 +446,7 @@ FIELD_RULES: dict[str, dict[str, Rule | tuple[Rule, ...]]] = {
         "std_floor": NON_NEGATIVE,
         "init_truncation": POSITIVE,
         "early_stopping_min_improvement": FRACTION,
+        "min_gradient_steps": NON_NEGATIVE,
     },
     "planner": {
         "horizon": POSITIVE,

@@ -437,7 +437,7 @@ def fit_padded(key: jax.Array, state: ModelState, inputs: jax.Array, targets: ja
                layout: Layout, optimizer: optax.GradientTransformation, batch_size: int, epochs: int,
                holdout_fraction: float, early_stopping_patience: int, early_stopping_min_improvement: float,
                num_planning: int, normalize_targets: bool, std_floor: float, weight_decays: tuple[float, ...],
-               logvar_bound_weight: float) -> tuple[ModelState, dict]:
+               logvar_bound_weight: float, min_gradient_steps: int = 0) -> tuple[ModelState, dict]:
     """Refit normalisers, split off a holdout, bootstrap per member and train; pure and jittable.
 
     ``inputs`` [R, S+A] and raw ``targets`` [R, S+2] are padded to R rows
@@ -450,7 +450,9 @@ def fit_padded(key: jax.Array, state: ModelState, inputs: jax.Array, targets: ja
     holdout NLL by ``early_stopping_min_improvement * |best|`` for
     ``early_stopping_patience`` epochs (at most ``epochs``); each member
     ends at its best-holdout parameters and the elites are the ``num_planning``
-    members with the lowest holdout NLL.
+    members with the lowest holdout NLL. ``min_gradient_steps`` > 0 raises the epoch limit to
+    ceil(min_gradient_steps / minibatches per epoch) where that is more than ``epochs``, so a fit on little
+    data still takes that many optimiser steps (0: ``epochs`` only).
     """
     padded_rows = inputs.shape[0]
     num_members, output_dim, cost_col = layout.num_members, layout.output_dim, layout.cost_col
@@ -495,8 +497,13 @@ def fit_padded(key: jax.Array, state: ModelState, inputs: jax.Array, targets: ja
                                    early_stopping_min_improvement=early_stopping_min_improvement,
                                    batch_size=batch_size, step_fn=step_fn)
 
+    epoch_limit = epochs
+    if min_gradient_steps:
+        batches = jnp.maximum((num_train + batch_size - 1) // batch_size, 1)  # minibatches an epoch trains
+        epoch_limit = jnp.maximum(epochs, (min_gradient_steps + batches - 1) // batches)
+
     def keep_training(carry: FitCarry) -> jax.Array:
-        return (carry.epoch < epochs) & (carry.since_improved < early_stopping_patience)
+        return (carry.epoch < epoch_limit) & (carry.since_improved < early_stopping_patience)
 
     init = FitCarry(epoch=jnp.int32(0), key=key, params=state.params, opt_state=state.opt_state,
                     best_params=state.params if has_holdout else None,
@@ -714,7 +721,8 @@ def fit_settings(model_cfg: ModelConfig, layout: Layout) -> dict:
                 early_stopping_min_improvement=model_cfg.early_stopping_min_improvement,
                 num_planning=model_cfg.num_elites if has_holdout else model_cfg.ensemble_size,
                 normalize_targets=model_cfg.normalize_targets, std_floor=model_cfg.std_floor,
-                weight_decays=model_cfg.weight_decays, logvar_bound_weight=model_cfg.logvar_bound_weight)
+                weight_decays=model_cfg.weight_decays, logvar_bound_weight=model_cfg.logvar_bound_weight,
+                min_gradient_steps=model_cfg.min_gradient_steps)
 
 
 def make_dynamics(model_cfg: ModelConfig, obs_dim: int, action_dim: int) -> Dynamics:

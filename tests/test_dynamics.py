@@ -50,6 +50,15 @@ def fitted():
     return dyn, state, metrics
 
 
+@pytest.mark.parametrize("rows, min_steps, epochs", [(20, 0, 2), (20, 9, 9), (70, 9, 3), (130, 9, 2)])
+def test_min_gradient_steps_raise_the_epochs_on_little_data(rows, min_steps, epochs):
+    """Batch 32: 20 rows are 1 minibatch an epoch, 70 rows 3, 130 rows 5. With 2 epochs and at least 9 steps a fit
+    runs max(2, ceil(9 / batches)) epochs: 9 on 20 rows, 3 on 70, 2 on 130; 0 keeps the 2 epochs."""
+    dyn = make_dynamics(small_config(epochs=2, min_gradient_steps=min_steps), OBS_DIM, ACTION_DIM)
+    _, metrics = dyn.fit(jax.random.key(1), dyn.init(jax.random.key(0)), *transitions(rows))
+    assert metrics["epochs"] == epochs
+
+
 def test_gaussian_nll_matches_hand_computed_value():
     mean = jnp.array([[0.0, 1.0], [2.0, 2.0], [5.0, 5.0]])
     logvar = jnp.array([[0.0, math.log(4.0)], [math.log(0.25), 0.0], [9.0, 9.0]])
