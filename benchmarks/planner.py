@@ -148,7 +148,8 @@ def main(argv=None) -> int:
         reference = jax.jit(reference_fn).lower(make_key(jax.random.key(0)), model, obs, warm, kappa).compile()
 
     # samples per member in a model step after the first, as the planner steps them
-    rows = pcfg.popsize * rollout_particles_per_member(pcfg, dyn.ensemble_size, mean_step=not args.sampled_steps)
+    per_member = rollout_particles_per_member(pcfg, dyn.ensemble_size, mean_step=not args.sampled_steps)
+    rows = pcfg.popsize * per_member
     width = cfg.model.hidden_sizes[0]
     vmapped = bool(batch) and (args.vmap or jax.default_backend() != "cpu")
     ceiling_rows = rows * batch if vmapped else rows  # one model step's rows in one call
@@ -178,7 +179,7 @@ def main(argv=None) -> int:
     # forward rows actually evaluated per candidate rolled out: with mean_step_fn the first step runs once per
     # (member, candidate)
     rows_per_candidate = ((pcfg.particles if args.sampled_steps else dyn.ensemble_size)
-                          + dyn.ensemble_size * rows // pcfg.popsize * (horizon - 1))
+                          + dyn.ensemble_size * per_member * (horizon - 1))
     constant = pcfg.constant_candidates ** action_dim if pcfg.constant_candidates else 0
     iterations = int(jnp.sum(diag.iterations))  # over the call's plans
     if args.sampled_steps or args.no_hoist or not constant:

@@ -79,9 +79,9 @@ def episode_diagnostics(cfg: Config, dynamics, model, kappa, obs: np.ndarray, ac
     k = cfg.num_stations
     carbon_index = 2 * k + 1
     carbon_scale, reward_scale = cfg.env.carbon_obs_scale, cfg.env.reward_scale
-    one = predict_one_step(_mean_step(dynamics.step), model, jnp.asarray(obs, jnp.float32), jnp.asarray(act, jnp.float32))
-    horizon_obs, horizon_reward = _mean_horizon(dynamics.step, model, jnp.asarray(obs[0], jnp.float32),
-                                                jnp.asarray(act, jnp.float32))
+    obs, act = jnp.asarray(obs, jnp.float32), jnp.asarray(act, jnp.float32)
+    one = predict_one_step(_mean_step(dynamics.step), model, obs, act)
+    horizon_obs, horizon_reward = _mean_horizon(dynamics.step, model, obs[0], act)
     mean_next = np.asarray(one.next_obs).mean(axis=0)  # [T, S]
     mean_reward = np.asarray(one.reward).mean(axis=0)  # [T]
     roll_next = np.asarray(horizon_obs).mean(axis=0)
