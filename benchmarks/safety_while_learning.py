@@ -24,6 +24,12 @@ again, a killed one resumes. ``--take cem=FILE`` reads a variant's rows from an
 earlier ``safety_while_learning.csv`` instead of training it: only for a
 variant whose training the changed settings do not touch (README "Results"
 says where it was used and why).
+
+Only the training trajectory is read here, and validating a checkpoint draws
+no key of the run's stream (``tests/test_safety.py``), so ``--set
+training.best_selection=reward`` gives the same CSV rows in about half the
+time (no validation days are planned); the runs' "best" checkpoint is then the
+highest-reward episode's, so evaluate such runs with ``--checkpoint latest``.
 """
 
 from __future__ import annotations
