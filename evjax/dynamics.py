@@ -497,10 +497,8 @@ def fit_padded(key: jax.Array, state: ModelState, inputs: jax.Array, targets: ja
                                    early_stopping_min_improvement=early_stopping_min_improvement,
                                    batch_size=batch_size, step_fn=step_fn)
 
-    epoch_limit = epochs
-    if min_gradient_steps:
-        batches = jnp.maximum((num_train + batch_size - 1) // batch_size, 1)  # minibatches an epoch trains
-        epoch_limit = jnp.maximum(epochs, (min_gradient_steps + batches - 1) // batches)
+    batches = jnp.maximum((num_train + batch_size - 1) // batch_size, 1)  # minibatches an epoch trains
+    epoch_limit = jnp.maximum(epochs, (min_gradient_steps + batches - 1) // batches)  # min_gradient_steps 0: epochs
 
     def keep_training(carry: FitCarry) -> jax.Array:
         return (carry.epoch < epoch_limit) & (carry.since_improved < early_stopping_patience)
