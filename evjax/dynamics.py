@@ -96,6 +96,7 @@ class Layout:
     num_members: int  # E
     hidden_sizes: tuple[int, ...]  # hidden layer widths
     binary_cost: bool  # logistic cost head (no log-variance for the cost)
+    linear: bool = False  # each member's means add a linear map of the input fitted by ridge regression
 
     @property
     def input_dim(self) -> int:  # S + A
@@ -205,6 +206,9 @@ def init_params(key: jax.Array, *, layout: Layout, init_truncation: float, max_l
         weight = jax.random.truncated_normal(layer_key, -init_truncation, init_truncation,
                                              (num_members, fan_in, fan_out))
         params[name] = {"w": weight / (2.0 * math.sqrt(fan_in)), "b": jnp.zeros((num_members, fan_out))}
+    if layout.linear:
+        params["linear"] = {"w": jnp.zeros((num_members, layout.input_dim, layout.output_dim)),
+                            "b": jnp.zeros((num_members, layout.output_dim))}
     params["max_logvar"] = jnp.full((num_members, layout.num_gaussian), max_logvar_init, jnp.float32)
     params["min_logvar"] = jnp.full((num_members, layout.num_gaussian), min_logvar_init, jnp.float32)
     return params
@@ -235,7 +239,19 @@ def member_forward(member_params: dict, x_norm: jax.Array, dtype=jnp.float32, *,
     out = _dense(h, member_params["head"], dtype)
     mean, raw_logvar = out[:, :layout.output_dim], out[:, layout.output_dim:]
     logvar = soft_bound_logvar(raw_logvar, member_params["max_logvar"], member_params["min_logvar"])
-    return mean, logvar
+    return add_linear(member_params, x_norm, mean), logvar
+
+
+def add_linear(member_params: dict, x_norm: jax.Array, mean: jax.Array) -> jax.Array:
+    """``mean`` [M, S+2] plus the member's ridge map of x_norm [M, S+A] where it has one (``model.linear_ridge``).
+
+    The map is fitted in closed form before each fit's gradient steps (``ridge_maps``) and held fixed by
+    them (``stop_gradient``), so the network learns the residual. In float32: a [S+A, S+2] matmul.
+    """
+    if "linear" not in member_params:
+        return mean
+    linear = lax.stop_gradient(member_params["linear"])
+    return mean + x_norm.astype(jnp.float32) @ linear["w"] + linear["b"]
 
 
 def member_step_forward(member_params: dict, x_norm: jax.Array, dtype, *, layout: Layout,
@@ -253,7 +269,8 @@ def member_step_forward(member_params: dict, x_norm: jax.Array, dtype, *, layout
     for name in layout.layer_names[:-1]:
         h = swish_via_tanh(_dense(h, member_params[name], dtype, hidden_dtype))
     out = _dense(h, member_params["head"], dtype)  # [M, S+2+W]: one matmul, head kept row-major
-    return split_head(out, member_params["max_logvar"], member_params["min_logvar"], layout=layout)
+    mean, logvar_t = split_head(out, member_params["max_logvar"], member_params["min_logvar"], layout=layout)
+    return add_linear(member_params, x_norm, mean), logvar_t
 
 
 def tiled_step_forward(params: dict, x_norm: jax.Array, dtype, *, layout: Layout,
@@ -437,7 +454,8 @@ def fit_padded(key: jax.Array, state: ModelState, inputs: jax.Array, targets: ja
                layout: Layout, optimizer: optax.GradientTransformation, batch_size: int, epochs: int,
                holdout_fraction: float, early_stopping_patience: int, early_stopping_min_improvement: float,
                num_planning: int, normalize_targets: bool, std_floor: float, weight_decays: tuple[float, ...],
-               logvar_bound_weight: float, min_gradient_steps: int = 0) -> tuple[ModelState, dict]:
+               logvar_bound_weight: float, min_gradient_steps: int = 0,
+               linear_ridge: float = 0.0) -> tuple[ModelState, dict]:
     """Refit normalisers, split off a holdout, bootstrap per member and train; pure and jittable.
 
     ``inputs`` [R, S+A] and raw ``targets`` [R, S+2] are padded to R rows
@@ -452,7 +470,9 @@ def fit_padded(key: jax.Array, state: ModelState, inputs: jax.Array, targets: ja
     ends at its best-holdout parameters and the elites are the ``num_planning``
     members with the lowest holdout NLL. ``min_gradient_steps`` > 0 raises the epoch limit to
     ceil(min_gradient_steps / minibatches per epoch) where that is more than ``epochs``, so a fit on little
-    data still takes that many optimiser steps (0: ``epochs`` only).
+    data still takes that many optimiser steps (0: ``epochs`` only). With ``layout.linear`` each member's
+    ridge map (``ridge_maps``, penalty ``linear_ridge``) is refitted on its own resample first and held fixed
+    while the network trains on what it leaves.
     """
     padded_rows = inputs.shape[0]
     num_members, output_dim, cost_col = layout.num_members, layout.output_dim, layout.cost_col
@@ -490,6 +510,9 @@ def fit_padded(key: jax.Array, state: ModelState, inputs: jax.Array, targets: ja
     draws = jax.random.randint(boot_key, (num_members, padded_rows), 0, jnp.maximum(num_train, 1))
     bootstrap = permutation[num_holdout + draws]  # [E, R] data rows of each member's resample
     data = FitData(x_norm, y_norm, bootstrap, num_train, holdout_rows, holdout_weight)
+    params = state.params
+    if layout.linear:
+        params = {**params, "linear": ridge_maps(x_norm, y_norm, bootstrap, num_train, linear_ridge, layout=layout)}
 
     step_fn = functools.partial(adam_step, optimizer=optimizer, layout=layout, weight_decays=weight_decays,
                                 logvar_bound_weight=logvar_bound_weight)
@@ -503,8 +526,8 @@ def fit_padded(key: jax.Array, state: ModelState, inputs: jax.Array, targets: ja
     def keep_training(carry: FitCarry) -> jax.Array:
         return (carry.epoch < epoch_limit) & (carry.since_improved < early_stopping_patience)
 
-    init = FitCarry(epoch=jnp.int32(0), key=key, params=state.params, opt_state=state.opt_state,
-                    best_params=state.params if has_holdout else None,
+    init = FitCarry(epoch=jnp.int32(0), key=key, params=params, opt_state=state.opt_state,
+                    best_params=params if has_holdout else None,
                     best_nll=jnp.full((num_members,), jnp.inf), since_improved=jnp.int32(0),
                     train_loss=jnp.float32(jnp.nan))
     final = lax.while_loop(keep_training, epoch_body, init)
@@ -520,6 +543,30 @@ def fit_padded(key: jax.Array, state: ModelState, inputs: jax.Array, targets: ja
                "holdout_nll": final.best_nll if has_holdout else jnp.full(num_members, jnp.nan),
                "epochs": final.epoch, "num_train": num_train, "num_holdout": num_holdout, "elites": elites}
     return new_state, metrics
+
+
+def ridge_maps(x_norm: jax.Array, y_norm: jax.Array, bootstrap: jax.Array, num_train: jax.Array,
+               penalty: float, *, layout: Layout) -> dict:
+    """Each member's ridge regression of y_norm [R, S+2] on x_norm [R, S+A] over its bootstrap resample.
+
+    Minimises sum_r c_er ||y_r - x_r w - b||^2 + penalty ||w||^2 (the intercept b is not penalised), with c_er
+    the number of times row r is in member e's resample (slots < ``num_train`` of ``bootstrap`` [E, R]): a
+    closed-form [S+A+1]-square solve per member. On standardised data the map is the linear part of the
+    response that a few hundred transitions identify, such as which way a price moves the EVs between the
+    stations, which the network alone learns only from more data (README "Dynamics model"). A logistic cost
+    head's column gets no map. Returns {"w": [E, S+A, S+2], "b": [E, S+2]}.
+    """
+    num_members, padded_rows = bootstrap.shape
+    in_slot = (jnp.arange(padded_rows) < num_train).astype(jnp.float32)
+    counts = jnp.zeros((num_members, padded_rows)).at[jnp.arange(num_members)[:, None], bootstrap].add(in_slot)
+    design = jnp.concatenate([x_norm, jnp.ones((padded_rows, 1))], axis=1)  # [R, S+A+1]
+    gram = jnp.einsum("rd,er,rk->edk", design, counts, design, precision=lax.Precision.HIGHEST)
+    penalties = jnp.diag(jnp.append(jnp.full(layout.input_dim, penalty), 0.0))
+    rhs = jnp.einsum("rd,er,ro->edo", design, counts, y_norm, precision=lax.Precision.HIGHEST)
+    solution = jnp.linalg.solve(gram + penalties, rhs)  # [E, S+A+1, S+2]
+    if layout.binary_cost:
+        solution = solution.at[..., layout.cost_col].set(0.0)
+    return {"w": solution[:, :-1], "b": solution[:, -1]}
 
 
 def bucket_rows(num_rows: int, batch_size: int) -> int:
@@ -684,6 +731,7 @@ def step(state: ModelState | PlanningModel, obs: jax.Array, act: jax.Array, key:
                                     **({"weights": head_weights} if kernel == "mosaic" else {}))
         mean, logvar_t = jax.vmap(functools.partial(split_head, layout=layout))(
             head, state.params["max_logvar"], state.params["min_logvar"])
+        mean = jax.vmap(add_linear)(state.params, x_norm, mean)
     else:
         raise ValueError(f"kernel must be 'xla' or one of {sorted(PALLAS_HEADS)}, got {kernel!r}")
     std = jnp.swapaxes(jnp.exp(0.5 * logvar_t) * state.target_std[:layout.num_gaussian, None], 1, 2)  # [E, M, W]
@@ -720,7 +768,7 @@ def fit_settings(model_cfg: ModelConfig, layout: Layout) -> dict:
                 num_planning=model_cfg.num_elites if has_holdout else model_cfg.ensemble_size,
                 normalize_targets=model_cfg.normalize_targets, std_floor=model_cfg.std_floor,
                 weight_decays=model_cfg.weight_decays, logvar_bound_weight=model_cfg.logvar_bound_weight,
-                min_gradient_steps=model_cfg.min_gradient_steps)
+                min_gradient_steps=model_cfg.min_gradient_steps, linear_ridge=model_cfg.linear_ridge)
 
 
 def make_dynamics(model_cfg: ModelConfig, obs_dim: int, action_dim: int) -> Dynamics:
@@ -742,7 +790,8 @@ def make_dynamics(model_cfg: ModelConfig, obs_dim: int, action_dim: int) -> Dyna
     if obs_dim <= 0 or action_dim <= 0:
         raise ValueError(f"obs_dim and action_dim must be positive, got {obs_dim} and {action_dim}")
     layout = Layout(obs_dim=obs_dim, action_dim=action_dim, num_members=model_cfg.ensemble_size,
-                    hidden_sizes=model_cfg.hidden_sizes, binary_cost=model_cfg.binary_cost)
+                    hidden_sizes=model_cfg.hidden_sizes, binary_cost=model_cfg.binary_cost,
+                    linear=model_cfg.linear_ridge > 0.0)
     settings = fit_settings(model_cfg, layout)
     optimizer, num_planning = settings["optimizer"], settings["num_planning"]
     init = functools.partial(init_state, layout=layout, optimizer=optimizer, num_planning=num_planning,
