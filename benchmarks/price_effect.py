@@ -10,7 +10,11 @@ random-price episodes) the predicted and the true 3-step mean intensity under A 
 [1.4, 1.433, 1.2] minus B = CS1 cheap [1.1, 1.5, 1.4] (the model's members' noise-free means; the twin's
 outcome from the same state). A negative effect is the right direction.
 
-    python benchmarks/price_effect.py [--random-episodes 1 5] [--seeds 3] [--json]
+``--after 5 10 20`` also reports the models fitted after the first 5, 10 and 20 episodes (the early
+models a training plans with; with K >= 20 these saw random prices only), and ``--set model.KEY=VALUE``
+changes the model (README "Dynamics model": ``model.linear_ridge``).
+
+    python benchmarks/price_effect.py [--random-episodes 1 5] [--seeds 3] [--after 5 10 50] [--set KEY=VALUE] [--json]
 
 About 1.5 minutes per value of K on 2 CPU cores.
 """
@@ -26,7 +30,8 @@ import numpy as np
 
 from evjax import evaluate as ev
 from evjax import twin
-from evjax.config import Config
+from evjax.cli import entry_point
+from evjax.config import Config, load
 from evjax.data.scenarios import num_days
 from evjax.dynamics import make_dynamics
 from evjax.env import EVPricingEnv
@@ -103,13 +108,19 @@ def predicted_effects(dyn, model, starts: np.ndarray, cfg: Config) -> np.ndarray
     return mean_intensity(CS3_CHEAP) - mean_intensity(CS1_CHEAP)
 
 
+@entry_point("price_effect")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--random-episodes", type=int, nargs="+", default=[1, 5])
     parser.add_argument("--seeds", type=int, default=3, help="model seeds per value of K")
-    parser.add_argument("--json", action="store_true", help="one JSON line per (K, seed)")
+    parser.add_argument("--after", type=int, nargs="+", default=[EPISODES],
+                        help="report the model fitted after each of these numbers of episodes (1-50)")
+    parser.add_argument("--set", action="append", default=[], help="override section.key=value")
+    parser.add_argument("--json", action="store_true", help="one JSON line per (K, seed, episodes fitted)")
     args = parser.parse_args(argv)
-    cfg = Config()
+    if not all(1 <= n <= EPISODES for n in args.after):
+        parser.error(f"--after takes numbers of episodes from 1 to {EPISODES}")
+    cfg = load(None, args.set)
     sim = Twin(cfg)
     lower, upper, steps = np.array(cfg.env.price_lower), np.array(cfg.env.price_upper), cfg.env.episode_steps
     rng = np.random.default_rng(0)
@@ -120,8 +131,8 @@ def main(argv=None) -> int:
     if not args.json:
         print(f"true effect of CS3 cheap vs CS1 cheap on the 3-step EV-charging intensity: mean {truth.mean():.1f} "
               f"kg/MWh (sd {truth.std():.1f}) over {truth.size} test states")
-        print("| random episodes | model seed | predicted effect (kg/MWh) | states with the right sign |")
-        print("|---|---|---|---|")
+        print("| random episodes | episodes fitted | model seed | predicted effect (kg/MWh) | states with the right sign |")
+        print("|---|---|---|---|---|")
     for k in args.random_episodes:
         prices = training_prices(np.random.default_rng(k), k, lower, upper, steps)
         obs, nxt, info = sim.run("train", train_days, list(range(EPISODES)), prices)
@@ -131,18 +142,21 @@ def main(argv=None) -> int:
             dyn = make_dynamics(cfg.model, cfg.obs_dim, cfg.action_dim)
             key = jax.random.key(seed)
             model = dyn.init(key)
-            for episodes in range(1, EPISODES + 1):  # refit after every episode on all data so far, as training does
+            for episodes in range(1, max(args.after) + 1):  # refit after every episode on all data so far, as training does
                 take = lambda x: x[:episodes].reshape(-1, *x.shape[2:])  # noqa: E731
                 model, _ = dyn.fit(jax.random.fold_in(key, episodes), model, take(obs),
                                    take(prices).astype(np.float32), take(reward), take(cost), take(nxt))
-            effect = predicted_effects(dyn, model, starts, cfg)
-            row = {"random_episodes": k, "seed": seed, "true_effect_mean": float(truth.mean()),
-                   "predicted_effect_mean": float(effect.mean()),
-                   "right_sign_share": float(np.mean(np.sign(effect) == np.sign(truth)))}
-            if args.json:
-                print(json.dumps(row), flush=True)
-            else:
-                print(f"| {k} | {seed} | {effect.mean():+.1f} | {100 * row['right_sign_share']:.0f} % |", flush=True)
+                if episodes not in args.after:
+                    continue
+                effect = predicted_effects(dyn, model, starts, cfg)
+                row = {"random_episodes": k, "episodes_fitted": episodes, "seed": seed,
+                       "true_effect_mean": float(truth.mean()), "predicted_effect_mean": float(effect.mean()),
+                       "right_sign_share": float(np.mean(np.sign(effect) == np.sign(truth)))}
+                if args.json:
+                    print(json.dumps(row), flush=True)
+                else:
+                    print(f"| {k} | {episodes} | {seed} | {effect.mean():+.1f} | {100 * row['right_sign_share']:.0f} % |",
+                          flush=True)
     return 0
 
 
