@@ -14,7 +14,8 @@ outcome from the same state). A negative effect is the right direction.
 models a training plans with; with K >= 20 these saw random prices only), and ``--set model.KEY=VALUE``
 changes the model (README "Dynamics model": ``model.linear_ridge``).
 
-    python benchmarks/price_effect.py [--random-episodes 1 5] [--seeds 3] [--after 5 10 50] [--set KEY=VALUE] [--json]
+    python benchmarks/price_effect.py [--random-episodes 1 5] [--seeds 3] [--after 5 10 50] [--set KEY=VALUE]
+        [--price-seed 5] [--json]
 
 About 1.5 minutes per value of K on 2 CPU cores.
 """
@@ -116,6 +117,8 @@ def main(argv=None) -> int:
     parser.add_argument("--after", type=int, nargs="+", default=[EPISODES],
                         help="report the model fitted after each of these numbers of episodes (1-50)")
     parser.add_argument("--set", action="append", default=[], help="override section.key=value")
+    parser.add_argument("--price-seed", type=int, default=None,
+                        help="seed of the training prices (default: K, the number of random episodes)")
     parser.add_argument("--json", action="store_true", help="one JSON line per (K, seed, episodes fitted)")
     args = parser.parse_args(argv)
     if not all(1 <= n <= EPISODES for n in args.after):
@@ -134,7 +137,8 @@ def main(argv=None) -> int:
         print("| random episodes | episodes fitted | model seed | predicted effect (kg/MWh) | states with the right sign |")
         print("|---|---|---|---|---|")
     for k in args.random_episodes:
-        prices = training_prices(np.random.default_rng(k), k, lower, upper, steps)
+        price_rng = np.random.default_rng(k if args.price_seed is None else args.price_seed)
+        prices = training_prices(price_rng, k, lower, upper, steps)
         obs, nxt, info = sim.run("train", train_days, list(range(EPISODES)), prices)
         reward = (info["welfare"] / cfg.env.reward_scale).astype(np.float32)
         cost = info["cost"].astype(np.float32)

@@ -13,6 +13,9 @@ Each member maps the normalised input (obs, action) through the hidden layers
 (swish) to one linear head whose outputs are, in order, the means of the
 obs delta ``next_obs - obs`` (S), the reward and the cost, then the log-variances
 of the Gaussian outputs (W = S + 2, or S + 1 with a logistic cost head).
+With ``model.linear_ridge`` > 0 each member's means add a linear map of the
+input, a ridge regression solved in closed form at the start of every fit
+(``ridge_maps``) and held fixed while the network learns what it leaves.
 
 ``step``, the planner's hot path, evaluates the same network through
 ``member_step_forward``: swish as h + h tanh(h) (h = x/2) and the log-variance
