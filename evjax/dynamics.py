@@ -254,7 +254,7 @@ def add_linear(member_params: dict, x_norm: jax.Array, mean: jax.Array) -> jax.A
     if "linear" not in member_params:
         return mean
     linear = lax.stop_gradient(member_params["linear"])
-    return mean + x_norm.astype(jnp.float32) @ linear["w"] + linear["b"]
+    return mean + x_norm @ linear["w"] + linear["b"]
 
 
 def member_step_forward(member_params: dict, x_norm: jax.Array, dtype, *, layout: Layout,
