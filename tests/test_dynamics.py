@@ -109,8 +109,10 @@ def test_init_weights_truncated_normal_scale_and_zero_biases():
 
 
 def test_sine_fit_recovers_mean_and_input_dependent_noise():
-    """1-D y = sin(x) + sigma(x) eps with sigma(x) = 0.05 + 0.1 (x/pi)^2, 2000 samples on [-pi, pi]."""
-    cfg = ModelConfig(hidden_sizes=(64, 64), weight_decays=(1e-5,) * 3, epochs=100, learning_rate=3e-3)
+    """1-D y = sin(x) + sigma(x) eps with sigma(x) = 0.05 + 0.1 (x/pi)^2, 2000 samples on [-pi, pi]: the
+    probabilistic network alone (no ridge map under it)."""
+    cfg = ModelConfig(hidden_sizes=(64, 64), weight_decays=(1e-5,) * 3, epochs=100, learning_rate=3e-3,
+                      linear_ridge=0.0)
     dyn = make_dynamics(cfg, 1, 1)
     rng = np.random.default_rng(0)
     x = rng.uniform(-np.pi, np.pi, 2000)
@@ -667,7 +669,7 @@ def test_linear_ridge_model_learns_a_linear_system_from_twenty_rows():
     rows to a few % of the targets' std, where the network alone (the same fit) misses by far more. The fit's
     gradient steps leave the map as solved (``stop_gradient``: Adam never sees a gradient for it), and the means
     are the network's plus the map's."""
-    cfg = small_config(epochs=30)
+    cfg = small_config(epochs=30, linear_ridge=0.0)
     plain = make_dynamics(cfg, OBS_DIM, ACTION_DIM)
     ridge = make_dynamics(dataclasses.replace(cfg, linear_ridge=1e-3), OBS_DIM, ACTION_DIM)
     assert "linear" not in plain.init(jax.random.key(0)).params
