@@ -1,6 +1,7 @@
 """Paired per-day difference of two methods' episodes, each read from a ``steps.csv`` (the same or two runs).
 
     python benchmarks/paired_steps.py RUN_A/steps.csv:METHOD_A RUN_B/steps.csv:METHOD_B [--by-step] [--json]
+        [--pair RUN_C/steps.csv:METHOD_C RUN_D/steps.csv:METHOD_D ...]
 
 Prints METHOD_A minus METHOD_B per day, averaged over the days with a 95 %
 t-interval (``evaluate.paired_differences``): welfare (CNY per episode) and
@@ -13,7 +14,10 @@ on a second simulator are ``METHOD@host``. Example (README, "What is achievable
 without foresight"): the forecast oracle of an H200 run against the tuned
 constant of an agent's evaluation. ``--by-step`` adds, for each side, the share
 of days with a violation at each step of the day (where in the day one
-method loses to the other).
+method loses to the other). Each ``--pair C D`` adds another A - B pair, e.g.
+the agents of other training seeds on the same days; the differences are then
+also pooled over every (pair, day), with a 95 % t-interval over those (README,
+"A ridge map under the network": three seeds, 90 pairs).
 """
 
 from __future__ import annotations
@@ -60,6 +64,16 @@ def compare(rows_a: list[dict], rows_b: list[dict]) -> dict:
             "violation_b_pct": float(np.mean([v[2] for v in ref.values()]))}
 
 
+def pooled(pairs: list[tuple[list[dict], list[dict]]]) -> dict:
+    """Paired differences A - B over every (pair, day) of several pairs, each checked as ``compare`` checks it."""
+    for rows_a, rows_b in pairs:
+        compare(rows_a, rows_b)
+    keyed = lambda k, rows: [{**r, "day": (k, r["day"])} for r in rows]  # noqa: E731
+    rows_a = [r for k, (a, _) in enumerate(pairs) for r in keyed(k, a)]
+    rows_b = [r for k, (_, b) in enumerate(pairs) for r in keyed(k, b)]
+    return {"pairs": len(pairs), "days": len(evaluate.per_day(rows_a)), **evaluate.paired_differences(rows_a, rows_b)}
+
+
 def violations_by_step(rows: list[dict]) -> np.ndarray:
     """Share of days (%) with any violation at each step of the day [steps]."""
     steps = max(r["step"] for r in rows) + 1
@@ -78,9 +92,19 @@ def main(argv=None) -> int:
     parser.add_argument("--by-step", action="store_true",
                         help="also the share of days violating at each step of the day, A and B")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--pair", nargs=2, action="append", default=[], metavar="PATH:METHOD",
+                        help="another A - B pair (e.g. another training seed), pooled with the first")
     args = parser.parse_args(argv)
     (label_a, rows_a), (label_b, rows_b) = load_run(args.a), load_run(args.b)
     result = {"a": label_a, "b": label_b, **compare(rows_a, rows_b)}
+    pairs = [(rows_a, rows_b)]
+    if args.pair:
+        result["more"] = []
+        for spec_c, spec_d in args.pair:
+            (label_c, rows_c), (label_d, rows_d) = load_run(spec_c), load_run(spec_d)
+            result["more"].append({"a": label_c, "b": label_d, **compare(rows_c, rows_d)})
+            pairs.append((rows_c, rows_d))
+        result["pooled"] = pooled(pairs)
     if args.by_step:
         result["violation_by_step_a_pct"] = violations_by_step(rows_a).tolist()
         result["violation_by_step_b_pct"] = violations_by_step(rows_b).tolist()
@@ -92,6 +116,15 @@ def main(argv=None) -> int:
           f"{result['welfare_diff_cny']:+.0f} ± {result['welfare_diff_ci95']:.0f}")
     print(f"  violation {result['violation_a_pct']:.1f} % - {result['violation_b_pct']:.1f} % of steps: "
           f"{result['violation_diff_pct']:+.1f} ± {result['violation_diff_ci95']:.1f} pp")
+    for more in result.get("more", []):
+        print(f"{more['a']} minus {more['b']}, {more['days']} days paired: welfare {more['welfare_diff_cny']:+.0f} ± "
+              f"{more['welfare_diff_ci95']:.0f} CNY, violation {more['violation_diff_pct']:+.1f} ± "
+              f"{more['violation_diff_ci95']:.1f} pp")
+    if "pooled" in result:
+        p = result["pooled"]
+        print(f"pooled over {p['pairs']} pairs, {p['days']} (pair, day): welfare {p['welfare_diff_cny']:+.0f} ± "
+              f"{p['welfare_diff_ci95']:.0f} CNY per episode, violation {p['violation_diff_pct']:+.1f} ± "
+              f"{p['violation_diff_ci95']:.1f} pp")
     if args.by_step:
         for side in ("a", "b"):
             shares = " ".join(f"{v:4.0f}" for v in result[f"violation_by_step_{side}_pct"])

@@ -61,3 +61,25 @@ def test_violations_by_step_by_hand():
     """ROWS: step 0 violates on day 0 only (50 % of days), step 1 on both days (100 %); the reference never."""
     np.testing.assert_allclose(paired_steps.violations_by_step(ROWS), [50.0, 100.0])
     np.testing.assert_allclose(paired_steps.violations_by_step(reference_rows()), [0.0, 0.0])
+
+
+def test_pairs_pool_over_every_pair_and_day(tmp_path, capsys):
+    """Pair 1 is ROWS - reference (welfare +200 on both days, violations +100 and +50 pp), pair 2 the reference
+    against itself (0, 0): pooled over the 4 (pair, day) differences, welfare 100 ± t(3) 200 / sqrt(3) / 2 and
+    violations 37.5 ± t(3) std(100, 50, 0, 0) / 2."""
+    evaluate.write_steps(tmp_path, {"cap_adaptive": ROWS, "fixed_tuned": reference_rows()})
+    steps = tmp_path / "steps.csv"
+    result = paired_steps.pooled([(ROWS, reference_rows()), (reference_rows(), reference_rows())])
+    t3 = 3.18245
+    assert (result["pairs"], result["days"]) == (2, 4)
+    assert result["welfare_diff_cny"] == pytest.approx(100.0)
+    assert result["welfare_diff_ci95"] == pytest.approx(t3 * np.std([200, 200, 0, 0], ddof=1) / 2, rel=1e-4)
+    assert result["violation_diff_pct"] == pytest.approx(37.5)
+    assert result["violation_diff_ci95"] == pytest.approx(t3 * np.std([100, 50, 0, 0], ddof=1) / 2, rel=1e-4)
+    assert paired_steps.main([f"{steps}:cap_adaptive", f"{steps}:fixed_tuned",
+                              "--pair", f"{steps}:fixed_tuned", f"{steps}:fixed_tuned"]) == 0
+    assert "pooled over 2 pairs, 4 (pair, day): welfare +100 ± 184 CNY per episode, violation +37.5" in \
+        capsys.readouterr().out
+    shifted = [{**r, "date": "d9"} if r["day"] == 1 else r for r in reference_rows()]
+    with pytest.raises(UserError, match="day 1 is d1 in one run and d9"):
+        paired_steps.pooled([(ROWS, reference_rows()), (ROWS, shifted)])
