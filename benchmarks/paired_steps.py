@@ -65,13 +65,14 @@ def compare(rows_a: list[dict], rows_b: list[dict]) -> dict:
 
 
 def pooled(pairs: list[tuple[list[dict], list[dict]]]) -> dict:
-    """Paired differences A - B over every (pair, day) of several pairs, each checked as ``compare`` checks it."""
-    for rows_a, rows_b in pairs:
-        compare(rows_a, rows_b)
+    """Paired differences A - B over every (pair, day) of several pairs; ``each`` holds each pair's ``compare``
+    (which checks its days)."""
+    each = [compare(rows_a, rows_b) for rows_a, rows_b in pairs]
     keyed = lambda k, rows: [{**r, "day": (k, r["day"])} for r in rows]  # noqa: E731
     rows_a = [r for k, (a, _) in enumerate(pairs) for r in keyed(k, a)]
     rows_b = [r for k, (_, b) in enumerate(pairs) for r in keyed(k, b)]
-    return {"pairs": len(pairs), "days": len(evaluate.per_day(rows_a)), **evaluate.paired_differences(rows_a, rows_b)}
+    return {"pairs": len(pairs), "days": sum(c["days"] for c in each), "each": each,
+            **evaluate.paired_differences(rows_a, rows_b)}
 
 
 def violations_by_step(rows: list[dict]) -> np.ndarray:
@@ -96,15 +97,13 @@ def main(argv=None) -> int:
                         help="another A - B pair (e.g. another training seed), pooled with the first")
     args = parser.parse_args(argv)
     (label_a, rows_a), (label_b, rows_b) = load_run(args.a), load_run(args.b)
-    result = {"a": label_a, "b": label_b, **compare(rows_a, rows_b)}
-    pairs = [(rows_a, rows_b)]
-    if args.pair:
-        result["more"] = []
-        for spec_c, spec_d in args.pair:
-            (label_c, rows_c), (label_d, rows_d) = load_run(spec_c), load_run(spec_d)
-            result["more"].append({"a": label_c, "b": label_d, **compare(rows_c, rows_d)})
-            pairs.append((rows_c, rows_d))
-        result["pooled"] = pooled(pairs)
+    more = [(load_run(spec_c), load_run(spec_d)) for spec_c, spec_d in args.pair]
+    pool = pooled([(rows_a, rows_b)] + [(c[1], d[1]) for c, d in more])  # one pair alone: pool is its own compare
+    first, *others = pool.pop("each")
+    result = {"a": label_a, "b": label_b, **first}
+    if more:
+        result["pooled"] = pool
+        result["more"] = [{"a": c[0], "b": d[0], **each} for (c, d), each in zip(more, others)]
     if args.by_step:
         result["violation_by_step_a_pct"] = violations_by_step(rows_a).tolist()
         result["violation_by_step_b_pct"] = violations_by_step(rows_b).tolist()
