@@ -17,7 +17,8 @@ of days with a violation at each step of the day (where in the day one
 method loses to the other). Each ``--pair C D`` adds another A - B pair, e.g.
 the agents of other training seeds on the same days; the differences are then
 also pooled over every (pair, day), with a 95 % t-interval over those (README,
-"A ridge map under the network": three seeds, 90 pairs).
+"A ridge map under the network": three seeds, 90 pairs), and with one over the pairs' own means (wider when
+the pairs are training seeds whose agents differ as a whole).
 """
 
 from __future__ import annotations
@@ -66,13 +67,19 @@ def compare(rows_a: list[dict], rows_b: list[dict]) -> dict:
 
 def pooled(pairs: list[tuple[list[dict], list[dict]]]) -> dict:
     """Paired differences A - B over every (pair, day) of several pairs; ``each`` holds each pair's ``compare``
-    (which checks its days)."""
+    (which checks its days). ``*_pairs_ci95`` is the 95 % t-interval over the pairs' own mean differences
+    instead: the honest one when the pairs are training seeds, whose agents differ as a whole, so that their
+    days are not independent draws (NaN for one pair)."""
     each = [compare(rows_a, rows_b) for rows_a, rows_b in pairs]
     keyed = lambda k, rows: [{**r, "day": (k, r["day"])} for r in rows]  # noqa: E731
     rows_a = [r for k, (a, _) in enumerate(pairs) for r in keyed(k, a)]
     rows_b = [r for k, (_, b) in enumerate(pairs) for r in keyed(k, b)]
+    per_pair = {k: np.array([c[f"{k}_diff_{unit}"] for c in each]) for k, unit in (("welfare", "cny"),
+                                                                                    ("violation", "pct"))}
     return {"pairs": len(pairs), "days": sum(c["days"] for c in each), "each": each,
-            **evaluate.paired_differences(rows_a, rows_b)}
+            **evaluate.paired_differences(rows_a, rows_b),
+            "welfare_pairs_ci95": evaluate._interval(per_pair["welfare"]),
+            "violation_pairs_ci95": evaluate._interval(per_pair["violation"])}
 
 
 def violations_by_step(rows: list[dict]) -> np.ndarray:
@@ -124,6 +131,8 @@ def main(argv=None) -> int:
         print(f"pooled over {p['pairs']} pairs, {p['days']} (pair, day): welfare {p['welfare_diff_cny']:+.0f} ± "
               f"{p['welfare_diff_ci95']:.0f} CNY per episode, violation {p['violation_diff_pct']:+.1f} ± "
               f"{p['violation_diff_ci95']:.1f} pp")
+        print(f"  t over the {p['pairs']} pairs' means instead: welfare ± {p['welfare_pairs_ci95']:.0f} CNY, "
+              f"violation ± {p['violation_pairs_ci95']:.1f} pp")
     if args.by_step:
         for side in ("a", "b"):
             shares = " ".join(f"{v:4.0f}" for v in result[f"violation_by_step_{side}_pct"])

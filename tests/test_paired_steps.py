@@ -76,6 +76,10 @@ def test_pairs_pool_over_every_pair_and_day(tmp_path, capsys):
     assert result["welfare_diff_ci95"] == pytest.approx(t3 * np.std([200, 200, 0, 0], ddof=1) / 2, rel=1e-4)
     assert result["violation_diff_pct"] == pytest.approx(37.5)
     assert result["violation_diff_ci95"] == pytest.approx(t3 * np.std([100, 50, 0, 0], ddof=1) / 2, rel=1e-4)
+    # over the two pairs' means (200 and 0; 75 and 0): t(1) = 12.7062 times std / sqrt(2)
+    assert result["welfare_pairs_ci95"] == pytest.approx(12.7062 * np.std([200, 0], ddof=1) / np.sqrt(2), rel=1e-4)
+    assert result["violation_pairs_ci95"] == pytest.approx(12.7062 * np.std([75, 0], ddof=1) / np.sqrt(2), rel=1e-4)
+    assert np.isnan(paired_steps.pooled([(ROWS, reference_rows())])["welfare_pairs_ci95"])
     assert paired_steps.main([f"{steps}:cap_adaptive", f"{steps}:fixed_tuned",
                               "--pair", f"{steps}:fixed_tuned", f"{steps}:fixed_tuned"]) == 0
     assert "pooled over 2 pairs, 4 (pair, day): welfare +100 ± 184 CNY per episode, violation +37.5" in \
