@@ -198,7 +198,7 @@ class ModelConfig(Section):
     init_truncation: float = 2.0  # truncated-normal weight init is cut at +-this many std
     early_stopping_min_improvement: float = 0.01  # a member improves if its holdout NLL drops by this fraction of |best|
     min_gradient_steps: int = 0  # a fit runs at least this many minibatch steps (more epochs on little data); 0 = epochs only
-    linear_ridge: float = 0.0  # > 0: each member's means add a ridge regression (this penalty) of the standardised targets on the standardised inputs, refitted on its resample every round, the network learning the rest; 0 = off
+    linear_ridge: float = 1.0  # > 0: each member's means add a ridge regression (this penalty) of the standardised targets on the standardised inputs, refitted on its resample every round, the network learning the rest; 0 = off
 
 
 @dataclasses.dataclass(frozen=True)

@@ -60,7 +60,8 @@ def test_new_definitions_are_the_defaults_and_the_source_preset_restores_the_old
                        margin_std="disagreement", constraint_backoff=(0.0, 0.0))
     assert source.planner == dataclasses.replace(cfg.planner, **old_planner)  # the source's planner, nothing else
     assert source.grid == cfg.grid and source.training == dataclasses.replace(cfg.training, random_episodes=1)
-    assert source.model == dataclasses.replace(cfg.model, epochs=5)  # SPEC 8's fit
+    assert cfg.model.linear_ridge == 1.0  # README "Dynamics model": the ridge map under the network
+    assert source.model == dataclasses.replace(cfg.model, epochs=5, linear_ridge=0.0)  # SPEC 8's fit, no map
     assert source.evaluation == dataclasses.replace(cfg.evaluation, fixed_kappa=19.0, cost_limit=None,
                                                    constraint_backoff=None)
 

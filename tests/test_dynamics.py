@@ -325,7 +325,7 @@ def test_step_fast_path_matches_predict(fitted, binary_cost):
     if binary_cost:
         dyn = make_dynamics(small_config(binary_cost=True), OBS_DIM, ACTION_DIM)
         fresh = dyn.init(jax.random.key(5))
-        keys = iter(jax.random.split(jax.random.key(6), 8))
+        keys = iter(jax.random.split(jax.random.key(6), len(jax.tree.leaves(fresh.params))))
         params = jax.tree.map(lambda leaf: leaf + 0.3 * jax.random.normal(next(keys), leaf.shape), fresh.params)
         state = fresh.replace(params=params, target_mean=state.target_mean.at[-1].set(0.0),
                               target_std=state.target_std.at[-1].set(1.0))

@@ -19,10 +19,10 @@ import shadow_model  # noqa: E402
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A smoke run: 3 epochs of 12 steps, so 36 transitions and 3 fits."""
+    """A smoke run without the ridge map: 3 epochs of 12 steps, so 36 transitions and 3 fits."""
     run_dir = tmp_path_factory.mktemp("shadow") / "run"
     cmd = [sys.executable, "-m", "evjax.train", "--config", str(ROOT / "configs" / "smoke.yaml"), "--run-dir",
-           str(run_dir), "--no-progress"]
+           str(run_dir), "--no-progress", "--set", "model.linear_ridge=0"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
