@@ -16,8 +16,8 @@ constant of an agent's evaluation. ``--by-step`` adds, for each side, the share
 of days with a violation at each step of the day (where in the day one
 method loses to the other). Each ``--pair C D`` adds another A - B pair, e.g.
 the agents of other training seeds on the same days; the differences are then
-also pooled over every (pair, day), with a 95 % t-interval over those (README,
-"A ridge map under the network": three seeds, 90 pairs), and with one over the pairs' own means (wider when
+also pooled over every (pair, day), with a 95 % t-interval over those (README Results,
+"How the ridge map became the default": nine seeds, 270 pairs), and with one over the pairs' own means (wider when
 the pairs are training seeds whose agents differ as a whole).
 """
 
