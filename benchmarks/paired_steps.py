@@ -74,12 +74,10 @@ def pooled(pairs: list[tuple[list[dict], list[dict]]]) -> dict:
     keyed = lambda k, rows: [{**r, "day": (k, r["day"])} for r in rows]  # noqa: E731
     rows_a = [r for k, (a, _) in enumerate(pairs) for r in keyed(k, a)]
     rows_b = [r for k, (_, b) in enumerate(pairs) for r in keyed(k, b)]
-    per_pair = {k: np.array([c[f"{k}_diff_{unit}"] for c in each]) for k, unit in (("welfare", "cny"),
-                                                                                    ("violation", "pct"))}
     return {"pairs": len(pairs), "days": sum(c["days"] for c in each), "each": each,
             **evaluate.paired_differences(rows_a, rows_b),
-            "welfare_pairs_ci95": evaluate._interval(per_pair["welfare"]),
-            "violation_pairs_ci95": evaluate._interval(per_pair["violation"])}
+            "welfare_pairs_ci95": evaluate._interval(np.array([c["welfare_diff_cny"] for c in each])),
+            "violation_pairs_ci95": evaluate._interval(np.array([c["violation_diff_pct"] for c in each]))}
 
 
 def violations_by_step(rows: list[dict]) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Deploy a run with another model, fitted on the run's own data: learn with one model, plan with another.
 
-Restores a run's checkpoint (``--checkpoint``: "best", else "latest"; or "latest"), fits a fresh ensemble of the run's model section with
-the ``--set model.*`` overrides (``model.linear_ridge=0``, say: the network alone) on the checkpoint's
+Restores a run's checkpoint (``--checkpoint``: "best", else "latest"; or "latest"), fits a fresh ensemble
+of the run's model section with the ``--set model.*`` overrides (``model.linear_ridge=0``, say: the network alone) on the checkpoint's
 replay buffer, on the training schedule (a fit after every ``training.model_train_freq`` transitions, each
 warm-started from the last, on the buffer as it was then), and writes a run directory ``--out`` whose "best"
 checkpoint holds that model with the run's kappa and buffer, and whose config carries the overrides.
@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from evjax import checkpoint, replay
 from evjax import evaluate as ev
@@ -37,8 +36,7 @@ def shadow_fit(run_dir: Path, out: Path, overrides: list[str], seed: int = 0, wh
     cfg, trained, kind, epoch, _ = ev._load_trained(run_dir, which)
     shadow_cfg = load(None, overrides, base=cfg)
     shadow = Trainer(shadow_cfg, out, metrics=False)
-    shadow.state.update({k: v for k, v in trained.state.items() if k != "model"})
-    shadow.parts.agent.restore(shadow.state["agent"])
+    shadow.state.update({k: v for k, v in trained.state.items() if k != "model"})  # kappa and buffer as trained
     buffer = replay.contents(shadow.state["buffer"])
     size, freq = len(buffer[0]), cfg.training.model_train_freq
     if size < freq:
@@ -47,7 +45,7 @@ def shadow_fit(run_dir: Path, out: Path, overrides: list[str], seed: int = 0, wh
     for rows in range(freq, size + 1, freq):
         key, sub = jax.random.split(key)
         model, _ = shadow.parts.dynamics.fit(sub, model, *[x[:rows] for x in buffer])
-    shadow.state["model"] = jax.tree.map(np.asarray, model)
+    shadow.state["model"] = model
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)

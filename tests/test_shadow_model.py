@@ -55,7 +55,8 @@ def test_shadow_is_the_run_with_another_model_fitted_on_its_buffer(trained, tmp_
 
     fresh = type(shadow)(shadow_cfg, tmp_path / "unused", metrics=False)
     fresh.state["buffer"] = shadow.state["buffer"]
-    assert _mean_error(shadow) < 0.5 * _mean_error(fresh)  # the fits (map and network) learned the data; unfitted, the same model did not
+    # the fits (map and network) learned the data; unfitted, the same model did not
+    assert _mean_error(shadow) < 0.5 * _mean_error(fresh)
 
     again = tmp_path / "again"
     shadow_model.shadow_fit(trained, again, ["model.linear_ridge=0.5"])
