@@ -1,0 +1,194 @@
+"""Can the ensemble learn from random-price data which prices give the most welfare? And how much data does it need?
+
+Prices are transfers, so they change welfare only through what drivers do: where they charge, how far they drive
+and how long they queue. Among the 125 constant price vectors of the tuned-constant search that effect spans
+hundreds of CNY per episode, almost all of it the drivers' time. This script builds N episodes of uniform random
+prices (a new price each step, as the first training episodes post) on training days of the JAX twin, fits the
+default ensemble on them (``--rounds`` warm-started fits on the growing data, as ``evjax.train`` refits), and
+scores every constant vector with the members' noise-free means from the reset state over a whole episode: the
+predicted welfare (sum of the reward output) and the predicted cost (the environment's formula on the predicted
+observations, ``planner.make_cost_fn`` without back-off). It compares them with the twin's truth on
+``evaluation.tuned_days`` training days:
+
+* the truth's own repeatability: the rank correlation of the true welfare (and cost) on those days with that on as
+  many other training days drawn at random (other episode seeds), the most a model of the average day can reach;
+* Spearman rank correlation of predicted and true welfare, over all vectors and among the ``--feasible`` vectors
+  with the fewest true violating steps (where a constrained planner chooses by welfare);
+* the same for the cost;
+* the constant a planner would pick from the model (lowest predicted cost rounded to 1e-4, then highest predicted
+  welfare, as ``benchmarks/model_constant.py`` ranks), with its true violation share and welfare, next to the
+  tuned constant's (the twin's own pick).
+
+    python benchmarks/welfare_identifiability.py [--episodes 5 50 200] [--seeds 3] [--rounds 10] [--set KEY=VALUE]
+        [--json]
+    python benchmarks/welfare_identifiability.py --run-dir RUN [RUN ...] [--checkpoint latest]
+
+``--run-dir`` scores trained runs' own models instead (the checkpoint's elites, from the reset observation in its
+replay buffer; the run's config), on the data the agent collected.
+
+About 1 minute per (episodes, seed) at 200 episodes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy.stats import spearmanr
+
+from evjax import evaluate as ev
+from evjax.cli import entry_point
+from evjax import replay
+from evjax.config import Config, load
+from evjax.data.scenarios import num_days
+from evjax.dynamics import make_dynamics
+from evjax.planner import make_cost_fn
+import model_constant
+from price_effect import Twin
+
+
+def true_scores(cfg: Config, vectors: np.ndarray, day_ids=None,
+                seeds=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The twin's (steps with any violation %, welfare CNY, true cost) per episode of each vector [N], by default on
+    the ``evaluation.tuned_days`` training days of the tuned-constant search (episode seed = day order)."""
+    if day_ids is None:
+        day_ids = ev.spread_day_ids(cfg, "train", cfg.evaluation.tuned_days)
+        seeds = list(range(len(day_ids)))
+    sim = ev.OpenLoopTwin(cfg, "train", day_ids, seeds)
+    scores = [ev.summarise("constant", sim.rows("constant", prices), cfg) for prices in vectors]
+    return (np.array([s["steps_any_violation_pct"] for s in scores]), np.array([s["welfare_cny"] for s in scores]),
+            np.array([s["total_cost"] / s["days"] for s in scores]))
+
+
+def predicted_scores(dyn, model, start: np.ndarray, vectors: np.ndarray, cfg: Config,
+                     particles: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted (welfare CNY, cost) over one episode from ``start`` [S] at each constant vector [N, A], averaged over
+    the members. ``particles`` 0: each member follows its own noise-free means; P > 0: P trajectories per member
+    sample its predicted std at every step (trajectory sampling, SPEC 10), averaged."""
+    cost_fn = make_cost_fn(cfg, backoff=False)
+    members = jax.tree.leaves(model.params)[0].shape[0]  # E, or E' after select_elites
+    copies = max(particles, 1)
+    rows = np.repeat(np.asarray(vectors, np.float32), copies, axis=0)  # [N * P, A]
+    obs = jnp.broadcast_to(jnp.asarray(start, jnp.float32), (members, len(rows), start.size))  # [E, N*P, S]
+    act = jnp.broadcast_to(jnp.asarray(rows), (members,) + rows.shape)  # [E, N*P, A]
+    welfare, cost = 0.0, 0.0
+    for t in range(cfg.env.episode_steps):
+        key = jax.random.key(t) if particles else None
+        pred = dyn.step(model, obs, act, key, mean_only=not particles)
+        welfare = welfare + pred.reward * cfg.env.reward_scale
+        cost = cost + cost_fn(pred.next_obs, None, 0.0)
+        obs = pred.next_obs
+    per_vector = lambda x: np.asarray(x).reshape(members, len(vectors), copies).mean((0, 2))  # noqa: E731
+    return per_vector(welfare), per_vector(cost)
+
+
+def planner_pick(cost: np.ndarray, welfare: np.ndarray) -> int:
+    """Index of the vector a constrained planner prefers: lowest cost (rounded to 1e-4), then highest welfare."""
+    return int(model_constant.rank(cost, welfare)[0])
+
+
+def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    return float(spearmanr(a, b).correlation)
+
+
+@entry_point("welfare_identifiability")
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--episodes", type=int, nargs="+", default=[5, 50, 200],
+                        help="random-price episodes to fit on (each a training day drawn with replacement)")
+    parser.add_argument("--seeds", type=int, default=3, help="data and model seeds per number of episodes")
+    parser.add_argument("--rounds", type=int, default=10, help="warm-started fits on the growing data")
+    parser.add_argument("--feasible", type=int, default=30,
+                        help="the vectors with the fewest true violating steps, for the within-feasible correlation")
+    parser.add_argument("--set", action="append", default=[], help="override section.key=value")
+    parser.add_argument("--particles", type=int, default=0,
+                        help="trajectories per member sampling the predicted std (default 0: the members' means)")
+    parser.add_argument("--run-dir", type=Path, nargs="+", default=None,
+                        help="score these trained runs' models instead of fitting on random prices")
+    parser.add_argument("--checkpoint", choices=("best", "latest"), default="best", help="with --run-dir")
+    parser.add_argument("--json", action="store_true", help="one JSON line per (episodes, seed)")
+    args = parser.parse_args(argv)
+    if min(args.episodes) < 1 or args.particles < 0 or args.seeds < 1 or args.rounds < 1 or args.feasible < 3:
+        parser.error("--episodes, --seeds and --rounds must be at least 1, --particles at least 0, "
+                     "--feasible at least 3")
+    cfg = load(None, args.set)
+    if cfg.planner.cost_model != "observation":
+        parser.error("the predicted cost is the environment's formula on predicted observations: "
+                     "planner.cost_model must be 'observation'")
+    vectors = np.asarray(ev.fixed_price_grid(cfg), np.float32)
+    violation, welfare, cost = true_scores(cfg, vectors)
+    tuned = int(np.lexsort((-welfare, violation))[0])  # the twin's pick, ranked as evaluate.score_fixed_prices
+    feasible = np.argsort(violation, kind="stable")[:args.feasible]
+    # the truth's own repeatability: as many other training days (drawn at random, other seeds) rank them alike?
+    other_days = np.sort(np.random.default_rng(7).choice(num_days(cfg, "train"), cfg.evaluation.tuned_days,
+                                                         replace=False))
+    _, other_welfare, other_cost = true_scores(cfg, vectors, other_days, [500 + i for i in range(len(other_days))])
+    repeat = {"welfare": rank_correlation(other_welfare, welfare), "cost": rank_correlation(other_cost, cost)}
+
+    def report(head: dict, pred_welfare: np.ndarray, pred_cost: np.ndarray) -> None:
+        pick = planner_pick(pred_cost, pred_welfare)
+        row = {**head, "welfare_rank_corr": rank_correlation(pred_welfare, welfare),
+               "welfare_rank_corr_feasible": rank_correlation(pred_welfare[feasible], welfare[feasible]),
+               "cost_rank_corr": rank_correlation(pred_cost, cost),
+               "pick": np.round(vectors[pick].astype(float), 4).tolist(), "pick_violation_pct": float(violation[pick]),
+               "pick_welfare_cny": float(welfare[pick]), "tuned_welfare_cny": float(welfare[tuned]),
+               "tuned_violation_pct": float(violation[tuned]), "truth_repeat_welfare_rank_corr": repeat["welfare"],
+               "truth_repeat_cost_rank_corr": repeat["cost"]}
+        if args.json:
+            print(json.dumps(row), flush=True)
+            return
+        print(f"| {head.get('run_dir', head.get('episodes'))} | {head.get('epoch', head.get('seed'))} "
+              f"| {row['welfare_rank_corr']:+.2f} / {row['welfare_rank_corr_feasible']:+.2f} "
+              f"| {row['cost_rank_corr']:+.2f} | {row['pick']} | {row['pick_violation_pct']:.1f} % "
+              f"| {row['pick_welfare_cny']:.0f} |", flush=True)
+
+    if args.run_dir:
+        if not args.json:
+            print("| run | epoch | welfare rank corr. (all / fewest-violating) | cost rank corr. | model's pick "
+                  "| its violating steps | its welfare (CNY) |\n|---|---|---|---|---|---|---|")
+        for run_dir in args.run_dir:
+            run_cfg, trainer, kind, epoch, _ = ev._load_trained(run_dir, args.checkpoint)
+            obs = np.asarray(replay.contents(trainer.state["buffer"])[0])
+            dyn = trainer.parts.dynamics
+            model = dyn.select_elites(trainer.state["model"])
+            report({"run_dir": str(run_dir), "checkpoint": kind, "epoch": epoch, "transitions": len(obs)},
+                   *predicted_scores(dyn, model, obs[0], vectors, run_cfg, args.particles))
+        return 0
+    sim = Twin(cfg)
+    lower, upper, steps = np.array(cfg.env.price_lower), np.array(cfg.env.price_upper), cfg.env.episode_steps
+    if not args.json:
+        print(f"{len(vectors)} constant vectors on {cfg.evaluation.tuned_days} training days: true welfare "
+              f"{welfare.min():.0f}-{welfare.max():.0f} CNY per episode; tuned constant "
+              f"{np.round(vectors[tuned].astype(float), 3).tolist()} ({violation[tuned]:.1f} % of steps violating, "
+              f"{welfare[tuned]:.0f} CNY); {len(other_days)} other training days rank them alike at "
+              f"{repeat['welfare']:+.2f} (welfare) and {repeat['cost']:+.2f} (cost)")
+        print("| random episodes | seed | welfare rank corr. (all / fewest-violating) | cost rank corr. "
+              "| model's pick | its violating steps | its welfare (CNY) |")
+        print("|---|---|---|---|---|---|---|")
+    for episodes in args.episodes:
+        for seed in range(args.seeds):
+            rng = np.random.default_rng([episodes, seed])
+            days = rng.choice(num_days(cfg, "train"), episodes, replace=True)
+            prices = rng.uniform(lower, upper, size=(episodes, steps, len(lower))).astype(np.float32)
+            obs, nxt, info = sim.run("train", days, [10_000 * seed + i for i in range(episodes)], prices)
+            reward = (info["welfare"] / cfg.env.reward_scale).astype(np.float32)
+            step_cost = info["cost"].astype(np.float32)
+            dyn = make_dynamics(cfg.model, cfg.obs_dim, cfg.action_dim)
+            key = jax.random.key(seed)
+            model = dyn.init(key)
+            for r in range(1, args.rounds + 1):
+                n = max(1, round(episodes * r / args.rounds))
+                take = lambda x: x[:n].reshape(-1, *x.shape[2:])  # noqa: E731
+                model, _ = dyn.fit(jax.random.fold_in(key, r), model, take(obs), take(prices), take(reward),
+                                   take(step_cost), take(nxt))
+            report({"episodes": episodes, "seed": seed},
+                   *predicted_scores(dyn, model, obs[0, 0], vectors, cfg, args.particles))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,69 @@
+"""benchmarks/welfare_identifiability.py: its truth is the tuned-constant search's, its rollout the model's own."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from evjax import evaluate
+from evjax.config import load
+from evjax.dynamics import make_dynamics
+from evjax.planner import make_cost_fn
+from tests.conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import welfare_identifiability as wi  # noqa: E402
+
+SMOKE = ROOT / "configs" / "smoke.yaml"
+
+
+def test_true_scores_are_the_tuned_constant_search():
+    cfg = load(SMOKE)  # 8 corner vectors on 2 training days
+    vectors = np.asarray(evaluate.fixed_price_grid(cfg), np.float32)
+    violation, welfare, cost = wi.true_scores(cfg, vectors)
+    by_search = {tuple(np.round(p, 4)): (v, w) for v, w, p in evaluate.score_fixed_prices(cfg)}
+    for i, prices in enumerate(vectors):
+        v, w = by_search[tuple(np.round(prices.astype(float), 4))]
+        assert violation[i] == v and np.isclose(welfare[i], w, rtol=1e-12)
+    assert np.all(cost >= 0) and np.all(np.isfinite(cost))
+    tuned = evaluate.tuned_fixed_prices(cfg)
+    np.testing.assert_allclose(vectors[int(np.lexsort((-welfare, violation))[0])], tuned)
+
+
+def test_predicted_scores_roll_each_member_on_its_own_means():
+    cfg = load(SMOKE)
+    dyn = make_dynamics(cfg.model, cfg.obs_dim, cfg.action_dim)
+    model = dyn.init(jax.random.key(3))
+    start = np.linspace(0.1, 0.9, cfg.obs_dim).astype(np.float32)
+    start[-1] = 0.0
+    vectors = np.array([[1.1, 1.3, 1.2], [1.4, 1.5, 1.4]], np.float32)
+    welfare, cost = wi.predicted_scores(dyn, model, start, vectors, cfg)
+    cost_fn = make_cost_fn(cfg, backoff=False)
+    for n, prices in enumerate(vectors):  # reference: the model's predict, one member and one vector at a time
+        totals = []
+        for member in range(cfg.model.ensemble_size):
+            obs, w, c = jnp.asarray(start)[None], 0.0, 0.0
+            for _ in range(cfg.env.episode_steps):
+                pred = dyn.predict(model, obs, jnp.asarray(prices)[None], None, jnp.array([member]), mean_only=True)
+                w += float(pred.reward[0]) * cfg.env.reward_scale
+                c += float(cost_fn(pred.next_obs, None, 0.0)[0])
+                obs = pred.next_obs
+            totals.append((w, c))
+        np.testing.assert_allclose([welfare[n], cost[n]], np.mean(totals, axis=0), rtol=2e-4, atol=1e-4)
+
+
+def test_planner_pick_takes_the_cheapest_then_the_most_welfare():
+    cost = np.array([0.3, 0.10003, 0.1, 0.2])
+    welfare = np.array([9.0, 5.0, 1.0, 7.0])
+    assert wi.planner_pick(cost, welfare) == 1  # 0.10003 and 0.1 tie at 1e-4: the higher welfare wins
+
+
+def test_bad_arguments_exit_2_in_one_line():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "welfare_identifiability.py"), "--episodes", "0"],
+                          capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120)
+    assert proc.returncode == 2
+    assert "--episodes" in proc.stderr.strip().splitlines()[-1] and "Traceback" not in proc.stderr
