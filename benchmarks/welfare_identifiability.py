@@ -10,6 +10,9 @@ predicted welfare (sum of the reward output) and the predicted cost (the environ
 observations, ``planner.make_cost_fn`` without back-off). It compares them with the twin's truth on
 ``evaluation.tuned_days`` training days:
 
+* how many days it takes to tell the tuned constant's welfare from that of the ``--neighbours`` next least-violating
+  vectors by trial: their per-day paired difference, its standard deviation, and the days a 95 % interval needs to
+  be half as wide as the difference;
 * the truth's own repeatability: the rank correlation of the true welfare (and cost) on those days with that on as
   many other training days drawn at random (other episode seeds), the most a model of the average day can reach;
 * Spearman rank correlation of predicted and true welfare, over all vectors and among the ``--feasible`` vectors
@@ -52,16 +55,36 @@ from price_effect import Twin
 
 
 def true_scores(cfg: Config, vectors: np.ndarray, day_ids=None,
-                seeds=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The twin's (steps with any violation %, welfare CNY, true cost) per episode of each vector [N], by default on
-    the ``evaluation.tuned_days`` training days of the tuned-constant search (episode seed = day order)."""
+                seeds=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The twin's steps with any violation (%), welfare (CNY per episode), true cost per episode and welfare per day
+    [N, D] of each vector [N], by default on the ``evaluation.tuned_days`` training days of the tuned-constant
+    search (episode seed = day order)."""
     if day_ids is None:
         day_ids = ev.spread_day_ids(cfg, "train", cfg.evaluation.tuned_days)
         seeds = list(range(len(day_ids)))
     sim = ev.OpenLoopTwin(cfg, "train", day_ids, seeds)
-    scores = [ev.summarise("constant", sim.rows("constant", prices), cfg) for prices in vectors]
-    return (np.array([s["steps_any_violation_pct"] for s in scores]), np.array([s["welfare_cny"] for s in scores]),
-            np.array([s["total_cost"] / s["days"] for s in scores]))
+    violation, welfare, cost, per_day = [], [], [], []
+    for prices in vectors:
+        rows = sim.rows("constant", prices)
+        s = ev.summarise("constant", rows, cfg)
+        violation.append(s["steps_any_violation_pct"])
+        welfare.append(s["welfare_cny"])
+        cost.append(s["total_cost"] / s["days"])
+        days = sorted({r["day"] for r in rows})
+        per_day.append([sum(r["welfare"] for r in rows if r["day"] == d) for d in days])
+    return np.array(violation), np.array(welfare), np.array(cost), np.array(per_day)
+
+
+def paired_resolution(per_day: np.ndarray, reference: int, others) -> list[dict]:
+    """Welfare of each vector in ``others`` minus the ``reference`` vector's, paired per day: mean, per-day standard
+    deviation and the days a 95 % interval needs to be half as wide as the mean difference, (2 * 1.96 * sd / mean)^2."""
+    rows = []
+    for i in others:
+        diff = per_day[i] - per_day[reference]
+        mean, sd = float(diff.mean()), float(diff.std(ddof=1))
+        rows.append({"index": int(i), "mean_cny": mean, "sd_cny": sd,
+                     "days_for_half_width": float((2 * 1.96 * sd / abs(mean)) ** 2) if mean else float("inf")})
+    return rows
 
 
 def predicted_scores(dyn, model, start: np.ndarray, vectors: np.ndarray, cfg: Config,
@@ -105,6 +128,8 @@ def main(argv=None) -> int:
     parser.add_argument("--feasible", type=int, default=30,
                         help="the vectors with the fewest true violating steps, for the within-feasible correlation")
     parser.add_argument("--set", action="append", default=[], help="override section.key=value")
+    parser.add_argument("--neighbours", type=int, default=4,
+                        help="the next least-violating vectors whose welfare is paired per day to the tuned constant's")
     parser.add_argument("--particles", type=int, default=0,
                         help="trajectories per member sampling the predicted std (default 0: the members' means)")
     parser.add_argument("--run-dir", type=Path, nargs="+", default=None,
@@ -120,13 +145,14 @@ def main(argv=None) -> int:
         parser.error("the predicted cost is the environment's formula on predicted observations: "
                      "planner.cost_model must be 'observation'")
     vectors = np.asarray(ev.fixed_price_grid(cfg), np.float32)
-    violation, welfare, cost = true_scores(cfg, vectors)
-    tuned = int(np.lexsort((-welfare, violation))[0])  # the twin's pick, ranked as evaluate.score_fixed_prices
-    feasible = np.argsort(violation, kind="stable")[:args.feasible]
+    violation, welfare, cost, per_day = true_scores(cfg, vectors)
+    order = np.lexsort((-welfare, violation))  # ranked as evaluate.score_fixed_prices: the first is the tuned constant
+    tuned, feasible = int(order[0]), np.argsort(violation, kind="stable")[:args.feasible]
+    neighbours = paired_resolution(per_day, tuned, order[1:1 + args.neighbours])
     # the truth's own repeatability: as many other training days (drawn at random, other seeds) rank them alike?
     other_days = np.sort(np.random.default_rng(7).choice(num_days(cfg, "train"), cfg.evaluation.tuned_days,
                                                          replace=False))
-    _, other_welfare, other_cost = true_scores(cfg, vectors, other_days, [500 + i for i in range(len(other_days))])
+    _, other_welfare, other_cost, _ = true_scores(cfg, vectors, other_days, [500 + i for i in range(len(other_days))])
     repeat = {"welfare": rank_correlation(other_welfare, welfare), "cost": rank_correlation(other_cost, cost)}
 
     def report(head: dict, pred_welfare: np.ndarray, pred_cost: np.ndarray) -> None:
@@ -137,7 +163,10 @@ def main(argv=None) -> int:
                "pick": np.round(vectors[pick].astype(float), 4).tolist(), "pick_violation_pct": float(violation[pick]),
                "pick_welfare_cny": float(welfare[pick]), "tuned_welfare_cny": float(welfare[tuned]),
                "tuned_violation_pct": float(violation[tuned]), "truth_repeat_welfare_rank_corr": repeat["welfare"],
-               "truth_repeat_cost_rank_corr": repeat["cost"]}
+               "truth_repeat_cost_rank_corr": repeat["cost"],
+               "neighbours": [{"prices": np.round(vectors[n["index"]].astype(float), 4).tolist(),
+                               "violation_pct": float(violation[n["index"]]),
+                               **{k: n[k] for k in ("mean_cny", "sd_cny", "days_for_half_width")}} for n in neighbours]}
         if args.json:
             print(json.dumps(row), flush=True)
             return
@@ -166,6 +195,11 @@ def main(argv=None) -> int:
               f"{np.round(vectors[tuned].astype(float), 3).tolist()} ({violation[tuned]:.1f} % of steps violating, "
               f"{welfare[tuned]:.0f} CNY); {len(other_days)} other training days rank them alike at "
               f"{repeat['welfare']:+.2f} (welfare) and {repeat['cost']:+.2f} (cost)")
+        print("next least-violating vectors, welfare minus the tuned constant's paired per day:")
+        for n in neighbours:
+            print(f"  {np.round(vectors[n['index']].astype(float), 4).tolist()} ({violation[n['index']]:.1f} %): "
+                  f"{n['mean_cny']:+.0f} CNY, per-day SD {n['sd_cny']:.0f}; {n['days_for_half_width']:.0f} days for a "
+                  f"95 % interval half as wide as the difference")
         print("| random episodes | seed | welfare rank corr. (all / fewest-violating) | cost rank corr. "
               "| model's pick | its violating steps | its welfare (CNY) |")
         print("|---|---|---|---|---|---|---|")

@@ -24,12 +24,13 @@ SMOKE = ROOT / "configs" / "smoke.yaml"
 def test_true_scores_are_the_tuned_constant_search():
     cfg = load(SMOKE)  # 8 corner vectors on 2 training days
     vectors = np.asarray(evaluate.fixed_price_grid(cfg), np.float32)
-    violation, welfare, cost = wi.true_scores(cfg, vectors)
+    violation, welfare, cost, per_day = wi.true_scores(cfg, vectors)
     by_search = {tuple(np.round(p, 4)): (v, w) for v, w, p in evaluate.score_fixed_prices(cfg)}
     for i, prices in enumerate(vectors):
         v, w = by_search[tuple(np.round(prices.astype(float), 4))]
         assert violation[i] == v and np.isclose(welfare[i], w, rtol=1e-12)
     assert np.all(cost >= 0) and np.all(np.isfinite(cost))
+    np.testing.assert_allclose(per_day.mean(axis=1), welfare, rtol=1e-12)  # the episode mean is the days' mean
     tuned = evaluate.tuned_fixed_prices(cfg)
     np.testing.assert_allclose(vectors[int(np.lexsort((-welfare, violation))[0])], tuned)
 
@@ -67,3 +68,12 @@ def test_bad_arguments_exit_2_in_one_line():
                           capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120)
     assert proc.returncode == 2
     assert "--episodes" in proc.stderr.strip().splitlines()[-1] and "Traceback" not in proc.stderr
+
+
+def test_paired_resolution_by_hand():
+    per_day = np.array([[100.0, 200.0, 300.0, 400.0],   # reference
+                        [110.0, 190.0, 330.0, 410.0]])  # differences 10, -10, 30, 10: mean 10, sd sqrt(800 / 3)
+    (row,) = wi.paired_resolution(per_day, 0, [1])
+    assert row["index"] == 1 and row["mean_cny"] == 10.0
+    np.testing.assert_allclose(row["sd_cny"], np.sqrt(800.0 / 3.0))
+    np.testing.assert_allclose(row["days_for_half_width"], (2 * 1.96 * np.sqrt(800.0 / 3.0) / 10.0) ** 2)
