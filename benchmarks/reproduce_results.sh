@@ -7,7 +7,8 @@
 # JOBS runs train at the same time in each of the two training scripts (default 2). Timings: README "Results". Results go to OUT:
 # safety_while_learning.{csv,json,png} and safety_floor.txt, runs/<variant>-seed<k>/ with eval/ for the trained agents,
 # ablations.{csv,md} (benchmarks/ablations.py), forecast_oracle.json and forecast/steps.csv
-# (benchmarks/twin_evaluation.py) and agent_targets.md (benchmarks/agent_targets.py).
+# (benchmarks/twin_evaluation.py), agent_targets.md (benchmarks/agent_targets.py) and welfare_identifiability.jsonl
+# (benchmarks/welfare_identifiability.py: random-price models, then the trained agents' own).
 # Environment: EVJAX_CONFIG (base config of every run), EVJAX_EVAL_DAYS (default 30), EVJAX_SEEDS (default
 # "0 1 2"), EVJAX_ABLATIONS (names, default all): smaller values make a quick dry run; EVJAX_FORECAST_STEPS (above).
 set -euo pipefail
@@ -63,3 +64,11 @@ for pid in "${pids[@]}"; do wait "$pid"; done
 python benchmarks/ablations.py report --out "$out" "${names[@]}"
 python benchmarks/agent_targets.py --out "$out" --seeds $seeds --twin-steps "$forecast_steps" > "$out/agent_targets.md"
 cat "$out/agent_targets.md"
+
+# can a model learn which prices give more welfare? (README Results, "Why the agents earn no more than the tuned
+# constant"; the network-alone and extra-observation rows there add --set model.linear_ridge=0 and
+# --set "env.extra_observations=[backlog,arrivals,queues,prices]" to the first call with --episodes 50 200 1000)
+runs=()
+for seed in $seeds; do runs+=("$out/runs/cap_adaptive-seed$seed"); done
+python benchmarks/welfare_identifiability.py --json "${config[@]}" > "$out/welfare_identifiability.jsonl"
+python benchmarks/welfare_identifiability.py --json --run-dir "${runs[@]}" >> "$out/welfare_identifiability.jsonl"

@@ -22,14 +22,15 @@ observations, ``planner.make_cost_fn`` without back-off). It compares them with 
   welfare, as ``benchmarks/model_constant.py`` ranks), with its true violation share and welfare, next to the
   tuned constant's (the twin's own pick).
 
-    python benchmarks/welfare_identifiability.py [--episodes 5 50 200] [--seeds 3] [--rounds 10] [--set KEY=VALUE]
-        [--json]
+    python benchmarks/welfare_identifiability.py [--episodes 5 50 200 1000] [--seeds 3] [--rounds 10] [--config FILE]
+        [--set KEY=VALUE] [--json]
     python benchmarks/welfare_identifiability.py --run-dir RUN [RUN ...] [--checkpoint latest]
 
 ``--run-dir`` scores trained runs' own models instead (the checkpoint's elites, from the reset observation in its
 replay buffer; the run's config), on the data the agent collected.
 
-About 1 minute per (episodes, seed) at 200 episodes on 2 CPU cores.
+About 7 minutes with the defaults on 2 CPU cores (README Results, "Why the agents earn no more than the tuned
+constant").
 """
 
 from __future__ import annotations
@@ -121,12 +122,13 @@ def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
 @entry_point("welfare_identifiability")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--episodes", type=int, nargs="+", default=[5, 50, 200],
+    parser.add_argument("--episodes", type=int, nargs="+", default=[5, 50, 200, 1000],
                         help="random-price episodes to fit on (each a training day drawn with replacement)")
     parser.add_argument("--seeds", type=int, default=3, help="data and model seeds per number of episodes")
     parser.add_argument("--rounds", type=int, default=10, help="warm-started fits on the growing data")
     parser.add_argument("--feasible", type=int, default=30,
                         help="the vectors with the fewest true violating steps, for the within-feasible correlation")
+    parser.add_argument("--config", default=None, help="base config (default: the defaults)")
     parser.add_argument("--set", action="append", default=[], help="override section.key=value")
     parser.add_argument("--neighbours", type=int, default=4,
                         help="the next least-violating vectors whose welfare is paired per day to the tuned constant's")
@@ -140,7 +142,7 @@ def main(argv=None) -> int:
     if min(args.episodes) < 1 or args.particles < 0 or args.seeds < 1 or args.rounds < 1 or args.feasible < 3:
         parser.error("--episodes, --seeds and --rounds must be at least 1, --particles at least 0, "
                      "--feasible at least 3")
-    cfg = load(None, args.set)
+    cfg = load(args.config, args.set)
     if cfg.planner.cost_model != "observation":
         parser.error("the predicted cost is the environment's formula on predicted observations: "
                      "planner.cost_model must be 'observation'")
