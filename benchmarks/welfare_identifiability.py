@@ -45,8 +45,8 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from evjax import evaluate as ev
-from evjax.cli import entry_point
 from evjax import replay
+from evjax.cli import entry_point
 from evjax.config import Config, load
 from evjax.data.scenarios import num_days
 from evjax.dynamics import make_dynamics
