@@ -26,8 +26,11 @@ observations, ``planner.make_cost_fn`` without back-off). It compares them with 
         [--set KEY=VALUE] [--json]
     python benchmarks/welfare_identifiability.py --run-dir RUN [RUN ...] [--checkpoint latest]
 
-``--run-dir`` scores trained runs' own models instead (the checkpoint's elites, from the reset observation in its
-replay buffer; the run's config), on the data the agent collected.
+``--plot PNG`` draws the rank correlations against the episodes fitted on (``--from-jsonl FILE`` replots an earlier
+``--json`` output, rows of several calls with a ``setting`` key each as one line per setting:
+``docs/results/welfare_identifiability.png``). ``--run-dir`` scores trained runs' own models instead (the
+checkpoint's elites, from the reset observation in its replay buffer; the run's config), on the data the agent
+collected.
 
 About 7 minutes with the defaults on 2 CPU cores (README Results, "Why the agents earn no more than the tuned
 constant").
@@ -50,6 +53,7 @@ from evjax.cli import entry_point
 from evjax.config import Config, load
 from evjax.data.scenarios import num_days
 from evjax.dynamics import make_dynamics
+from evjax.errors import UserError
 from evjax.planner import make_cost_fn
 import model_constant
 from price_effect import Twin
@@ -119,6 +123,44 @@ def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(spearmanr(a, b).correlation)
 
 
+def plot(rows: list[dict], png: Path) -> Path:
+    """Rank correlations against the random-price episodes fitted on, one panel each for welfare and cost: every
+    (setting, seed) as a point, the mean per setting as a line, the agents' own models as stars at the episodes
+    their checkpoints had seen, and the truth's own repeatability as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, quantity in zip(axes, ("welfare", "cost")):
+        key = f"{quantity}_rank_corr"
+        settings = list(dict.fromkeys(r.get("setting", "random prices") for r in rows if "episodes" in r))
+        for i, setting in enumerate(settings):
+            mine = [r for r in rows if "episodes" in r and r.get("setting", "random prices") == setting]
+            episodes = sorted({r["episodes"] for r in mine})
+            color = f"C{i}"
+            ax.scatter([r["episodes"] for r in mine], [r[key] for r in mine], color=color, s=14, alpha=0.6)
+            ax.plot(episodes, [np.mean([r[key] for r in mine if r["episodes"] == n]) for n in episodes], color=color,
+                    label=setting.split(" (")[0])
+        agents = [r for r in rows if "run_dir" in r]
+        if agents:
+            ax.scatter([r["transitions"] / 12 for r in agents], [r[key] for r in agents], marker="*", s=120,
+                       color="k", label="trained agents' models (episodes seen, 5 random)")
+        ax.axhline(rows[0][f"truth_repeat_{key}"], color="grey", ls="--",
+                   label="truth on other training days")
+        ax.axhline(0.0, color="k", lw=0.5)
+        ax.set_xscale("log")
+        ax.set_xlabel("episodes fitted on (random prices)")
+        ax.set_title(f"{quantity} ranking of 125 constant prices")
+    axes[0].set_ylabel("Spearman rank correlation")
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+    return png
+
+
 @entry_point("welfare_identifiability")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -138,7 +180,21 @@ def main(argv=None) -> int:
                         help="score these trained runs' models instead of fitting on random prices")
     parser.add_argument("--checkpoint", choices=("best", "latest"), default="best", help="with --run-dir")
     parser.add_argument("--json", action="store_true", help="one JSON line per (episodes, seed)")
+    parser.add_argument("--plot", type=Path, default=None, help="write the rank correlations to this PNG")
+    parser.add_argument("--from-jsonl", type=Path, default=None,
+                        help="with --plot: plot the rows of an earlier --json output instead of computing")
     args = parser.parse_args(argv)
+    if args.from_jsonl is not None:
+        if args.plot is None:
+            parser.error("--from-jsonl needs --plot")
+        try:
+            rows = [json.loads(line) for line in args.from_jsonl.read_text().splitlines() if line.strip()]
+        except (OSError, json.JSONDecodeError) as error:
+            raise UserError(f"{args.from_jsonl}: not a JSON-lines file of this script ({error})") from None
+        if not rows or "truth_repeat_welfare_rank_corr" not in rows[0]:
+            raise UserError(f"{args.from_jsonl}: no rows of this script")
+        print(plot(rows, args.plot))
+        return 0
     if min(args.episodes) < 1 or args.particles < 0 or args.seeds < 1 or args.rounds < 1 or args.feasible < 3:
         parser.error("--episodes, --seeds and --rounds must be at least 1, --particles at least 0, "
                      "--feasible at least 3")
@@ -157,6 +213,8 @@ def main(argv=None) -> int:
     _, other_welfare, other_cost, _ = true_scores(cfg, vectors, other_days, [500 + i for i in range(len(other_days))])
     repeat = {"welfare": rank_correlation(other_welfare, welfare), "cost": rank_correlation(other_cost, cost)}
 
+    rows = []
+
     def report(head: dict, pred_welfare: np.ndarray, pred_cost: np.ndarray) -> None:
         pick = planner_pick(pred_cost, pred_welfare)
         row = {**head, "welfare_rank_corr": rank_correlation(pred_welfare, welfare),
@@ -169,6 +227,7 @@ def main(argv=None) -> int:
                "neighbours": [{"prices": np.round(vectors[n["index"]].astype(float), 4).tolist(),
                                "violation_pct": float(violation[n["index"]]),
                                **{k: n[k] for k in ("mean_cny", "sd_cny", "days_for_half_width")}} for n in neighbours]}
+        rows.append(row)
         if args.json:
             print(json.dumps(row), flush=True)
             return
@@ -188,6 +247,8 @@ def main(argv=None) -> int:
             model = dyn.select_elites(trainer.state["model"])
             report({"run_dir": str(run_dir), "checkpoint": kind, "epoch": epoch, "transitions": len(obs)},
                    *predicted_scores(dyn, model, obs[0], vectors, run_cfg, args.particles))
+        if args.plot:
+            print(plot(rows, args.plot))
         return 0
     sim = Twin(cfg)
     lower, upper, steps = np.array(cfg.env.price_lower), np.array(cfg.env.price_upper), cfg.env.episode_steps
@@ -223,6 +284,8 @@ def main(argv=None) -> int:
                                    take(step_cost), take(nxt))
             report({"episodes": episodes, "seed": seed},
                    *predicted_scores(dyn, model, obs[0, 0], vectors, cfg, args.particles))
+    if args.plot:
+        print(plot(rows, args.plot))
     return 0
 
 

@@ -77,3 +77,18 @@ def test_paired_resolution_by_hand():
     assert row["index"] == 1 and row["mean_cny"] == 10.0
     np.testing.assert_allclose(row["sd_cny"], np.sqrt(800.0 / 3.0))
     np.testing.assert_allclose(row["days_for_half_width"], (2 * 1.96 * np.sqrt(800.0 / 3.0) / 10.0) ** 2)
+
+
+def test_plot_from_rows_and_a_bad_file(tmp_path):
+    rows = [{"setting": "default model", "episodes": n, "seed": s, "welfare_rank_corr": 0.1 * s,
+             "cost_rank_corr": 0.5, "truth_repeat_welfare_rank_corr": 0.6, "truth_repeat_cost_rank_corr": 0.97}
+            for n in (5, 50) for s in range(2)]
+    rows.append({**rows[0], "setting": "trained agent", "run_dir": "r", "transitions": 180})
+    png = wi.plot(rows, tmp_path / "ranks.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "welfare_identifiability.py"), "--plot",
+                           str(tmp_path / "x.png"), "--from-jsonl", str(bad)],
+                          capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120)
+    assert proc.returncode == 2 and "bad.jsonl" in proc.stderr and "Traceback" not in proc.stderr
