@@ -66,9 +66,16 @@ python benchmarks/agent_targets.py --out "$out" --seeds $seeds --twin-steps "$fo
 cat "$out/agent_targets.md"
 
 # can a model learn which prices give more welfare? (README Results, "Why the agents earn no more than the tuned
-# constant"; the network-alone and extra-observation rows there add --set model.linear_ridge=0 and
-# --set "env.extra_observations=[backlog,arrivals,queues,prices]" to the first call with --episodes 50 200 1000)
+# constant")
 runs=()
 for seed in $seeds; do runs+=("$out/runs/cap_adaptive-seed$seed"); done
-python benchmarks/welfare_identifiability.py --json "${config[@]}" > "$out/welfare_identifiability.jsonl"
-python benchmarks/welfare_identifiability.py --json --run-dir "${runs[@]}" >> "$out/welfare_identifiability.jsonl"
+wi=benchmarks/welfare_identifiability.py
+python $wi --json "${config[@]}" --label "default model" > "$out/welfare_identifiability.jsonl"
+python $wi --json --run-dir "${runs[@]}" --label "trained agent (default)" >> "$out/welfare_identifiability.jsonl"
+python $wi --json "${config[@]}" --episodes 50 200 1000 --set model.linear_ridge=0 \
+  --label "network alone (model.linear_ridge=0)" >> "$out/welfare_identifiability.jsonl"
+python $wi --json "${config[@]}" --episodes 50 200 1000 \
+  --set "env.extra_observations=[backlog,arrivals,queues,prices]" \
+  --label "extra observations (env.extra_observations=[backlog,arrivals,queues,prices])" \
+  >> "$out/welfare_identifiability.jsonl"
+python $wi --plot "$out/welfare_identifiability.png" --from-jsonl "$out/welfare_identifiability.jsonl"

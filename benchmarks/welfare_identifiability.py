@@ -27,7 +27,7 @@ observations, ``planner.make_cost_fn`` without back-off). It compares them with 
     python benchmarks/welfare_identifiability.py --run-dir RUN [RUN ...] [--checkpoint latest]
 
 ``--plot PNG`` draws the rank correlations against the episodes fitted on (``--from-jsonl FILE`` replots an earlier
-``--json`` output, rows of several calls with a ``setting`` key each as one line per setting:
+``--json`` output, the rows of several calls, each with its ``--label``, as one line per label:
 ``docs/results/welfare_identifiability.png``). ``--run-dir`` scores trained runs' own models instead (the
 checkpoint's elites, from the reset observation in its replay buffer; the run's config), on the data the agent
 collected.
@@ -180,6 +180,7 @@ def main(argv=None) -> int:
                         help="score these trained runs' models instead of fitting on random prices")
     parser.add_argument("--checkpoint", choices=("best", "latest"), default="best", help="with --run-dir")
     parser.add_argument("--json", action="store_true", help="one JSON line per (episodes, seed)")
+    parser.add_argument("--label", default=None, help="a 'setting' key for every row (the plot's line name)")
     parser.add_argument("--plot", type=Path, default=None, help="write the rank correlations to this PNG")
     parser.add_argument("--from-jsonl", type=Path, default=None,
                         help="with --plot: plot the rows of an earlier --json output instead of computing")
@@ -217,7 +218,8 @@ def main(argv=None) -> int:
 
     def report(head: dict, pred_welfare: np.ndarray, pred_cost: np.ndarray) -> None:
         pick = planner_pick(pred_cost, pred_welfare)
-        row = {**head, "welfare_rank_corr": rank_correlation(pred_welfare, welfare),
+        row = {**({"setting": args.label} if args.label else {}), **head,
+               "welfare_rank_corr": rank_correlation(pred_welfare, welfare),
                "welfare_rank_corr_feasible": rank_correlation(pred_welfare[feasible], welfare[feasible]),
                "cost_rank_corr": rank_correlation(pred_cost, cost),
                "pick": np.round(vectors[pick].astype(float), 4).tolist(), "pick_violation_pct": float(violation[pick]),
