@@ -196,8 +196,9 @@ def main(argv=None) -> int:
             raise UserError(f"{args.from_jsonl}: no rows of this script")
         print(plot(rows, args.plot))
         return 0
-    if min(args.episodes) < 1 or args.particles < 0 or args.seeds < 1 or args.rounds < 1 or args.feasible < 3:
-        parser.error("--episodes, --seeds and --rounds must be at least 1, --particles at least 0, "
+    if min(args.episodes) < 1 or min(args.particles, args.neighbours) < 0 or min(args.seeds, args.rounds) < 1 \
+            or args.feasible < 3:
+        parser.error("--episodes, --seeds and --rounds must be at least 1, --particles and --neighbours at least 0, "
                      "--feasible at least 3")
     cfg = load(args.config, args.set)
     if cfg.planner.cost_model != "observation":
