@@ -1,9 +1,10 @@
 """Deploy a run with another model, fitted on the run's own data: learn with one model, plan with another.
 
 Restores a run's checkpoint (``--checkpoint``: "best", else "latest"; or "latest"), fits a fresh ensemble
-of the run's model section with the ``--set model.*`` overrides (``model.linear_ridge=0``, say: the network alone) on the checkpoint's
-replay buffer, on the training schedule (a fit after every ``training.model_train_freq`` transitions, each
-warm-started from the last, on the buffer as it was then), and writes a run directory ``--out`` whose "best"
+of the run's model section with the ``--set model.*`` overrides (``model.linear_ridge=0``, say: the network
+alone) on the checkpoint's replay buffer, on the training schedule (a fit after every
+``training.model_train_freq`` transitions, each warm-started from the last, on the buffer as it was then), and
+writes a run directory ``--out`` whose "best"
 checkpoint holds that model with the run's kappa and buffer, and whose config carries the overrides.
 ``python -m evjax.evaluate --run-dir OUT`` then deploys it like any trained run.
 

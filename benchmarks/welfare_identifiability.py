@@ -75,8 +75,8 @@ def true_scores(cfg: Config, vectors: np.ndarray, day_ids=None,
         violation.append(s["steps_any_violation_pct"])
         welfare.append(s["welfare_cny"])
         cost.append(s["total_cost"] / s["days"])
-        days = sorted({r["day"] for r in rows})
-        per_day.append([sum(r["welfare"] for r in rows if r["day"] == d) for d in days])
+        days = ev.per_day(rows)  # day -> (welfare, cost, violation %)
+        per_day.append([days[d][0] for d in sorted(days)])
     return np.array(violation), np.array(welfare), np.array(cost), np.array(per_day)
 
 
